@@ -1,0 +1,46 @@
+"""Shared fixtures: the real data and reference files in ``../shared`` beside the clone.
+
+A missing data folder is a failure, never a skip: a suite that silently skips its data tests
+proves nothing.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHARED_DIR = Path(os.environ.get("CTSAM3D_SHARED", REPO_ROOT.parent / "shared"))
+DATA_DIR = SHARED_DIR / "data"
+REFERENCE_DIR = SHARED_DIR / "reference"
+REFERENCE_FIXTURE = REFERENCE_DIR / "official_restv2_tiny_reference.npz"
+REFERENCE_LAYOUT = REFERENCE_DIR / "official_restv2_tiny_state_dict.tsv"
+
+
+def require(path: Path) -> Path:
+    """Return ``path`` or fail the test loudly when it does not exist."""
+    if not path.exists():
+        pytest.fail(
+            f"required test data is missing: {path} (the suite reads ../shared beside the clone; "
+            "set CTSAM3D_SHARED to its location)",
+            pytrace=False,
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return require(DATA_DIR)
+
+
+@pytest.fixture(scope="session")
+def reference_fixture():
+    import numpy as np
+
+    with np.load(require(REFERENCE_FIXTURE)) as arrays:
+        return {key: arrays[key] for key in arrays.files}
+
+
+@pytest.fixture(scope="session")
+def reference_layout_path() -> Path:
+    return require(REFERENCE_LAYOUT)
