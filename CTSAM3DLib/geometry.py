@@ -1,0 +1,200 @@
+"""Geometry between a CT in its own grid and the network's 64^3 patches.
+
+The authors resample a whole scan onto an axis-aligned 1.5 mm lattice (identity direction in LPS,
+origin at the minimum corner of the scan's world bounding box) and cut 64^3 patches from it.
+Here a patch is sampled straight from the source image at the same lattice points, which gives
+the same values at a cost independent of the scan's size, and a patch's probability is mapped back
+onto the source grid by trilinear interpolation over just the source voxels it covers.
+
+Index order: SimpleITK indices and patch voxel coordinates are (x, y, z); numpy arrays from
+SimpleITK and torch volumes are (z, y, x).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from .constants import LATTICE_SPACING_MM, OUTSIDE_HU, PATCH_SIZE
+
+PATCH_CENTRE_VOXEL = PATCH_SIZE // 2
+"""The patch voxel (32, 32, 32) sits on the lattice voxel a patch is centred on."""
+
+
+def index_to_world_matrix(image: sitk.Image) -> Tuple[np.ndarray, np.ndarray]:
+    """(A, b) with world_lps = A @ index_xyz + b for ``image``."""
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(3, 3)
+    matrix = direction @ np.diag(np.array(image.GetSpacing(), dtype=np.float64))
+    return matrix, np.array(image.GetOrigin(), dtype=np.float64)
+
+
+def world_bounding_box(image: sitk.Image) -> Tuple[np.ndarray, np.ndarray]:
+    """Minimum and maximum LPS corners of the image's box, over the 8 points whose indices are 0 or
+    N along each axis, in float32 arithmetic as in the authors' code (so the lattice matches)."""
+    size = image.GetSize()
+    matrix, origin = index_to_world_matrix(image)
+    corners = np.array(
+        [[i, j, k] for i in (0, size[0]) for j in (0, size[1]) for k in (0, size[2])], dtype=np.float32
+    )
+    world = corners @ matrix.astype(np.float32).T + origin.astype(np.float32)
+    return world.min(axis=0).astype(np.float64), world.max(axis=0).astype(np.float64)
+
+
+@dataclass(frozen=True)
+class Lattice:
+    """The axis-aligned 1.5 mm grid (identity direction, LPS) that patches are cut from."""
+
+    origin_lps: Tuple[float, float, float]
+    size: Tuple[int, int, int]
+    spacing: float = LATTICE_SPACING_MM
+
+    @classmethod
+    def of_image(cls, image: sitk.Image, spacing: float = LATTICE_SPACING_MM) -> Lattice:
+        low, high = world_bounding_box(image)
+        size = np.round((high - low) / spacing).astype(np.int64)
+        return cls(tuple(float(v) for v in low), tuple(int(v) for v in size), spacing)
+
+    def nearest_index(self, point_lps: Sequence[float]) -> np.ndarray:
+        """The (x, y, z) lattice voxel nearest to a world point."""
+        offset = (np.asarray(point_lps, dtype=np.float64) - np.array(self.origin_lps)) / self.spacing
+        return np.floor(offset + 0.5).astype(np.int64)
+
+    def patch_centred_on(self, index_xyz: Sequence[int]) -> PatchGeometry:
+        start = np.asarray(index_xyz, dtype=np.int64) - PATCH_CENTRE_VOXEL
+        origin = np.array(self.origin_lps) + start * self.spacing
+        return PatchGeometry(tuple(int(v) for v in start), tuple(float(v) for v in origin), self.spacing)
+
+
+@dataclass(frozen=True)
+class PatchGeometry:
+    """A 64^3 block of the lattice: voxel (0,0,0) at ``origin_lps``, identity direction."""
+
+    start_index: Tuple[int, int, int]
+    origin_lps: Tuple[float, float, float]
+    spacing: float = LATTICE_SPACING_MM
+    size: int = PATCH_SIZE
+
+    @property
+    def centre_lps(self) -> np.ndarray:
+        return np.array(self.origin_lps) + PATCH_CENTRE_VOXEL * self.spacing
+
+    def to_voxel(self, point_lps: Sequence[float]) -> np.ndarray:
+        """Continuous (x, y, z) patch voxel coordinates of a world point."""
+        return (np.asarray(point_lps, dtype=np.float64) - np.array(self.origin_lps)) / self.spacing
+
+    def contains(self, point_lps: Sequence[float]) -> bool:
+        """Whether the point lies within the patch's voxels (their extent, half a voxel beyond
+        the outer voxel centres)."""
+        voxel = self.to_voxel(point_lps)
+        return bool(np.all(voxel >= -0.5) and np.all(voxel < self.size - 0.5))
+
+    def shifted(self, offset_xyz: Sequence[int]) -> PatchGeometry:
+        """The patch displaced by whole patches, e.g. (1, 0, 0) for the neighbour at +x."""
+        step = np.asarray(offset_xyz, dtype=np.int64) * self.size
+        start = np.array(self.start_index) + step
+        origin = np.array(self.origin_lps) + step * self.spacing
+        return PatchGeometry(tuple(int(v) for v in start), tuple(float(v) for v in origin), self.spacing, self.size)
+
+    def sample(self, image: sitk.Image) -> np.ndarray:
+        """The patch's Hounsfield units (size^3, float32, (z, y, x)), linearly interpolated from
+        ``image``, -1024 outside it. Interpolated in the image's own pixel type, as the authors'
+        whole-volume resampling is, so integer scans give integer values."""
+        resampler = sitk.ResampleImageFilter()
+        resampler.SetSize([self.size] * 3)
+        resampler.SetOutputSpacing([self.spacing] * 3)
+        resampler.SetOutputOrigin(list(self.origin_lps))
+        resampler.SetOutputDirection([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+        resampler.SetInterpolator(sitk.sitkLinear)
+        resampler.SetDefaultPixelValue(OUTSIDE_HU)
+        resampler.SetOutputPixelType(image.GetPixelID())
+        return sitk.GetArrayFromImage(resampler.Execute(image)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class SourceRegion:
+    """A box of source voxels: ``start`` and ``size`` as (x, y, z) indices."""
+
+    start: Tuple[int, int, int]
+    size: Tuple[int, int, int]
+
+    @property
+    def slices(self) -> Tuple[slice, slice, slice]:
+        """numpy (z, y, x) slices of the region."""
+        return tuple(slice(s, s + n) for s, n in zip(self.start[::-1], self.size[::-1]))
+
+    def union(self, other: SourceRegion) -> SourceRegion:
+        low = np.minimum(self.start, other.start)
+        high = np.maximum(np.add(self.start, self.size), np.add(other.start, other.size))
+        return SourceRegion(tuple(int(v) for v in low), tuple(int(v) for v in high - low))
+
+    def intersects(self, other: SourceRegion) -> bool:
+        return bool(
+            np.all(np.maximum(self.start, other.start) < np.minimum(np.add(self.start, self.size),
+                                                                    np.add(other.start, other.size)))
+        )
+
+
+class SourceGrid:
+    """The source image's grid, and the maps between it and patches."""
+
+    def __init__(self, image: sitk.Image) -> None:
+        self.size = tuple(int(v) for v in image.GetSize())
+        self.index_to_world, self.origin_lps = index_to_world_matrix(image)
+        self.world_to_index = np.linalg.inv(self.index_to_world)
+
+    def continuous_index(self, point_lps: Sequence[float]) -> np.ndarray:
+        return self.world_to_index @ (np.asarray(point_lps, dtype=np.float64) - self.origin_lps)
+
+    def contains(self, point_lps: Sequence[float]) -> bool:
+        """Whether a world point lies within the image's voxels."""
+        index = self.continuous_index(point_lps)
+        return bool(np.all(index >= -0.5) and np.all(index <= np.array(self.size) - 0.5))
+
+    def region_of(self, patch: PatchGeometry) -> Optional[SourceRegion]:
+        """The smallest box of source voxels holding every voxel whose centre lies within the
+        patch's extent; None when the patch misses the image."""
+        low_voxel, high_voxel = -0.5, patch.size - 0.5
+        corners = np.array(
+            [[i, j, k] for i in (low_voxel, high_voxel) for j in (low_voxel, high_voxel)
+             for k in (low_voxel, high_voxel)]
+        )
+        world = np.array(patch.origin_lps) + corners * patch.spacing
+        indices = np.array([self.continuous_index(point) for point in world])
+        start = np.maximum(np.floor(indices.min(axis=0)), 0).astype(np.int64)
+        stop = np.minimum(np.ceil(indices.max(axis=0)) + 1, self.size).astype(np.int64)
+        if np.any(stop <= start):
+            return None
+        return SourceRegion(tuple(int(v) for v in start), tuple(int(v) for v in stop - start))
+
+    def patch_coordinates(self, region: SourceRegion, patch: PatchGeometry, device: torch.device) -> torch.Tensor:
+        """Continuous (x, y, z) patch voxel coordinates of every voxel of ``region``:
+        a tensor (nz, ny, nx, 3) on ``device``."""
+        matrix = torch.as_tensor(self.index_to_world / patch.spacing, dtype=torch.float32, device=device)
+        offset = (self.origin_lps - np.array(patch.origin_lps)) / patch.spacing
+        x, y, z = (
+            torch.arange(s, s + n, dtype=torch.float32, device=device) for s, n in zip(region.start, region.size)
+        )
+        # Separable: each index axis contributes one column of the affine map.
+        return (
+            (z[:, None, None, None] * matrix[:, 2])
+            + (y[None, :, None, None] * matrix[:, 1])
+            + (x[None, None, :, None] * matrix[:, 0])
+            + torch.as_tensor(offset, dtype=torch.float32, device=device)
+        )
+
+
+def sample_patch_volume(volume: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of a patch volume (1,1,S,S,S) at continuous (x, y, z) voxel coordinates
+    (..., 3); coordinates beyond the outer voxel centres take the border value."""
+    size = volume.shape[-1]
+    grid = coordinates / (size - 1) * 2 - 1
+    sampled = F.grid_sample(
+        volume.to(torch.float32), grid.reshape(1, -1, 1, 1, 3), mode="bilinear",
+        padding_mode="border", align_corners=True,
+    )
+    return sampled.reshape(coordinates.shape[:-1])
