@@ -10,6 +10,8 @@ from typing import List, Optional
 SUBCOMMAND_MODULES = [
     "CTSAM3DLib.commands.segment",
     "CTSAM3DLib.commands.reference_weights",
+    "CTSAM3DLib.commands.evaluate",
+    "CTSAM3DLib.commands.train",
 ]
 
 

@@ -64,6 +64,37 @@ class Lattice:
         offset = (np.asarray(point_lps, dtype=np.float64) - np.array(self.origin_lps)) / self.spacing
         return np.floor(offset + 0.5).astype(np.int64)
 
+    def sample(self, image: sitk.Image, patch: PatchGeometry) -> np.ndarray:
+        """The patch's Hounsfield units (size^3, float32, (z, y, x)): ``image`` on the lattice,
+        -1024 outside the lattice's extent, exactly as the authors' pipeline gives them.
+
+        The authors resample the whole scan onto the lattice in the scan's own pixel type (so
+        integer scans are truncated to integers) and crop. ITK evaluates each output row by
+        interpolating between the row's two ends, so a value depends on the row's full length:
+        resampling full-length rows through just the patch's (y, z) range gives bit-identical
+        values at a fraction of the cost, and the patch's columns are then cut from them.
+        """
+        start = np.array(patch.start_index)
+        stop = start + patch.size
+        row_start = np.maximum(start, 0)
+        row_stop = np.minimum(stop, self.size)
+        block = np.full((patch.size,) * 3, OUTSIDE_HU, dtype=np.float32)
+        if np.any(row_stop <= row_start):
+            return block
+        rows_origin = np.array(self.origin_lps) + self.spacing * np.array([0, row_start[1], row_start[2]])
+        resampler = sitk.ResampleImageFilter()
+        resampler.SetSize([int(self.size[0]), int(row_stop[1] - row_start[1]), int(row_stop[2] - row_start[2])])
+        resampler.SetOutputSpacing([self.spacing] * 3)
+        resampler.SetOutputOrigin(rows_origin.tolist())
+        resampler.SetOutputDirection([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+        resampler.SetInterpolator(sitk.sitkLinear)
+        resampler.SetDefaultPixelValue(OUTSIDE_HU)
+        resampler.SetOutputPixelType(image.GetPixelID())
+        rows = sitk.GetArrayViewFromImage(resampler.Execute(image))
+        inner = tuple(slice(a - s, b - s) for a, b, s in zip(row_start[::-1], row_stop[::-1], start[::-1]))
+        block[inner] = rows[:, :, row_start[0]:row_stop[0]]
+        return block
+
     def patch_centred_on(self, index_xyz: Sequence[int]) -> PatchGeometry:
         start = np.asarray(index_xyz, dtype=np.int64) - PATCH_CENTRE_VOXEL
         origin = np.array(self.origin_lps) + start * self.spacing
@@ -99,20 +130,6 @@ class PatchGeometry:
         start = np.array(self.start_index) + step
         origin = np.array(self.origin_lps) + step * self.spacing
         return PatchGeometry(tuple(int(v) for v in start), tuple(float(v) for v in origin), self.spacing, self.size)
-
-    def sample(self, image: sitk.Image) -> np.ndarray:
-        """The patch's Hounsfield units (size^3, float32, (z, y, x)), linearly interpolated from
-        ``image``, -1024 outside it. Interpolated in the image's own pixel type, as the authors'
-        whole-volume resampling is, so integer scans give integer values."""
-        resampler = sitk.ResampleImageFilter()
-        resampler.SetSize([self.size] * 3)
-        resampler.SetOutputSpacing([self.spacing] * 3)
-        resampler.SetOutputOrigin(list(self.origin_lps))
-        resampler.SetOutputDirection([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
-        resampler.SetInterpolator(sitk.sitkLinear)
-        resampler.SetDefaultPixelValue(OUTSIDE_HU)
-        resampler.SetOutputPixelType(image.GetPixelID())
-        return sitk.GetArrayFromImage(resampler.Execute(image)).astype(np.float32)
 
 
 @dataclass(frozen=True)

@@ -212,7 +212,7 @@ class InteractiveSession:
     def _open_patch(self, point_lps: Tuple[float, float, float], timing: Dict[str, float]) -> int:
         started = time.perf_counter()
         geometry = self.lattice.patch_centred_on(self.lattice.nearest_index(point_lps))
-        image = torch.from_numpy(normalize_hu(geometry.sample(self.image)))[None, None].to(self.device)
+        image = torch.from_numpy(normalize_hu(self.lattice.sample(self.image, geometry)))[None, None].to(self.device)
         timing["sample"] = time.perf_counter() - started
         started = time.perf_counter()
         with torch.no_grad():

@@ -34,3 +34,61 @@ class ThresholdNet:
         image = features[0]
         probability = (image > self.threshold).to(image.dtype)
         return probability, torch.zeros(image.shape[0], 1, dtype=image.dtype, device=image.device)
+
+
+class TrainableStandIn(torch.nn.Module):
+    """A small trainable network with CT-SAM3D's ``encode``/``decode``/``cross_patch`` signatures.
+
+    A few thousand parameters instead of 74 million, working at half resolution (32^3), so
+    training tests run in seconds on a CPU. Its decoder sees the image features, the mask prompt
+    and the real click maps (the network's own `click_maps`), so it can learn from clicks; its
+    quality head is computed but never trained, as in the real network (distributed training must
+    cope with unused parameters). Features: [(B,C,32^3) image features].
+    """
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        from CTSAM3DLib.model.prompt import click_maps
+
+        self._click_maps = click_maps
+        conv = torch.nn.Conv3d
+        self.image_encoder = torch.nn.Sequential(conv(1, channels, 3, stride=2, padding=1), torch.nn.ReLU())
+        self.mask_decoder = torch.nn.Sequential(
+            conv(channels + 3, channels, 3, padding=1),
+            torch.nn.ReLU(),
+            conv(channels, channels, 3, padding=1),
+            torch.nn.ReLU(),
+        )
+        self.mask_head = conv(channels, 1, 3, padding=1)
+        self.quality_head = torch.nn.Linear(channels, 1)
+        self.cpp_predictor = torch.nn.Sequential(conv(3, 4, 3, padding=1), torch.nn.ReLU(), conv(4, 1, 3, padding=1))
+
+    @staticmethod
+    def _half(volume: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.avg_pool3d(volume, 2)
+
+    @staticmethod
+    def _double(volume: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(volume, scale_factor=2, mode="trilinear", align_corners=False)
+
+    def encode(self, image: torch.Tensor) -> List[torch.Tensor]:
+        return [self.image_encoder(image)]
+
+    def decode(
+        self,
+        features: List[torch.Tensor],
+        points: torch.Tensor,
+        labels: torch.Tensor,
+        mask_prompt: Optional[torch.Tensor] = None,
+    ):
+        maps = self._click_maps(points, labels).to(features[0].dtype)
+        if mask_prompt is None:
+            mask_prompt = torch.zeros_like(maps[:, :1])
+        prompt = self._half(torch.cat([mask_prompt.to(maps.dtype), maps], dim=1))
+        hidden = self.mask_decoder(torch.cat([features[0], prompt], dim=1))
+        probability = torch.sigmoid(self._double(self.mask_head(hidden)))
+        return probability, self.quality_head(hidden.mean(dim=(2, 3, 4)))
+
+    def cross_patch(self, image: torch.Tensor, mask: torch.Tensor, neighbour_image: torch.Tensor) -> torch.Tensor:
+        inputs = self._half(torch.cat([image, mask.to(image.dtype), neighbour_image], dim=1))
+        return self._double(self.cpp_predictor(inputs))
