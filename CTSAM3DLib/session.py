@@ -29,6 +29,7 @@ import torch
 from .constants import MASK_THRESHOLD, PATCH_SIZE
 from .device import resolve_device
 from .geometry import Lattice, PatchGeometry, SourceGrid, SourceRegion, sample_patch_volume
+from .inference import prepare_network
 from .preprocess import normalize_hu
 
 
@@ -91,7 +92,8 @@ class InteractiveSession:
 
     ``net`` is any object with ``encode(image)`` and ``decode(features, points, labels, mask_prompt)``
     (see ``CTSAM3DLib.model.CTSAM3D``); ``image`` a 3D scalar ``SimpleITK.Image`` in Hounsfield units,
-    with any size, spacing and direction. Points are LPS world millimetres.
+    with any size, spacing and direction. Points are LPS world millimetres. ``precision`` chooses
+    how the network runs (see ``CTSAM3DLib.inference``); "auto" picks the fastest path for the device.
     """
 
     def __init__(
@@ -99,11 +101,12 @@ class InteractiveSession:
         net: object,
         image: sitk.Image,
         device: Union[str, torch.device, None] = "auto",
+        precision: str = "auto",
     ) -> None:
         validate_image(image)
-        self.net = net
         self.image = image
         self.device = resolve_device(device)
+        self.net = prepare_network(net, self.device, precision)
         self.lattice = Lattice.of_image(image)
         self.grid = SourceGrid(image)
         self.last_timing: Dict[str, float] = {}

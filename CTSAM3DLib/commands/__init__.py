@@ -1,0 +1,1 @@
+"""Subcommands of the ``ctsam3d`` command line."""

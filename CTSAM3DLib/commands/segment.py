@@ -1,0 +1,92 @@
+"""``ctsam3d segment``: clicks on a scan in, a mask in the scan's geometry out."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import List, Tuple
+
+from ..io import parse_point, ras_to_lps, read_image, read_points_file, write_image_atomically
+
+Click = Tuple[Tuple[float, float, float], bool, bool]
+
+
+class _AppendClicks(argparse.Action):
+    """Collects clicks and points files in command-line order (the order of clicks matters)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        entries = list(getattr(namespace, "click_sources", None) or [])
+        entries.append((self.dest, values))
+        namespace.click_sources = entries
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "segment",
+        help="segment a structure from clicks",
+        description="Segment one structure of a CT from positive and negative clicks. Points are LPS "
+        "millimetres (as ITK and SimpleITK) unless --ras is given (as 3D Slicer shows them).",
+    )
+    parser.add_argument("--image", required=True, type=Path, help="CT file (any format SimpleITK reads) or "
+                        "a folder with one DICOM series")
+    parser.add_argument("--weights", required=True, type=Path, help="checkpoint (.pth)")
+    parser.add_argument("--output", required=True, type=Path, help="mask file, in the image's geometry")
+    parser.add_argument("--point", dest="positive", action=_AppendClicks, metavar="X,Y,Z",
+                        help="a positive click (repeatable)")
+    parser.add_argument("--negative", dest="negative", action=_AppendClicks, metavar="X,Y,Z",
+                        help="a negative click (repeatable)")
+    parser.add_argument("--points-file", dest="positive_file", action=_AppendClicks, metavar="FILE",
+                        help="clicks from a CSV (x,y,z[,label]) or a 3D Slicer .mrk.json (repeatable)")
+    parser.add_argument("--negative-points-file", dest="negative_file", action=_AppendClicks, metavar="FILE",
+                        help="negative clicks from a CSV or .mrk.json (repeatable)")
+    parser.add_argument("--ras", action="store_true", help="points given on the command line and in CSV "
+                        "files are RAS (3D Slicer), not LPS")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--probability", type=Path, help="also write the probability map (float32)")
+    parser.set_defaults(func=run, click_sources=[])
+
+
+def collect_clicks(args: argparse.Namespace) -> List[Tuple[Tuple[float, float, float], bool]]:
+    """(point_lps, positive) in command-line order."""
+    clicks = []
+    for kind, value in args.click_sources:
+        if kind in ("positive", "negative"):
+            rows = [(parse_point(value), args.ras, kind == "positive")]
+        else:
+            rows = read_points_file(Path(value), args.ras)
+            if kind == "negative_file":
+                rows = [(point, is_ras, False) for point, is_ras, _ in rows]
+        clicks.extend((ras_to_lps(point) if is_ras else point, positive) for point, is_ras, positive in rows)
+    if not clicks:
+        raise ValueError("give at least one click: --point X,Y,Z (or --points-file)")
+    return clicks
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import InteractiveSession, load_checkpoint
+
+    clicks = collect_clicks(args)
+    started = time.perf_counter()
+    image = read_image(args.image)
+    print(f"read {args.image} {image.GetSize()} in {time.perf_counter() - started:.2f} s")
+    started = time.perf_counter()
+    net = load_checkpoint(args.weights, device=args.device)
+    print(f"loaded {args.weights} in {time.perf_counter() - started:.2f} s")
+    session = InteractiveSession(net, image, device=args.device)
+    print(f"device: {session.device}")
+    for number, (point_lps, positive) in enumerate(clicks, start=1):
+        session.add_click(point_lps, positive)
+        steps = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in session.last_timing.items()
+                          if name != "patches_decoded")
+        sign = "+" if positive else "-"
+        coordinates = ", ".join(f"{v:.1f}" for v in point_lps)
+        print(f"click {number} ({sign}) at LPS ({coordinates}): {steps}; patches open: {session.patch_count}")
+    started = time.perf_counter()
+    mask = session.mask
+    write_image_atomically(mask, args.output)
+    if args.probability:
+        write_image_atomically(session.probability(), args.probability)
+    voxels = int(session.mask_array().sum())
+    print(f"wrote {args.output} ({voxels} voxels in the mask) in {time.perf_counter() - started:.2f} s")
+    return 0
