@@ -90,7 +90,7 @@ class Lattice:
         resampler.SetInterpolator(sitk.sitkLinear)
         resampler.SetDefaultPixelValue(OUTSIDE_HU)
         resampler.SetOutputPixelType(image.GetPixelID())
-        rows = sitk.GetArrayViewFromImage(resampler.Execute(image))
+        rows = sitk.GetArrayFromImage(resampler.Execute(image))
         inner = tuple(slice(a - s, b - s) for a, b, s in zip(row_start[::-1], row_stop[::-1], start[::-1]))
         block[inner] = rows[:, :, row_start[0]:row_stop[0]]
         return block

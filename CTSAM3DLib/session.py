@@ -13,13 +13,20 @@ Rules:
   to it (Chebyshev distance in patch voxels; the earlier-opened patch on a tie), so the result does
   not depend on the order of later clicks and the assembled mask has no seams.
 - A refining click runs only the decoder; the encoder runs once per patch.
+- Cross-patch prompting (on by default): when a patch's mask reaches one of its faces, edges or
+  corners, the adjacent patch there is opened and prompted with clicks at the peaks of the
+  cross-patch heatmap (see ``CTSAM3DLib.propagation``), breadth-first, until no mask reaches an
+  unexplored neighbour or the cap on open patches (or the optional box) stops it. Each
+  propagated patch remembers its parent; a click that changes a patch re-propagates into its
+  children (and theirs), opens newly reached neighbours and drops children the parent no longer
+  reaches (unless a user click lies in them). Undo takes back everything a click did.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -31,6 +38,7 @@ from .device import resolve_device
 from .geometry import Lattice, PatchGeometry, SourceGrid, SourceRegion, sample_patch_volume
 from .inference import prepare_network
 from .preprocess import normalize_hu
+from .propagation import Offset, heatmap_peaks, touched_offsets
 
 
 class Click(NamedTuple):
@@ -44,20 +52,26 @@ class SessionInputError(ValueError):
 
 @dataclass
 class Patch:
-    """An open patch: its place on the lattice, its input, cached features and latest output."""
+    """An open patch: its place on the lattice, its input (1,1,64^3), cached encoder features,
+    latest probability (1,1,64^3) and, when it was opened by cross-patch prompting, its parent,
+    the step from the parent, and the clicks the heatmap gave it (LPS)."""
 
     geometry: PatchGeometry
     region: SourceRegion
     image: torch.Tensor
     features: List[torch.Tensor]
     probability: Optional[torch.Tensor] = None
+    parent: Optional[int] = None
+    offset: Optional[Offset] = None
+    propagated_points_lps: Tuple[Tuple[float, float, float], ...] = ()
 
 
 @dataclass
 class _HistoryEntry:
+    """What one click changed: each touched patch as it was before (None: opened by the click)."""
+
     click: Click
-    opened: List[int] = field(default_factory=list)
-    previous_probability: Dict[int, Optional[torch.Tensor]] = field(default_factory=dict)
+    before: Dict[int, Optional[Patch]] = field(default_factory=dict)
 
 
 def validate_image(image: sitk.Image) -> None:
@@ -91,9 +105,14 @@ class InteractiveSession:
     """Click-driven segmentation of one CT.
 
     ``net`` is any object with ``encode(image)`` and ``decode(features, points, labels, mask_prompt)``
-    (see ``CTSAM3DLib.model.CTSAM3D``); ``image`` a 3D scalar ``SimpleITK.Image`` in Hounsfield units,
+    (and ``cross_patch(image, mask, neighbour_image)`` for cross-patch prompting; see
+    ``CTSAM3DLib.model.CTSAM3D``); ``image`` a 3D scalar ``SimpleITK.Image`` in Hounsfield units,
     with any size, spacing and direction. Points are LPS world millimetres. ``precision`` chooses
     how the network runs (see ``CTSAM3DLib.inference``); "auto" picks the fastest path for the device.
+    ``cross_patch`` switches cross-patch prompting (None: on whenever the network has a
+    ``cross_patch`` method, as CT-SAM3D does); ``max_patches`` caps the open patches it may reach,
+    and ``cross_patch_box_lps`` ((min x, y, z), (max x, y, z)) optionally limits it to neighbours
+    whose centre lies in that box.
     """
 
     def __init__(
@@ -102,11 +121,26 @@ class InteractiveSession:
         image: sitk.Image,
         device: Union[str, torch.device, None] = "auto",
         precision: str = "auto",
+        *,
+        cross_patch: Optional[bool] = None,
+        max_patches: int = 16,
+        cross_patch_box_lps: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
     ) -> None:
         validate_image(image)
+        if max_patches < 1:
+            raise ValueError(f"max_patches must be at least 1, got {max_patches}")
+        has_cross_patch = callable(getattr(net, "cross_patch", None))
+        if cross_patch and not has_cross_patch:
+            raise ValueError("cross-patch prompting needs a network with a cross_patch method")
         self.image = image
         self.device = resolve_device(device)
         self.net = prepare_network(net, self.device, precision)
+        self.cross_patch = has_cross_patch if cross_patch is None else cross_patch
+        self.max_patches = max_patches
+        self.cross_patch_box_lps = None
+        if cross_patch_box_lps is not None:
+            low, high = (np.asarray(corner, dtype=np.float64).reshape(3) for corner in cross_patch_box_lps)
+            self.cross_patch_box_lps = (np.minimum(low, high), np.maximum(low, high))
         self.lattice = Lattice.of_image(image)
         self.grid = SourceGrid(image)
         self.last_timing: Dict[str, float] = {}
@@ -126,7 +160,8 @@ class InteractiveSession:
 
     @property
     def patches(self) -> List[Patch]:
-        return list(self._patches.values())
+        """Open patches, in the order they were opened."""
+        return [self._patches[pid] for pid in sorted(self._patches)]
 
     @property
     def mask(self) -> sitk.Image:
@@ -140,8 +175,12 @@ class InteractiveSession:
     def probability(self) -> sitk.Image:
         """The current probability map (float32) on the input's grid; 0 outside every patch."""
         volume = np.zeros(self._mask.shape, dtype=np.float32)
-        for region in self._merged_regions(self._patches):
-            volume[region.slices] = self._render(region).cpu().numpy()
+        regions = [patch.region for patch in self._patches.values()]
+        if regions:
+            union = regions[0]
+            for region in regions[1:]:
+                union = union.union(region)
+            volume[union.slices] = self._render(union).cpu().numpy()
         return self._as_image(volume)
 
     # ----------------------------------------------------------------- clicks
@@ -151,31 +190,34 @@ class InteractiveSession:
         timing: Dict[str, float] = {}
         started = time.perf_counter()
         entry = _HistoryEntry(click)
-        targets = [pid for pid, patch in self._patches.items() if patch.geometry.contains(click.point_lps)]
-        if not targets:
-            targets = [self._open_patch(click.point_lps, timing)]
-            entry.opened = list(targets)
         self._history.append(entry)
         try:
-            for pid in targets:
-                entry.previous_probability[pid] = self._patches[pid].probability
-            self._decode(targets, timing)
+            targets = [pid for pid in sorted(self._patches) if self._patches[pid].geometry.contains(click.point_lps)]
+            if not targets:
+                geometry = self.lattice.patch_centred_on(self.lattice.nearest_index(click.point_lps))
+                targets = self._open_patches([geometry], self._sample([geometry], timing), entry, timing)
+            self._decode(targets, entry, timing)
+            if self.cross_patch:
+                self._propagate(targets, entry, timing)
         except BaseException:
             self._history.pop()
             self._restore(entry)
             raise
-        self._refresh(targets, timing)
+        paste_started = time.perf_counter()
+        self._render_into_mask(self._regions_touched(entry))
+        timing["paste"] = time.perf_counter() - paste_started
         timing["total"] = time.perf_counter() - started
-        timing["patches_decoded"] = float(len(targets))
+        timing["patches_decoded"] = float(timing.get("patches_decoded", 0))
+        timing["patches_open"] = float(len(self._patches))
         self.last_timing = timing
         return self.mask
 
     def undo(self) -> sitk.Image:
-        """Takes back the last click exactly (its patches and probabilities as before it)."""
+        """Takes back the last click exactly, with everything it opened, changed or dropped."""
         if not self._history:
             raise IndexError("nothing to undo: the session has no clicks")
         entry = self._history.pop()
-        touched = self._regions_of(list(entry.previous_probability) + entry.opened)
+        touched = self._regions_touched(entry)
         self._restore(entry)
         self._render_into_mask(touched)
         return self.mask
@@ -212,31 +254,55 @@ class InteractiveSession:
             raise SessionInputError(f"click at LPS {tuple(np.round(point, 2))} mm lies outside the image")
         return tuple(float(v) for v in point)
 
-    def _open_patch(self, point_lps: Tuple[float, float, float], timing: Dict[str, float]) -> int:
+    def _snapshot(self, entry: _HistoryEntry, pid: int) -> None:
+        """Remembers a patch as it was before this click first touched it."""
+        if pid not in entry.before:
+            entry.before[pid] = replace(self._patches[pid])
+
+    def _sample(self, geometries: List[PatchGeometry], timing: Dict[str, float]) -> torch.Tensor:
+        """The network inputs (N,1,64^3) of patches, on the device."""
         started = time.perf_counter()
-        geometry = self.lattice.patch_centred_on(self.lattice.nearest_index(point_lps))
-        image = torch.from_numpy(normalize_hu(self.lattice.sample(self.image, geometry)))[None, None].to(self.device)
-        timing["sample"] = time.perf_counter() - started
+        images = torch.cat([
+            torch.from_numpy(normalize_hu(self.lattice.sample(self.image, geometry)))[None, None]
+            for geometry in geometries
+        ]).to(self.device)
+        timing["sample"] = timing.get("sample", 0.0) + time.perf_counter() - started
+        return images
+
+    def _open_patches(self, geometries: List[PatchGeometry], images: torch.Tensor, entry: _HistoryEntry,
+                      timing: Dict[str, float]) -> List[int]:
+        """Encodes new patches (as one batch) and opens them; returns their ids."""
         started = time.perf_counter()
         with torch.no_grad():
-            features = self.net.encode(image)
+            features = self.net.encode(images)
         self._synchronize()
-        timing["encode"] = time.perf_counter() - started
-        pid = self._next_patch_id
-        self._next_patch_id += 1
-        self._patches[pid] = Patch(geometry, self.grid.region_of(geometry), image, features)
-        return pid
+        timing["encode"] = timing.get("encode", 0.0) + time.perf_counter() - started
+        pids = []
+        for row, geometry in enumerate(geometries):
+            pid = self._next_patch_id
+            self._next_patch_id += 1
+            self._patches[pid] = Patch(geometry, self.grid.region_of(geometry), images[row:row + 1],
+                                       [level[row:row + 1] for level in features])
+            entry.before[pid] = None
+            pids.append(pid)
+        return pids
 
     def _patch_prompts(self, pid: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(x, y, z) voxel points and labels of every click inside the patch, in click order."""
-        geometry = self._patches[pid].geometry
+        """(x, y, z) voxel points and labels of a patch: its propagated clicks, then every user click
+        inside it in click order (later clicks overwrite earlier ones in the click maps)."""
+        patch = self._patches[pid]
+        geometry = patch.geometry
         inside = [click for click in self.clicks if geometry.contains(click.point_lps)]
-        points = np.array([np.round(geometry.to_voxel(c.point_lps)) for c in inside], dtype=np.float32)
-        labels = np.array([1 if c.positive else 0 for c in inside], dtype=np.int64)
-        return points.reshape(-1, 3), labels
+        points_lps = list(patch.propagated_points_lps) + [click.point_lps for click in inside]
+        labels = [1] * len(patch.propagated_points_lps) + [1 if click.positive else 0 for click in inside]
+        points = np.array([np.round(geometry.to_voxel(point)) for point in points_lps], dtype=np.float32)
+        return points.reshape(-1, 3), np.array(labels, dtype=np.int64)
 
-    def _decode(self, pids: List[int], timing: Dict[str, float]) -> None:
-        """Runs the decoder once over all ``pids`` as one batch."""
+    def _decode(self, pids: List[int], entry: _HistoryEntry, timing: Dict[str, float]) -> None:
+        """Runs the decoder once over all ``pids`` as one batch, each with its previous probability
+        as the mask prompt."""
+        for pid in pids:
+            self._snapshot(entry, pid)
         prompts = [self._patch_prompts(pid) for pid in pids]
         count = max(len(labels) for _, labels in prompts)
         points = np.zeros((len(pids), count, 3), dtype=np.float32)
@@ -260,33 +326,122 @@ class InteractiveSession:
                 mask_prompt,
             )
         self._synchronize()
-        timing["decode"] = time.perf_counter() - started
+        timing["decode"] = timing.get("decode", 0.0) + time.perf_counter() - started
+        timing["patches_decoded"] = timing.get("patches_decoded", 0) + len(pids)
         for row, patch in enumerate(patches):
             patch.probability = probability[row : row + 1].to(torch.float32)
 
-    def _restore(self, entry: _HistoryEntry) -> None:
-        for pid, previous in entry.previous_probability.items():
-            if pid in self._patches:
-                self._patches[pid].probability = previous
-        for pid in entry.opened:
-            self._patches.pop(pid, None)
-
-    def _refresh(self, pids: List[int], timing: Dict[str, float]) -> None:
+    def _propagate(self, frontier: List[int], entry: _HistoryEntry, timing: Dict[str, float]) -> None:
+        """Cross-patch prompting, breadth-first from the patches a click changed."""
         started = time.perf_counter()
-        self._render_into_mask(self._regions_of(pids))
-        timing["paste"] = time.perf_counter() - started
+        while frontier:
+            jobs: List[Tuple[int, Offset, Optional[int], PatchGeometry]] = []
+            for pid in frontier:
+                patch = self._patches[pid]
+                reached = set(touched_offsets(patch.probability[0, 0] > MASK_THRESHOLD))
+                children = {child.offset: cid for cid, child in self._patches.items() if child.parent == pid}
+                for offset in set(children) - reached:
+                    self._drop(children[offset], entry)
+                for offset in sorted(reached):
+                    if offset in children:
+                        jobs.append((pid, offset, children[offset], self._patches[children[offset]].geometry))
+                    else:
+                        geometry = patch.geometry.shifted(offset)
+                        if self._may_open(geometry, len(jobs)):
+                            jobs.append((pid, offset, None, geometry))
+            if not jobs:
+                break
+            frontier = self._prompt_neighbours(jobs, entry, timing)
+        timing["cross_patch"] = time.perf_counter() - started
 
-    def _regions_of(self, pids: List[int]) -> List[SourceRegion]:
-        return [self._patches[pid].region for pid in pids if pid in self._patches]
+    def _may_open(self, geometry: PatchGeometry, pending: int) -> bool:
+        """Whether cross-patch prompting may open a patch here: under the cap, inside the image and
+        the lattice, inside the optional box, and not already covered by an open patch."""
+        if len(self._patches) + pending >= self.max_patches:
+            return False
+        start = np.array(geometry.start_index)
+        if np.any(start + geometry.size <= 0) or np.any(start >= np.array(self.lattice.size)):
+            return False
+        if self.grid.region_of(geometry) is None:
+            return False
+        centre = geometry.centre_lps
+        if self.cross_patch_box_lps is not None:
+            low, high = self.cross_patch_box_lps
+            if np.any(centre < low) or np.any(centre > high):
+                return False
+        return not any(patch.geometry.contains(centre) for patch in self._patches.values())
 
-    def _merged_regions(self, patches: Dict[int, Patch]) -> List[SourceRegion]:
-        regions = [patch.region for patch in patches.values()]
-        if not regions:
-            return []
-        merged = regions[0]
-        for region in regions[1:]:
-            merged = merged.union(region)
-        return [merged]
+    def _prompt_neighbours(self, jobs: List[Tuple[int, Offset, Optional[int], PatchGeometry]],
+                           entry: _HistoryEntry, timing: Dict[str, float]) -> List[int]:
+        """Runs the cross-patch U-Net for every (parent, neighbour) pair as one batch, turns each
+        heatmap's peaks into clicks, and decodes the neighbours that got any."""
+        new_rows = [row for row, (_, _, child, _) in enumerate(jobs) if child is None]
+        new_images = self._sample([jobs[row][3] for row in new_rows], timing) if new_rows else None
+        sampled = {row: new_images[index:index + 1] for index, row in enumerate(new_rows)}
+        parents = [self._patches[pid] for pid, _, _, _ in jobs]
+        neighbour_images = torch.cat([
+            sampled[row] if child is None else self._patches[child].image for row, (_, _, child, _) in enumerate(jobs)
+        ])
+        with torch.no_grad():
+            heatmaps = self.net.cross_patch(
+                torch.cat([parent.image for parent in parents]),
+                torch.cat([(parent.probability > MASK_THRESHOLD).to(parent.image.dtype) for parent in parents]),
+                neighbour_images,
+            )
+        prompts: Dict[int, Tuple[Tuple[float, float, float], ...]] = {}
+        for row, (_, _, child, geometry) in enumerate(jobs):
+            peaks = heatmap_peaks(heatmaps[row, 0]).cpu().numpy()
+            prompts[row] = tuple(
+                tuple(float(v) for v in np.array(geometry.origin_lps) + geometry.spacing * peak) for peak in peaks
+            )
+            if not prompts[row] and child is not None:
+                self._drop(child, entry)
+        opening = [row for row in new_rows if prompts[row]]
+        opened_ids: Dict[int, int] = {}
+        if opening:
+            opened = self._open_patches([jobs[row][3] for row in opening],
+                                        torch.cat([sampled[row] for row in opening]), entry, timing)
+            opened_ids = dict(zip(opening, opened))
+        decoded = []
+        for row, (pid, offset, child, _) in enumerate(jobs):
+            target = opened_ids.get(row, child)
+            # A child dropped above (with its descendants) gets no prompt.
+            if not prompts[row] or target not in self._patches:
+                continue
+            self._snapshot(entry, target)
+            patch = self._patches[target]
+            patch.parent, patch.offset, patch.propagated_points_lps = pid, offset, prompts[row]
+            decoded.append(target)
+        if decoded:
+            self._decode(decoded, entry, timing)
+        return decoded
+
+    def _drop(self, pid: int, entry: _HistoryEntry) -> None:
+        """Closes a propagated patch and its descendants, except those holding a user click, which
+        stay open as patches of their own."""
+        for cid in [cid for cid, child in self._patches.items() if child.parent == pid]:
+            self._drop(cid, entry)
+        self._snapshot(entry, pid)
+        patch = self._patches[pid]
+        if any(patch.geometry.contains(click.point_lps) for click in self.clicks):
+            patch.parent, patch.offset, patch.propagated_points_lps = None, None, ()
+        else:
+            del self._patches[pid]
+
+    def _restore(self, entry: _HistoryEntry) -> None:
+        for pid, before in entry.before.items():
+            if before is None:
+                self._patches.pop(pid, None)
+            else:
+                self._patches[pid] = before
+
+    def _regions_touched(self, entry: _HistoryEntry) -> List[SourceRegion]:
+        regions = []
+        for pid, before in entry.before.items():
+            patch = self._patches.get(pid, before)
+            if patch is not None:
+                regions.append(patch.region)
+        return regions
 
     def _render_into_mask(self, regions: List[SourceRegion]) -> None:
         for region in regions:
@@ -298,7 +453,8 @@ class InteractiveSession:
         probability = torch.zeros(shape, device=self.device)
         best = torch.full(shape, float("inf"), device=self.device)
         centre = (PATCH_SIZE - 1) / 2
-        for patch in self._patches.values():
+        for pid in sorted(self._patches):
+            patch = self._patches[pid]
             if patch.probability is None or not patch.region.intersects(region):
                 continue
             coordinates = self.grid.patch_coordinates(region, patch.geometry, self.device)

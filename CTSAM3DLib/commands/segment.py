@@ -43,6 +43,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ras", action="store_true", help="points given on the command line and in CSV "
                         "files are RAS (3D Slicer), not LPS")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--cross-patch", choices=("on", "off"), default="on",
+                        help="carry the segmentation into neighbouring patches (default on)")
+    parser.add_argument("--max-patches", type=int, default=16,
+                        help="most patches cross-patch prompting may open (default 16)")
     parser.add_argument("--probability", type=Path, help="also write the probability map (float32)")
     parser.set_defaults(func=run, click_sources=[])
 
@@ -73,15 +77,18 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     net = load_checkpoint(args.weights, device=args.device)
     print(f"loaded {args.weights} in {time.perf_counter() - started:.2f} s")
-    session = InteractiveSession(net, image, device=args.device)
+    session = InteractiveSession(net, image, device=args.device, cross_patch=args.cross_patch == "on",
+                                 max_patches=args.max_patches)
     print(f"device: {session.device}")
     for number, (point_lps, positive) in enumerate(clicks, start=1):
         session.add_click(point_lps, positive)
         steps = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in session.last_timing.items()
-                          if name != "patches_decoded")
+                          if not name.startswith("patches_"))
         sign = "+" if positive else "-"
         coordinates = ", ".join(f"{v:.1f}" for v in point_lps)
-        print(f"click {number} ({sign}) at LPS ({coordinates}): {steps}; patches open: {session.patch_count}")
+        decoded = int(session.last_timing["patches_decoded"])
+        print(f"click {number} ({sign}) at LPS ({coordinates}): {steps}; patches decoded: {decoded}, "
+              f"open: {session.patch_count}")
     started = time.perf_counter()
     mask = session.mask
     write_image_atomically(mask, args.output)

@@ -43,11 +43,13 @@ class TrainableStandIn(torch.nn.Module):
     training tests run in seconds on a CPU. Its decoder sees the image features, the mask prompt
     and the real click maps (the network's own `click_maps`), so it can learn from clicks; its
     quality head is computed but never trained, as in the real network (distributed training must
-    cope with unused parameters). Features: [(B,C,32^3) image features].
+    cope with unused parameters). Features: [(B,C,32^3) image features]. ``dropout`` > 0 makes
+    training draw from torch's global generator (for tests of resumption).
     """
 
-    def __init__(self, channels: int = 8) -> None:
+    def __init__(self, channels: int = 8, dropout: float = 0.0) -> None:
         super().__init__()
+        self.dropout = torch.nn.Dropout3d(dropout)
         from CTSAM3DLib.model.prompt import click_maps
 
         self._click_maps = click_maps
@@ -59,7 +61,8 @@ class TrainableStandIn(torch.nn.Module):
             conv(channels, channels, 3, padding=1),
             torch.nn.ReLU(),
         )
-        self.mask_head = conv(channels, 1, 3, padding=1)
+        # The head also sees the prompt itself, so that following clicks is quick to learn.
+        self.mask_head = conv(channels + 3, 1, 3, padding=1)
         self.quality_head = torch.nn.Linear(channels, 1)
         self.cpp_predictor = torch.nn.Sequential(conv(3, 4, 3, padding=1), torch.nn.ReLU(), conv(4, 1, 3, padding=1))
 
@@ -85,10 +88,51 @@ class TrainableStandIn(torch.nn.Module):
         if mask_prompt is None:
             mask_prompt = torch.zeros_like(maps[:, :1])
         prompt = self._half(torch.cat([mask_prompt.to(maps.dtype), maps], dim=1))
-        hidden = self.mask_decoder(torch.cat([features[0], prompt], dim=1))
-        probability = torch.sigmoid(self._double(self.mask_head(hidden)))
+        hidden = self.dropout(self.mask_decoder(torch.cat([features[0], prompt], dim=1)))
+        probability = torch.sigmoid(self._double(self.mask_head(torch.cat([hidden, prompt], dim=1))))
         return probability, self.quality_head(hidden.mean(dim=(2, 3, 4)))
 
     def cross_patch(self, image: torch.Tensor, mask: torch.Tensor, neighbour_image: torch.Tensor) -> torch.Tensor:
         inputs = self._half(torch.cat([image, mask.to(image.dtype), neighbour_image], dim=1))
         return self._double(self.cpp_predictor(inputs))
+
+
+class CrossPatchThresholdNet(ThresholdNet):
+    """ThresholdNet that honours negative clicks (it clears a ball of ``carve_radius`` voxels around
+    each) and has an oracle cross-patch model: the heatmap is a unit Gaussian (sigma 2 voxels) at
+    the centroid of the neighbour's bright voxels, or zero when the neighbour has none."""
+
+    def __init__(self, threshold: float = 0.5, carve_radius: float = 6.0) -> None:
+        super().__init__(threshold)
+        self.carve_radius = carve_radius
+        self.cross_patch_calls = 0
+        self.decoded_batches: List[int] = []
+
+    def decode(self, features, points, labels, mask_prompt=None):
+        probability, quality = super().decode(features, points, labels, mask_prompt)
+        self.decoded_batches.append(probability.shape[0])
+        size = probability.shape[-1]
+        grid = torch.stack(torch.meshgrid(*(torch.arange(size, dtype=torch.float32),) * 3, indexing="ij"), dim=-1)
+        for row in range(points.shape[0]):
+            for point, label in zip(points[row], labels[row]):
+                if int(label) == 0:
+                    centre_zyx = point.flip(-1).to(torch.float32)
+                    ball = ((grid - centre_zyx) ** 2).sum(-1) <= self.carve_radius**2
+                    probability[row, 0][ball] = 0
+        return probability, quality
+
+    def cross_patch(self, image, mask, neighbour_image):
+        self.cross_patch_calls += 1
+        size = image.shape[-1]
+        coordinates = torch.stack(
+            torch.meshgrid(*(torch.arange(size, dtype=torch.float32),) * 3, indexing="ij"), dim=-1
+        )
+        heatmaps = torch.zeros_like(image)
+        for row in range(image.shape[0]):
+            bright = neighbour_image[row, 0] > self.threshold
+            if not bright.any():
+                continue
+            centroid = coordinates[bright].mean(dim=0)
+            squared = ((coordinates - centroid) ** 2).sum(-1)
+            heatmaps[row, 0] = torch.exp(-squared / 8.0)
+        return heatmaps

@@ -86,7 +86,7 @@ def test_inference_core_is_installed_whole(top_variables):
         for p in (REPO_ROOT / "CTSAM3DLib").rglob("*.py")
         if "__pycache__" not in p.parts
     }
-    assert shipped == set(listed), "CTSAM3DLib_PYTHON_SCRIPTS in CMakeLists.txt must list every CTSAM3DLib .py"
+    assert shipped == set(listed), "CMakeLists.txt's CTSAM3DLib_PYTHON_SCRIPTS must list every CTSAM3DLib .py"
 
 
 def test_top_level_cmake_builds_the_extension(top_variables):
@@ -128,8 +128,17 @@ def test_catalog_entry_agrees_with_cmake_and_s4ext(top_variables):
     path = REPO_ROOT / "Resources" / "ExtensionsIndex" / "CTSAM3D.json"
     assert b"\r\n" not in path.read_bytes(), "the catalog entry must use LF line endings"
     entry = json.loads(path.read_text())
-    allowed = {"$schema", "category", "scm_url", "scm_revision", "scm_type", "build_dependencies",
-               "build_subdirectory", "enabled", "tier"}
+    allowed = {
+        "$schema",
+        "category",
+        "scm_url",
+        "scm_revision",
+        "scm_type",
+        "build_dependencies",
+        "build_subdirectory",
+        "enabled",
+        "tier",
+    }
     assert set(entry) <= allowed, "the catalog schema forbids additional properties"
     assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
     assert path.stem == cmake_commands(REPO_ROOT / "CMakeLists.txt")[1][1] == "CTSAM3D"
@@ -138,7 +147,7 @@ def test_catalog_entry_agrees_with_cmake_and_s4ext(top_variables):
     s4ext = read_s4ext(REPO_ROOT / "CTSAM3D.s4ext")
     assert entry["scm_url"] == s4ext["scmurl"]
     assert entry["scm_revision"] == s4ext["scmrevision"]
-    assert re.match(r"https://github.com/[^/]+/Slicer", entry["scm_url"]), "repository name must start with Slicer"
+    assert re.match(r"https://github.com/[^/]+/Slicer", entry["scm_url"]), "repository name: Slicer..."
     assert 1 <= entry["tier"] <= 5
 
 
@@ -154,6 +163,7 @@ def test_effect_lives_in_its_own_package_with_matching_class():
     effect_file = MODULE_DIR / "SegmentEditorCTSAM3DLib" / "SegmentEditorEffect.py"
     source = effect_file.read_text()
     assert "class SegmentEditorEffect(" in source
-    assert re.search(r"^from \.|^import \.", source, re.MULTILINE) is None, "no relative imports in the effect file"
+    relativeImport = re.search(r"^from \.|^import \.", source, re.MULTILINE)
+    assert relativeImport is None, "the effect file must use absolute imports"
     init = (MODULE_DIR / "SegmentEditorCTSAM3DLib" / "__init__.py").read_text()
     assert "SegmentEditorEffect" in init

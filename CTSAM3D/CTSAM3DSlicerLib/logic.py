@@ -1,0 +1,190 @@
+"""CTSAM3DLogic: CT-SAM3D in Slicer without any GUI (scriptable from the Python console).
+
+Main-thread side: read MRML (volume voxels, geometry, prompts) and write the result. Worker side: load
+the network, keep one CTSAM3DLib session per volume, run the clicks. Only SimpleITK images, tuples
+and the network cross between the two.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from typing import Any, Callable, List, Optional, Sequence, Tuple
+
+import SimpleITK as sitk  # noqa: N813
+import slicer
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+
+from . import coordinates, weights
+from .worker import InferenceWorker, waitProcessingEvents
+
+SessionFactory = Callable[[Any, sitk.Image, str], Any]
+"""(network, image in world LPS, device) -> an object with CTSAM3DLib.InteractiveSession's interface."""
+
+
+def defaultSessionFactory(network, image: sitk.Image, device: str):
+    from CTSAM3DLib.session import InteractiveSession
+
+    return InteractiveSession(network, image, device=device)
+
+
+def makeClicks(prompts: Sequence[Tuple[Sequence[float], bool]]) -> List[Tuple[Tuple[float, ...], bool]]:
+    """CTSAM3DLib clicks ((point LPS, positive) pairs) from (point RAS, positive) pairs, order kept."""
+    return [(coordinates.pointRasToLps(pointRAS), bool(positive)) for pointRAS, positive in prompts]
+
+
+class CTSAM3DLogic(ScriptedLoadableModuleLogic):
+    """Loads the network, runs clicks and writes masks into segments.
+
+    Typical console use::
+
+        logic = CTSAM3DLogic()
+        logic.loadModel("/path/to/params.pth")        # or: download with CTSAM3DSlicerLib.weights
+        segmentId = logic.segmentFromPoints(volumeNode, segmentationNode, None, [[10.0, -20.0, 30.0]], [])
+    """
+
+    _shared: Optional[CTSAM3DLogic] = None
+
+    @classmethod
+    def shared(cls) -> CTSAM3DLogic:
+        """The logic shared by the module panel and the effect, so the network is loaded once."""
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
+
+    def __init__(self, network=None, sessionFactory: SessionFactory = defaultSessionFactory) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.network = network
+        self.sessionFactory = sessionFactory
+        self.device = weights.settingsValue("Device", "auto")
+        self.worker = InferenceWorker()
+        self.loadedCheckpoint: Optional[str] = None
+        self.lastClickSeconds: Optional[float] = None
+        self.lastTiming: dict = {}
+        self._session = None
+        self._sessionKey: Optional[tuple] = None
+
+    # ----------------------------------------------------------------- model
+    def modelState(self) -> str:
+        if self.network is None:
+            return "not loaded"
+        where = self.loadedCheckpoint or "network set from Python"
+        return f"loaded ({where}, device {self.device})"
+
+    def setNetwork(self, network) -> None:
+        """Use an already built network (any object with encode/decode), e.g. from Python."""
+        self.network = network
+        self.loadedCheckpoint = None
+        self._dropSession()
+
+    def loadModel(self, checkpointPath: Optional[str] = None, device: Optional[str] = None) -> None:
+        """Load the checkpoint (default: the weights chosen in the module panel) on the worker thread."""
+        path = checkpointPath or weights.configuredWeightsPath()
+        if not path:
+            raise ValueError(
+                "no CT-SAM3D weights are configured: download or choose them in the CT-SAM3D module "
+                "(or pass checkpointPath)"
+            )
+        weights.verifyRecordedChecksum(path)
+        device = device or self.device
+
+        def load():
+            import CTSAM3DLib
+
+            return CTSAM3DLib.load_checkpoint(path, device=device)
+
+        network = waitProcessingEvents(self.worker.submit(load), slicer.app.processEvents)
+        self.network = network
+        self.device = device
+        self.loadedCheckpoint = path
+        self._dropSession()
+
+    def ensureModel(self) -> None:
+        if self.network is None:
+            self.loadModel()
+
+    def _dropSession(self) -> None:
+        self._session = None
+        self._sessionKey = None
+
+    # ------------------------------------------------------------ prediction
+    @staticmethod
+    def _volumeKey(volumeNode) -> tuple:
+        return (
+            volumeNode.GetID(),
+            volumeNode.GetImageData().GetMTime(),
+            coordinates.volumeIjkToWorldRas(volumeNode).round(6).tobytes(),
+        )
+
+    def startPrediction(
+        self, volumeNode, prompts: Sequence[Tuple[Sequence[float], bool]]
+    ) -> concurrent.futures.Future:
+        """Queue the clicks (world RAS, click order) on the worker; the future gives the mask
+        (SimpleITK uint8 in the volume's world LPS geometry). Call on the main thread."""
+        if self.network is None:
+            raise RuntimeError("no CT-SAM3D network loaded: load it in the CT-SAM3D module or with loadModel")
+        key = self._volumeKey(volumeNode)
+        image = coordinates.volumeToImage(volumeNode) if key != self._sessionKey else None
+        clicks = makeClicks(prompts)
+        network, factory, device = self.network, self.sessionFactory, self.device
+
+        def run():
+            started = time.perf_counter()
+            if image is not None:
+                self._session = factory(network, image, device)
+                self._sessionKey = key
+            session = self._session
+            if session is None:
+                raise RuntimeError("the CT-SAM3D session was dropped (model or device changed); click again")
+            mask = session.set_clicks(clicks)
+            self.lastClickSeconds = time.perf_counter() - started
+            self.lastTiming = dict(getattr(session, "last_timing", {}) or {})
+            return mask
+
+        return self.worker.submit(run)
+
+    def predictMask(self, volumeNode, prompts: Sequence[Tuple[Sequence[float], bool]]) -> sitk.Image:
+        """Blocking form of startPrediction that keeps the GUI responsive while it waits."""
+        return waitProcessingEvents(self.startPrediction(volumeNode, prompts), slicer.app.processEvents)
+
+    def segmentFromPoints(
+        self,
+        volumeNode,
+        segmentationNode,
+        segmentId: Optional[str],
+        positivePointsRAS: Sequence[Sequence[float]],
+        negativePointsRAS: Sequence[Sequence[float]] = (),
+        segmentName: str = "CT-SAM3D",
+    ) -> str:
+        """Segment from world-RAS points (positives clicked first) and replace the segment's content.
+
+        Without the Segment Editor this writes directly (no masking, no editor undo). ``segmentId``
+        None or "" adds a new segment. Returns the segment ID.
+        """
+        if not positivePointsRAS:
+            raise ValueError("at least one positive point is needed")
+        self.ensureModel()
+        segmentation = segmentationNode.GetSegmentation()
+        if not segmentId:
+            segmentId = segmentation.AddEmptySegment("", segmentName)
+        elif segmentation.GetSegment(segmentId) is None:
+            raise ValueError(f"segmentation '{segmentationNode.GetName()}' has no segment '{segmentId}'")
+        prompts: List[Tuple[Sequence[float], bool]] = [(p, True) for p in positivePointsRAS]
+        prompts += [(p, False) for p in negativePointsRAS]
+        mask = self.predictMask(volumeNode, prompts)
+        self.writeMask(mask, volumeNode, segmentationNode, segmentId)
+        return segmentId
+
+    @staticmethod
+    def writeMask(mask: sitk.Image, volumeNode, segmentationNode, segmentId: str) -> int:
+        """Replace the segment by ``mask`` (world LPS) in the segmentation's reference geometry."""
+        labelmap = coordinates.segmentationReferenceImage(segmentationNode, volumeNode)
+        voxels = coordinates.writeMaskIntoOrientedImage(
+            mask, labelmap, coordinates.nodeToWorldMatrix(segmentationNode)
+        )
+        segmentationLogic = slicer.vtkSlicerSegmentationsModuleLogic
+        if not segmentationLogic.SetBinaryLabelmapToSegment(
+            labelmap, segmentationNode, segmentId, segmentationLogic.MODE_REPLACE
+        ):
+            raise RuntimeError(f"could not write segment '{segmentId}'")
+        return voxels

@@ -1,0 +1,149 @@
+"""Prompt points kept as markups: one green (positive) and one red (negative) point list per segment.
+
+The lists are ordinary scene nodes, so they are saved with the scene, edited with the markups tools and
+found again after reloading through two attributes (segmentation node ID and segment ID). Click order
+matters to the network, so each point's label carries its rank: "+1", "-2", "+3", ...
+"""
+
+from __future__ import annotations
+
+import re
+from typing import List, NamedTuple, Optional, Tuple
+
+import numpy as np
+
+SEGMENTATION_ATTRIBUTE = "CTSAM3D.SegmentationNodeID"
+SEGMENT_ATTRIBUTE = "CTSAM3D.SegmentID"
+POLARITY_ATTRIBUTE = "CTSAM3D.Polarity"
+POSITIVE_COLOR = (0.18, 0.80, 0.25)
+NEGATIVE_COLOR = (1.0, 0.25, 0.21)
+_RANK_LABEL = re.compile(r"^[+-](\d+)$")
+
+
+class Prompt(NamedTuple):
+    pointRAS: Tuple[float, float, float]
+    """World RAS (parent transforms of the list included)."""
+    positive: bool
+    rank: int
+
+
+def findPromptList(scene, segmentationNode, segmentId: str, positive: bool):
+    """The existing prompt list of that segment and polarity, or None."""
+    polarity = "positive" if positive else "negative"
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLMarkupsFiducialNode")
+        if (
+            node.GetAttribute(SEGMENTATION_ATTRIBUTE) == segmentationNode.GetID()
+            and node.GetAttribute(SEGMENT_ATTRIBUTE) == segmentId
+            and node.GetAttribute(POLARITY_ATTRIBUTE) == polarity
+        ):
+            return node
+    return None
+
+
+def createPromptList(scene, segmentationNode, segmentId: str, positive: bool):
+    """A new point list for that segment and polarity, coloured green or red."""
+    segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+    segmentName = segment.GetName() if segment is not None else segmentId
+    node = scene.AddNewNodeByClass(
+        "vtkMRMLMarkupsFiducialNode", f"{segmentName} CT-SAM3D {'+' if positive else '-'}"
+    )
+    node.SetAttribute(SEGMENTATION_ATTRIBUTE, segmentationNode.GetID())
+    node.SetAttribute(SEGMENT_ATTRIBUTE, segmentId)
+    node.SetAttribute(POLARITY_ATTRIBUTE, "positive" if positive else "negative")
+    node.CreateDefaultDisplayNodes()
+    display = node.GetDisplayNode()
+    color = POSITIVE_COLOR if positive else NEGATIVE_COLOR
+    display.SetSelectedColor(*color)
+    display.SetColor(*color)
+    display.SetActiveColor(*color)
+    return node
+
+
+def promptListFor(scene, segmentationNode, segmentId: str, positive: bool, create: bool):
+    node = findPromptList(scene, segmentationNode, segmentId, positive)
+    if node is None and create:
+        node = createPromptList(scene, segmentationNode, segmentId, positive)
+    return node
+
+
+def _rank(label: str) -> Optional[int]:
+    match = _RANK_LABEL.match(label or "")
+    return int(match.group(1)) if match else None
+
+
+def orderedPrompts(positiveList, negativeList) -> List[Prompt]:
+    """Every defined point of both lists in click order (points without a rank label last)."""
+    prompts = []
+    unranked = 1_000_000
+    for node, positive in ((positiveList, True), (negativeList, False)):
+        if node is None:
+            continue
+        for index in range(node.GetNumberOfControlPoints()):
+            if node.GetNthControlPointPositionStatus(index) != node.PositionDefined:
+                continue
+            rank = _rank(node.GetNthControlPointLabel(index))
+            if rank is None:
+                unranked += 1
+                rank = unranked
+            position = [0.0, 0.0, 0.0]
+            node.GetNthControlPointPositionWorld(index, position)
+            prompts.append(Prompt(tuple(float(v) for v in position), positive, rank))
+    return sorted(prompts, key=lambda prompt: prompt.rank)
+
+
+def nextRank(positiveList, negativeList) -> int:
+    ranks = [0]
+    for node in (positiveList, negativeList):
+        if node is not None:
+            for index in range(node.GetNumberOfControlPoints()):
+                rank = _rank(node.GetNthControlPointLabel(index))
+                if rank is not None:
+                    ranks.append(rank)
+    return max(ranks) + 1
+
+
+def rankLabel(rank: int, positive: bool) -> str:
+    return f"{'+' if positive else '-'}{rank}"
+
+
+def labelUnrankedPoints(node, positive: bool, otherList) -> None:
+    """Give points placed with the markups tools (default labels) the next ranks."""
+    for index in range(node.GetNumberOfControlPoints()):
+        if _rank(node.GetNthControlPointLabel(index)) is None:
+            node.SetNthControlPointLabel(index, rankLabel(nextRank(node, otherList), positive))
+
+
+def addPrompt(node, otherList, pointRAS, positive: bool) -> int:
+    """Append a defined point at world ``pointRAS``; returns its index in ``node``."""
+    label = rankLabel(nextRank(node, otherList), positive)
+    return node.AddControlPointWorld(float(pointRAS[0]), float(pointRAS[1]), float(pointRAS[2]), label)
+
+
+def removeLastPrompt(positiveList, negativeList) -> bool:
+    """Delete the most recent prompt of the two lists; False when there is none."""
+    best = None
+    for node in (positiveList, negativeList):
+        if node is None:
+            continue
+        for index in range(node.GetNumberOfControlPoints()):
+            rank = _rank(node.GetNthControlPointLabel(index)) or 0
+            if best is None or rank >= best[0]:
+                best = (rank, node, index)
+    if best is None:
+        return False
+    best[1].RemoveNthControlPoint(best[2])
+    return True
+
+
+def pointNearInSlice(
+    prompts: List[Prompt], xyToRAS: np.ndarray, xy, toleranceXY: float, halfThickness: float
+) -> bool:
+    """True when a prompt is drawn within ``toleranceXY`` pixels of ``xy`` on this slice (so a press
+    there is left to the markups widget, which drags the point)."""
+    rasToXY = np.linalg.inv(xyToRAS)
+    for prompt in prompts:
+        x, y, z, _ = rasToXY @ np.array([*prompt.pointRAS, 1.0])
+        if abs(z) <= halfThickness and np.hypot(x - xy[0], y - xy[1]) <= toleranceXY:
+            return True
+    return False

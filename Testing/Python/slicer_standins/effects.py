@@ -1,0 +1,557 @@
+"""Stand-ins for the Segment Editor's C++ side: the scripted-effect adaptor, the effect factory, the
+``SegmentEditorEffects`` Python base classes, and a harness that plays qMRMLSegmentEditorWidget.
+
+Every data operation (modifier labelmap, masking, overwrite, undo, XY->RAS) is delegated to the REAL
+vtkSlicerSegmentEditorLogic of slicer-core; only the Qt/C++ glue is re-implemented here, following
+shared/research/slicer-api.md sections 1 to 5.
+"""
+
+import importlib.util
+import logging
+import os
+import sys
+import types
+from typing import List, Optional
+
+import slicer
+import vtk
+
+from . import qt
+
+EFFECT_PARAMETER_MODIFIED = slicer.vtkMRMLSegmentEditorNode.EffectParameterModified
+
+
+class ModificationModes:
+    ModificationModeSet = 0
+    ModificationModeAdd = 1
+    ModificationModeRemove = 2
+    ModificationModeRemoveAll = 3
+    NotConfirmed = 0
+    ConfirmedWithoutDialog = 1
+    ConfirmedWithDialog = 2
+
+
+def _LOGIC_MODES():
+    """The logic's enum values by the adaptor's integer modes (Set, Add, Remove, RemoveAll)."""
+    logic = slicer.vtkSlicerSegmentEditorLogic
+    modes = (
+        logic.ModificationModeSet,
+        logic.ModificationModeAdd,
+        logic.ModificationModeRemove,
+        logic.ModificationModeRemoveAll,
+    )
+    return {int(mode): mode for mode in modes}
+
+
+class EffectFactory:
+    """qSlicerSegmentEditorEffectFactory: a list of prototypes with the registration rules."""
+
+    _instance: Optional["EffectFactory"] = None
+
+    def __init__(self) -> None:
+        self._effects: List[ScriptedEffectAdaptor] = []
+
+    @classmethod
+    def instance(cls) -> "EffectFactory":
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def registerEffect(self, effect) -> bool:
+        if not effect.name:
+            logging.error("qSlicerSegmentEditorEffectFactory::registerEffect: Invalid effect name")
+            return False
+        if any(existing.name == effect.name for existing in self._effects):
+            return False
+        self._effects.append(effect)
+        return True
+
+    def registeredEffects(self) -> List["ScriptedEffectAdaptor"]:
+        return list(self._effects)
+
+    def copyEffects(self) -> List["ScriptedEffectAdaptor"]:
+        """What each editor widget does: one clone per prototype (a failing clone is left out)."""
+        copies = []
+        for prototype in self._effects:
+            try:
+                clone = prototype.clone()
+            except Exception:
+                logging.exception("failed to clone effect %s", prototype.name)
+                continue
+            if clone is None:
+                logging.error("failed to clone effect %s", prototype.name)
+                continue
+            copies.append(clone)
+        return copies
+
+
+class ScriptedEffectAdaptor:
+    """qSlicerSegmentEditorScriptedEffect: owns the Python effect object and forwards to the editor."""
+
+    def __init__(self, parent=None) -> None:
+        self.name = ""
+        self.title = ""
+        self.perSegment = True
+        self.requireSegments = True
+        self.showEffectCursorInSliceView = True
+        self.showEffectCursorInThreeDView = False
+        self.active = False
+        self.optionsWidgets: List[object] = []
+        self.optionsFrameVisible = False
+        self._python = None
+        self._editor: Optional[SegmentEditorHarness] = None
+        self._parameterSetNode = None
+
+    # ---------------------------------------------------------- Python side
+    def setPythonSource(self, path: str) -> bool:
+        if not (path.endswith(".py") or path.endswith(".pyc")):
+            return False
+        moduleName = os.path.basename(os.path.dirname(path))
+        className = os.path.splitext(os.path.basename(path))[0]
+        if not className.endswith("Effect"):
+            className += "Effect"
+        module = sys.modules.get(moduleName)
+        effectClass = getattr(module, className, None) if module is not None else None
+        if effectClass is None:
+            spec = importlib.util.spec_from_file_location(moduleName, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[moduleName] = module
+            spec.loader.exec_module(module)
+            effectClass = getattr(module, className)
+        self._python = effectClass(self)
+        setattr(slicer, moduleName, self._python)
+        return True
+
+    def self(self):
+        return self._python
+
+    def clone(self):
+        return self._python.clone()
+
+    def _call(self, method: str, *args):
+        function = getattr(self._python, method, None)
+        return function(*args) if function is not None else None
+
+    # ----------------------------------------------------------- parameters
+    def setParameterSetNode(self, node) -> None:
+        self._parameterSetNode = node
+
+    def parameterSetNode(self):
+        return self._parameterSetNode
+
+    def scene(self):
+        return self._parameterSetNode.GetScene() if self._parameterSetNode is not None else None
+
+    def _setAttribute(self, key: str, value) -> None:
+        if isinstance(value, bool):
+            value = int(value)
+        if isinstance(value, float):
+            value = format(value, ".6g")
+        value = str(value)
+        node = self._parameterSetNode
+        if node.GetAttribute(key) == value:
+            return
+        wasDisabled = node.GetDisableModifiedEvent()
+        node.SetDisableModifiedEvent(True)
+        node.SetAttribute(key, value)
+        node.SetDisableModifiedEvent(wasDisabled)
+        node.InvokeEvent(EFFECT_PARAMETER_MODIFIED, None)
+
+    def setParameter(self, name: str, value) -> None:
+        self._setAttribute(f"{self.name}.{name}", value)
+
+    def setCommonParameter(self, name: str, value) -> None:
+        self._setAttribute(name, value)
+
+    def parameterDefined(self, name: str) -> bool:
+        return bool(self._parameterSetNode.GetAttribute(f"{self.name}.{name}"))
+
+    def commonParameterDefined(self, name: str) -> bool:
+        return bool(self._parameterSetNode.GetAttribute(name))
+
+    def setParameterDefault(self, name: str, value) -> None:
+        if not self.parameterDefined(name):
+            self.setParameter(name, value)
+
+    def setCommonParameterDefault(self, name: str, value) -> None:
+        if not self.commonParameterDefined(name):
+            self.setCommonParameter(name, value)
+
+    def parameter(self, name: str) -> str:
+        node = self._parameterSetNode
+        for key in (f"{self.name}.{name}", name):
+            value = node.GetAttribute(key)
+            if value is not None:
+                return value
+        logging.critical(
+            "qSlicerSegmentEditorAbstractEffect::parameter: Parameter named %s cannot be found", name
+        )
+        return ""
+
+    def integerParameter(self, name: str) -> int:
+        try:
+            return int(self.parameter(name))
+        except ValueError:
+            logging.error("integerParameter: %s is not an integer", name)
+            return 0
+
+    def doubleParameter(self, name: str) -> float:
+        try:
+            return float(self.parameter(name))
+        except ValueError:
+            logging.error("doubleParameter: %s is not a number", name)
+            return 0.0
+
+    def nodeReference(self, name: str):
+        return self._parameterSetNode.GetNodeReference(f"{self.name}.{name}")
+
+    def setNodeReference(self, name: str, node) -> None:
+        self._parameterSetNode.SetNodeReferenceID(f"{self.name}.{name}", node.GetID() if node else None)
+
+    def setCommonNodeReference(self, name: str, node) -> None:
+        self._parameterSetNode.SetNodeReferenceID(name, node.GetID() if node else None)
+
+    # ------------------------------------------------------- images/writing
+    def _logic(self):
+        return self._editor.logic
+
+    def sourceVolumeImageData(self):
+        if not self._logic().UpdateAlignedSourceVolume():
+            return None
+        return self._logic().GetAlignedSourceVolume()
+
+    def defaultModifierLabelmap(self):
+        if not self._logic().ResetModifierLabelmapToDefault():
+            return None
+        return self._logic().GetModifierLabelmap()
+
+    def modifierLabelmap(self):
+        return self._logic().GetModifierLabelmap()
+
+    def maskLabelmap(self):
+        self._logic().UpdateMaskLabelmap()
+        return self._logic().GetMaskLabelmap()
+
+    def selectedSegmentLabelmap(self):
+        self._logic().UpdateSelectedSegmentLabelmap()
+        return self._logic().GetSelectedSegmentLabelmap()
+
+    def saveStateForUndo(self) -> None:
+        self._editor.saveStateCount += 1
+        self._logic().SaveStateForUndo()
+
+    def modifySelectedSegmentByLabelmap(self, labelmap, mode, *args) -> None:
+        node = self._parameterSetNode
+        self.modifySegmentByLabelmap(
+            node.GetSegmentationNode(), node.GetSelectedSegmentID(), labelmap, mode, *args
+        )
+
+    def modifySegmentByLabelmap(self, segmentationNode, segmentId, labelmap, mode, *args) -> None:
+        extent, bypassMasking = self._extentAndBypass(args)
+        self._editor.modifications.append((segmentId, mode))
+        mode = _LOGIC_MODES()[int(mode)]
+        if extent is None:
+            self._logic().ModifySegmentByLabelmap(
+                segmentationNode, segmentId, labelmap, mode, self.perSegment, bypassMasking
+            )
+        else:
+            self._logic().ModifySegmentByLabelmap(
+                segmentationNode, segmentId, labelmap, mode, extent, self.perSegment, bypassMasking
+            )
+
+    @staticmethod
+    def _extentAndBypass(args):
+        if args and isinstance(args[0], (list, tuple)):
+            if len(args[0]) != 6:
+                raise ValueError("modifySelectedSegmentByLabelmap: extent must have 6 integers")
+            return tuple(int(v) for v in args[0]), bool(args[1]) if len(args) > 1 else False
+        return None, bool(args[0]) if args else False
+
+    # --------------------------------------------------------------- editor
+    def selectEffect(self, name: str) -> None:
+        self._editor.setActiveEffectByName(name)
+
+    def confirmCurrentSegmentVisible(self) -> int:
+        node = self._parameterSetNode
+        segmentationNode = node.GetSegmentationNode()
+        segmentId = node.GetSelectedSegmentID()
+        if segmentationNode is None or not segmentId:
+            return ModificationModes.NotConfirmed
+        display = segmentationNode.GetDisplayNode()
+        if display is None or (display.GetVisibility() and display.GetSegmentVisibility(segmentId)):
+            return ModificationModes.ConfirmedWithoutDialog
+        # The real adaptor asks "make the segment visible?"; in testing mode the answer is no.
+        return ModificationModes.NotConfirmed
+
+    def addOptionsWidget(self, widget) -> None:
+        self.optionsWidgets.append(widget)
+
+    def addLabeledOptionsWidget(self, label: str, widget):
+        self.optionsWidgets.append(qt.QLabel(label))
+        self.optionsWidgets.append(widget)
+        return widget
+
+    def optionsWidgetsFlat(self) -> list:
+        """Every widget added to the options frame (test helper)."""
+        found = []
+        for item in self.optionsWidgets:
+            if isinstance(item, qt.QLayout):
+                found.extend(item.widgets())
+            else:
+                found.append(item)
+        return found
+
+    # ------------------------------------------------------------ views
+    def cursorOff(self, widget) -> None:
+        pass
+
+    def cursorOn(self, widget) -> None:
+        pass
+
+    def scheduleRender(self, widget) -> None:
+        pass
+
+    def forceRender(self, widget) -> None:
+        pass
+
+    def segmentationDisplayableInView(self, viewNode) -> bool:
+        return True
+
+    def xyToRas(self, xy, sliceWidget):
+        ras = [0.0, 0.0, 0.0]
+        slicer.vtkSlicerSegmentEditorLogic.XyToRas([xy.x(), xy.y()], ras, sliceWidget.mrmlSliceNode())
+        return qt.QVector3D(*ras)
+
+    def xyzToRas(self, xyz, sliceWidget):
+        matrix = sliceWidget.mrmlSliceNode().GetXYToRAS()
+        ras = matrix.MultiplyPoint((xyz.x(), xyz.y(), xyz.z(), 1.0))
+        return qt.QVector3D(*ras[:3])
+
+    def rasToXy(self, ras, sliceWidget):
+        matrix = vtk.vtkMatrix4x4()
+        vtk.vtkMatrix4x4.Invert(sliceWidget.mrmlSliceNode().GetXYToRAS(), matrix)
+        xy = matrix.MultiplyPoint((ras.x(), ras.y(), ras.z(), 1.0))
+        return qt.QPoint(int(xy[0]), int(xy[1]))
+
+    def xyToIjk(self, xy, sliceWidget, image, parentTransformNode=None):
+        ijk = [0, 0, 0]
+        slicer.vtkSlicerSegmentEditorLogic.XyToIjk(
+            [xy.x(), xy.y()], ijk, sliceWidget.mrmlSliceNode(), image, parentTransformNode
+        )
+        return qt.QVector3D(*ijk)
+
+
+class AbstractScriptedSegmentEditorEffect:
+    """SegmentEditorEffects.AbstractScriptedSegmentEditorEffect (Python base of scripted effects)."""
+
+    def __init__(self, scriptedEffect) -> None:
+        self.scriptedEffect = scriptedEffect
+
+    def register(self) -> bool:
+        return slicer.qSlicerSegmentEditorEffectFactory.instance().registerEffect(self.scriptedEffect)
+
+    def cleanup(self) -> None:
+        pass
+
+    def xyToRas(self, xy, viewWidget):
+        ras = self.scriptedEffect.xyToRas(qt.QPoint(int(xy[0]), int(xy[1])), viewWidget)
+        return [ras.x(), ras.y(), ras.z()]
+
+    def xyzToRas(self, xyz, viewWidget):
+        ras = self.scriptedEffect.xyzToRas(qt.QVector3D(*xyz), viewWidget)
+        return [ras.x(), ras.y(), ras.z()]
+
+    def rasToXy(self, ras, viewWidget):
+        xy = self.scriptedEffect.rasToXy(qt.QVector3D(*ras), viewWidget)
+        return [xy.x(), xy.y()]
+
+    def xyToIjk(self, xy, viewWidget, image, parentTransformNode=None):
+        ijk = self.scriptedEffect.xyToIjk(
+            qt.QPoint(int(xy[0]), int(xy[1])), viewWidget, image, parentTransformNode
+        )
+        return [int(ijk.x()), int(ijk.y()), int(ijk.z())]
+
+
+class AbstractScriptedSegmentEditorLabelEffect(AbstractScriptedSegmentEditorEffect):
+    pass
+
+
+def makeSegmentEditorEffectsModule() -> types.ModuleType:
+    module = types.ModuleType("SegmentEditorEffects")
+    module.AbstractScriptedSegmentEditorEffect = AbstractScriptedSegmentEditorEffect
+    module.AbstractScriptedSegmentEditorLabelEffect = AbstractScriptedSegmentEditorLabelEffect
+    module.__all__ = ["AbstractScriptedSegmentEditorEffect", "AbstractScriptedSegmentEditorLabelEffect"]
+    return module
+
+
+def makeEditorEffectsPythonQtModule() -> types.ModuleType:
+    module = types.ModuleType("qSlicerSegmentationsEditorEffectsPythonQt")
+    module.qSlicerSegmentEditorScriptedEffect = ScriptedEffectAdaptor
+    return module
+
+
+# ------------------------------------------------------------------ views
+class FakeInteractor:
+    """vtkRenderWindowInteractor as an effect sees it: event position (bottom-left origin) and keys."""
+
+    def __init__(self, xy=(0, 0), shift=False, control=False, alt=False, keySym="") -> None:
+        self.xy = (int(xy[0]), int(xy[1]))
+        self.shift, self.control, self.alt, self.keySym = shift, control, alt, keySym
+
+    def GetEventPosition(self):
+        return self.xy
+
+    def GetShiftKey(self) -> int:
+        return int(self.shift)
+
+    def GetControlKey(self) -> int:
+        return int(self.control)
+
+    def GetAltKey(self) -> int:
+        return int(self.alt)
+
+    def GetKeySym(self) -> str:
+        return self.keySym
+
+
+class FakeSliceWidget:
+    """qMRMLSliceWidget around a REAL vtkMRMLSliceNode (its XYToRAS does the geometry)."""
+
+    def __init__(self, sliceNode) -> None:
+        self._sliceNode = sliceNode
+
+    def className(self) -> str:
+        return "qMRMLSliceWidget"
+
+    def mrmlSliceNode(self):
+        return self._sliceNode
+
+    def sliceLogic(self):
+        return None
+
+    def sliceView(self):
+        return None
+
+    def isVisible(self) -> bool:
+        return True
+
+
+class FakeThreeDWidget:
+    def className(self) -> str:
+        return "qMRMLThreeDWidget"
+
+
+# ----------------------------------------------------------------- editor
+class SegmentEditorHarness:
+    """Plays qMRMLSegmentEditorWidget: clones the registered effects, sets them up in the real order,
+    activates/deactivates them and forwards view events, over a REAL vtkSlicerSegmentEditorLogic."""
+
+    def __init__(self, scene, applicationLogic) -> None:
+        self.scene = scene
+        self.applicationLogic = applicationLogic
+        self.parameterNode = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        self.logic = slicer.vtkSlicerSegmentEditorLogic()
+        self.logic.SetMRMLScene(scene)
+        self.logic.SetMRMLApplicationLogic(applicationLogic)
+        self.logic.SetSegmentEditorNode(self.parameterNode)
+        self.activeEffect: Optional[ScriptedEffectAdaptor] = None
+        self.saveStateCount = 0
+        self.modifications = []
+        self.warnings: List[str] = []
+        self.effects = slicer.qSlicerSegmentEditorEffectFactory.instance().copyEffects()
+        for effect in self.effects:
+            effect._editor = self
+            effect.setParameterSetNode(self.parameterNode)
+            effect._call("setMRMLDefaults")
+            effect._call("setupOptionsFrame")
+        self._parameterObserver = self.parameterNode.AddObserver(
+            EFFECT_PARAMETER_MODIFIED, self._onEffectParameterModified
+        )
+        self.interactionNode = applicationLogic.GetInteractionNode()
+        self._interactionObserver = self.interactionNode.AddObserver(
+            vtk.vtkCommand.ModifiedEvent, self._onInteractionNodeModified
+        )
+
+    def effectByName(self, name: str) -> ScriptedEffectAdaptor:
+        return next(effect for effect in self.effects if effect.name == name)
+
+    def setSegmentationNode(self, segmentationNode) -> None:
+        self.parameterNode.SetAndObserveSegmentationNode(segmentationNode)
+        self.logic.SetSegmentationNode(segmentationNode)
+
+    def setSourceVolumeNode(self, volumeNode) -> None:
+        self.parameterNode.SetAndObserveSourceVolumeNode(volumeNode)
+        self.logic.SetSourceVolumeNode(volumeNode)
+        for effect in self.effects:
+            effect._call("sourceVolumeNodeChanged")
+
+    def setCurrentSegmentID(self, segmentId: str) -> None:
+        self.parameterNode.SetSelectedSegmentID(segmentId)
+
+    def effectButtonEnabled(self, effect: ScriptedEffectAdaptor) -> bool:
+        if not effect.requireSegments:
+            return True
+        segmentationNode = self.parameterNode.GetSegmentationNode()
+        hasSegments = (
+            segmentationNode is not None and segmentationNode.GetSegmentation().GetNumberOfSegments() > 0
+        )
+        return hasSegments and (bool(self.parameterNode.GetSelectedSegmentID()) or not effect.perSegment)
+
+    def setActiveEffectByName(self, name: str) -> bool:
+        if self.activeEffect is not None:
+            previous = self.activeEffect
+            previous.optionsFrameVisible = False
+            previous.active = False
+            self.activeEffect = None
+            previous._call("deactivate")
+        if not name:
+            self.parameterNode.SetActiveEffectName("")
+            return True
+        effect = self.effectByName(name)
+        if not self.effectButtonEnabled(effect):
+            return False
+        if not self.logic.SetSourceRepresentationToBinaryLabelMap():
+            return False
+        self.interactionNode.SetCurrentInteractionMode(self.interactionNode.ViewTransform)
+        self.parameterNode.SetActiveEffectName(name)
+        self.activeEffect = effect
+        effect.optionsFrameVisible = True
+        effect.active = True
+        effect._call("updateGUIFromMRML")
+        effect._call("activate")
+        return True
+
+    def _onEffectParameterModified(self, caller, event) -> None:
+        if self.activeEffect is not None:
+            self.activeEffect._call("updateGUIFromMRML")
+
+    def _onInteractionNodeModified(self, caller, event) -> None:
+        effect = self.activeEffect
+        if effect is None:
+            return
+        if hasattr(effect.self(), "interactionNodeModified"):
+            effect.self().interactionNodeModified(self.interactionNode)
+        elif self.interactionNode.GetCurrentInteractionMode() != self.interactionNode.ViewTransform:
+            self.setActiveEffectByName("")
+
+    def processEvent(self, interactor, eventId: int, viewWidget) -> bool:
+        """Forward a view event to the active effect; True when it consumed (aborted) it."""
+        if self.activeEffect is None:
+            return False
+        result = self.activeEffect._call("processInteractionEvents", interactor, eventId, viewWidget)
+        if not isinstance(result, bool):
+            message = "processInteractionEvents is expected to return a boolean"
+            logging.warning(message)
+            self.warnings.append(message)
+            return False
+        return result
+
+    def undo(self) -> None:
+        self.logic.Undo()
+
+    def cleanup(self) -> None:
+        self.setActiveEffectByName("")
+        for effect in self.effects:
+            effect._call("cleanup")
+        self.parameterNode.RemoveObserver(self._parameterObserver)
+        self.interactionNode.RemoveObserver(self._interactionObserver)

@@ -1,0 +1,40 @@
+"""pytest fixtures for the Slicer tests (imported by each test_slicer_*.py module)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from slicer_standins import installModules, newScene, qt, resetEffectFactory  # noqa: E402
+
+
+@pytest.fixture
+def slicerEnv(tmp_path):
+    """A fresh scene, slicer.app with cache/temporary folders under tmp_path, shared logic reset."""
+    installModules()
+    environment = newScene(str(tmp_path / "cache"), str(tmp_path / "temp"))
+    from CTSAM3DSlicerLib.logic import CTSAM3DLogic
+
+    CTSAM3DLogic._shared = None
+    resetEffectFactory()
+    yield environment
+    if CTSAM3DLogic._shared is not None:
+        CTSAM3DLogic._shared.worker.shutdown()
+        CTSAM3DLogic._shared = None
+    qt.stopAllTimers()
+
+
+def pumpUntil(condition, timeoutSeconds: float = 30.0) -> None:
+    """Let Qt time pass (fire timers) until ``condition()`` holds, like the GUI's event loop."""
+    import time
+
+    deadline = time.monotonic() + timeoutSeconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached while pumping events")
+        qt.processEvents()
+        time.sleep(0.002)

@@ -1,0 +1,53 @@
+"""A stand-in for ``CTSAM3DLib.InteractiveSession`` with an exactly known answer, for geometry tests."""
+
+from typing import List
+
+import numpy as np
+import SimpleITK as sitk  # noqa: N813
+
+
+class ComponentSession:
+    """The connected regions brighter than ``threshold_hu`` that contain a positive click, minus those
+    containing a negative click, on the input's own grid. Tests use it to see precisely where a click
+    landed; it has the session's interface (set_clicks, reset, clicks, mask, last_timing) and ignores
+    the network it is given."""
+
+    def __init__(self, net, image: sitk.Image, device="auto", threshold_hu: float = 0.0) -> None:
+        self.net = net
+        self.image = image
+        self.device = device
+        self.last_timing = {}
+        self._labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(image > threshold_hu))
+        self._clicks: List[tuple] = []
+
+    @property
+    def clicks(self) -> List[tuple]:
+        return list(self._clicks)
+
+    def reset(self) -> None:
+        self._clicks = []
+
+    def set_clicks(self, clicks) -> sitk.Image:
+        self._clicks = [(tuple(float(v) for v in point), bool(positive)) for point, positive in clicks]
+        self.last_timing = {"total": 0.0}
+        return self.mask
+
+    def _label_at(self, point_lps) -> int:
+        index = self.image.TransformPhysicalPointToIndex(point_lps)
+        if any(i < 0 or i >= n for i, n in zip(index, self.image.GetSize())):
+            raise ValueError(f"click {point_lps} is outside the image")
+        return int(self._labels[index[2], index[1], index[0]])
+
+    @property
+    def mask(self) -> sitk.Image:
+        chosen = set()
+        for point, positive in self._clicks:
+            label = self._label_at(point)
+            if label and positive:
+                chosen.add(label)
+            elif label:
+                chosen.discard(label)
+        array = np.isin(self._labels, sorted(chosen)).astype(np.uint8)
+        mask = sitk.GetImageFromArray(array)
+        mask.CopyInformation(self.image)
+        return mask

@@ -1,0 +1,311 @@
+"""The CT-SAM3D module panel and its helpers: weights download (local HTTP server and file:// only;
+nothing leaves this machine), checksum records, cache location, consent-gated dependency install,
+model loading from a tiny checkpoint made here, and the self-test's own building blocks."""
+
+import hashlib
+import http.server
+import importlib
+import json
+import sys
+import threading
+import time
+import types
+import urllib.request
+from pathlib import Path
+
+import pytest
+import slicer
+from slicer_standins import scenes
+from slicer_standins.application import makeModuleParent
+from slicer_standins.fixtures import pumpUntil, slicerEnv  # noqa: F401  (used by pytestmark)
+
+pytestmark = pytest.mark.usefixtures("slicerEnv")
+
+PAYLOAD = bytes(range(256)) * 9000  # 2.3 MB: several download chunks
+
+
+class Server:
+    """A throw-away HTTP server on 127.0.0.1 serving PAYLOAD at /params.pth (optionally truncated or slow)."""
+
+    def __init__(self, truncate=False, delay=0.0):
+        payload = PAYLOAD
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                body = payload[: len(payload) // 2] if truncate else payload
+                for start in range(0, len(body), 1 << 18):
+                    self.wfile.write(body[start : start + (1 << 18)])
+                    time.sleep(delay)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/params.pth"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    running = Server()
+    yield running
+    running.close()
+
+
+def test_download_streams_checksums_records_and_renames(server, tmp_path):
+    from CTSAM3DSlicerLib import weights
+
+    target = tmp_path / "cache" / "CTSAM3D" / "params.pth"
+    seen = []
+    result = weights.download(
+        server.url, str(target), progress=lambda done, total: seen.append((done, total))
+    )
+    assert target.read_bytes() == PAYLOAD
+    assert result.sha256 == hashlib.sha256(PAYLOAD).hexdigest() and result.size == len(PAYLOAD)
+    assert len(seen) > 1 and seen[-1] == (len(PAYLOAD), len(PAYLOAD))
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+    assert not list(target.parent.glob("*.part"))
+    record = json.loads(weights.checksumRecordPath(str(target)).read_text())
+    assert (
+        record["sha256"] == result.sha256
+        and record["source"] == server.url
+        and record["size"] == len(PAYLOAD)
+    )
+    assert weights.verifyRecordedChecksum(str(target)) == result.sha256
+
+
+def test_download_from_a_file_url(tmp_path):
+    from CTSAM3DSlicerLib import weights
+
+    source = tmp_path / "source.pth"
+    source.write_bytes(PAYLOAD)
+    result = weights.download(source.as_uri(), str(tmp_path / "copy.pth"))
+    assert result.sha256 == hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def test_cancel_leaves_the_previous_file_and_no_partial_file(server, tmp_path):
+    from CTSAM3DSlicerLib import weights
+
+    target = tmp_path / "params.pth"
+    target.write_bytes(b"previous weights")
+    calls = []
+    with pytest.raises(weights.DownloadCancelledError):
+        weights.download(
+            server.url, str(target), progress=lambda d, t: calls.append(d), isCancelled=lambda: bool(calls)
+        )
+    assert target.read_bytes() == b"previous weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.pth"]
+
+
+def test_truncated_or_wrong_downloads_leave_nothing(tmp_path):
+    from CTSAM3DSlicerLib import weights
+
+    truncated = Server(truncate=True)
+    try:
+        with pytest.raises(OSError):
+            weights.download(truncated.url, str(tmp_path / "a.pth"))
+    finally:
+        truncated.close()
+    good = Server()
+    try:
+        with pytest.raises(weights.ChecksumMismatchError):
+            weights.download(good.url, str(tmp_path / "b.pth"), expectedSha256="0" * 64)
+    finally:
+        good.close()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_changed_weights_are_refused_before_loading(server, tmp_path):
+    from CTSAM3DSlicerLib import weights
+    from CTSAM3DSlicerLib.logic import CTSAM3DLogic
+
+    target = tmp_path / "params.pth"
+    weights.download(server.url, str(target))
+    with open(target, "r+b") as stream:
+        stream.write(b"corrupt")
+    with pytest.raises(weights.ChecksumMismatchError, match="download it again"):
+        CTSAM3DLogic().loadModel(str(target))
+
+
+def test_cache_location_and_settings(tmp_path):
+    from CTSAM3DSlicerLib import weights
+
+    assert weights.defaultWeightsPath().startswith(slicer.app.cachePath)
+    assert weights.AUTHORS_WEIGHTS_URL.startswith("https://modelscope.cn/")
+    assert "xiuan123/CT-SAM3D" in weights.AUTHORS_WEIGHTS_URL and weights.AUTHORS_WEIGHTS_URL.endswith(
+        "params.pth"
+    )
+    assert weights.configuredWeightsPath() == ""
+    chosen = tmp_path / "mine.pth"
+    chosen.write_bytes(b"x")
+    weights.setSettingsValue("WeightsPath", str(chosen))
+    assert weights.configuredWeightsPath() == str(chosen)
+
+
+def test_nothing_is_downloaded_at_import(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access at import time")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    import CTSAM3DSlicerLib.weights
+
+    import CTSAM3D
+
+    importlib.reload(CTSAM3DSlicerLib.weights)
+    importlib.reload(CTSAM3D)
+
+
+# ------------------------------------------------------------ dependencies
+@pytest.fixture
+def fakePyTorchUtils(monkeypatch):
+    calls = []
+
+    class PyTorchUtilsLogic:
+        def installTorch(self, **kwargs):
+            calls.append(kwargs)
+            return types.ModuleType("torch")
+
+    module = types.ModuleType("PyTorchUtils")
+    module.PyTorchUtilsLogic = PyTorchUtilsLogic
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", module)
+    monkeypatch.setattr(
+        slicer.util, "pip_install", lambda *a, **k: pytest.fail("pip must not be used"), raising=False
+    )
+    return calls
+
+
+def pretendTorchMissing(monkeypatch, stillMissingAfterInstall=False):
+    from CTSAM3DSlicerLib import dependencies
+
+    state = {"installed": False}
+    realFindSpec = dependencies.importlib.util.find_spec
+
+    def findSpec(name, *args):
+        if name == "torch" and (not state["installed"] or stillMissingAfterInstall):
+            return None
+        return realFindSpec(name, *args)
+
+    monkeypatch.setattr(dependencies.importlib.util, "find_spec", findSpec)
+    return state
+
+
+def test_dependencies_install_only_with_consent_and_through_pytorchutils(monkeypatch, fakePyTorchUtils):
+    from CTSAM3DSlicerLib import dependencies
+
+    state = pretendTorchMissing(monkeypatch)
+    assert dependencies.missingPackages() == ["torch"]
+    questions = []
+    assert dependencies.ensureDependencies(lambda q: questions.append(q) or False) is False
+    assert fakePyTorchUtils == [] and "torch" in questions[0]
+
+    original = dependencies.installTorch
+
+    def installThenPresent():
+        original()
+        state["installed"] = True
+
+    monkeypatch.setattr(dependencies, "installTorch", installThenPresent)
+    assert dependencies.ensureDependencies(lambda q: True) is True
+    assert fakePyTorchUtils == [{"askConfirmation": False, "torchVersionRequirement": ">=2.1"}]
+    assert set(dependencies.BUNDLED_WITH_SLICER) == {"numpy", "SimpleITK"}
+
+
+def test_missing_pytorch_extension_is_explained(monkeypatch):
+    from CTSAM3DSlicerLib import dependencies
+
+    pretendTorchMissing(monkeypatch)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", None)
+    with pytest.raises(dependencies.DependencyError, match="Extension Manager"):
+        dependencies.ensureDependencies(lambda q: True)
+
+
+# ------------------------------------------------------------------ panel
+def makeWidget():
+    import CTSAM3D
+
+    CTSAM3D.CTSAM3D(makeModuleParent())
+    widget = CTSAM3D.CTSAM3DWidget()
+    widget.setup()
+    return widget
+
+
+def tinyCheckpoint(directory):
+    import CTSAM3DLib
+    from CTSAM3DLib.model import build_model
+    from CTSAM3DLib.reference_weights import deterministic_state_dict
+
+    network = build_model("tiny")
+    network.load_state_dict(deterministic_state_dict(network))
+    path = str(directory / "tiny.pth")
+    CTSAM3DLib.save_checkpoint(path, network)
+    return path
+
+
+def test_panel_downloads_with_progress_then_loads_the_model(tmp_path, monkeypatch):
+    widget = makeWidget()
+    assert "ModelScope" in widget.licenceLabel.text and "own terms" in widget.licenceLabel.text
+    assert widget.modelStateLabel.text == "not loaded" and not widget.loadButton.enabled
+    # In testing mode the consent dialog answers "not OK" (as in Slicer), so the button downloads nothing.
+    widget.downloadButton.click()
+    assert widget._download is None
+
+    source = tmp_path / "served.pth"
+    source.write_bytes(Path(tinyCheckpoint(tmp_path)).read_bytes())
+    destination = tmp_path / "cache" / "CTSAM3D" / "params.pth"
+    widget.startDownload(source.as_uri(), str(destination))
+    assert widget.cancelButton.enabled and not widget.downloadButton.enabled and widget.progressBar.visible
+    pumpUntil(lambda: widget._download is None)
+    assert widget.weightsPathEdit.currentPath == str(destination)
+    assert widget.checksumLabel.text == hashlib.sha256(source.read_bytes()).hexdigest()
+    assert not widget.progressBar.visible and widget.downloadButton.enabled
+
+    widget.deviceCombo.currentText = "cpu"
+    assert slicer.app.userSettings().value("CTSAM3D/Device") == "cpu"
+    assert widget.loadButton.enabled
+    widget.loadButton.click()
+    assert widget.modelStateLabel.text.startswith("loaded") and "cpu" in widget.modelStateLabel.text
+    widget.cleanup()
+
+
+def test_panel_cancel_stops_a_slow_download(tmp_path):
+    widget = makeWidget()
+    slow = Server(delay=0.2)
+    try:
+        destination = tmp_path / "params.pth"
+        widget.startDownload(slow.url, str(destination))
+        pumpUntil(lambda: widget._progress[0] > 0)
+        widget.cancelButton.click()
+        pumpUntil(lambda: widget._download is None)
+        assert not destination.exists() and not list(tmp_path.glob("*.part"))
+        assert widget.weightsPathEdit.currentPath == ""
+    finally:
+        slow.close()
+        widget.cleanup()
+
+
+def test_self_test_building_blocks_run_the_real_tiny_network():
+    """What CTSAM3DTest does before it needs the real Segment Editor widget: a CT and a checkpoint made in
+    the test, loaded by the logic, segmenting from one click (real network, deterministic weights)."""
+    import CTSAM3D
+
+    test = CTSAM3D.CTSAM3DTest()
+    test.setUp()
+    try:
+        volumeNode, centreRAS = test.makeCT()
+        logic = CTSAM3D.CTSAM3DLogic.shared()
+        logic.loadModel(test.makeCheckpoint(), "cpu")
+        segmentationNode = scenes.makeSegmentation(volumeNode)
+        segmentId = logic.segmentFromPoints(volumeNode, segmentationNode, None, [centreRAS], [])
+        labelmap = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+        assert labelmap.shape == slicer.util.arrayFromVolume(volumeNode).shape
+        assert logic.lastClickSeconds > 0 and "total" in logic.lastTiming
+    finally:
+        test.tearDown()
