@@ -18,14 +18,20 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 from . import coordinates, weights
 from .worker import InferenceWorker, waitProcessingEvents
 
-SessionFactory = Callable[[Any, sitk.Image, str], Any]
-"""(network, image in world LPS, device) -> an object with CTSAM3DLib.InteractiveSession's interface."""
+SessionFactory = Callable[..., Any]
+"""(network, image in world LPS, device, cross_patch=..., max_patches=...) -> an object with
+CTSAM3DLib.InteractiveSession's interface."""
+
+DEFAULT_MAX_PATCHES = 16
 
 
-def defaultSessionFactory(network, image: sitk.Image, device: str):
+def defaultSessionFactory(network, image: sitk.Image, device: str, cross_patch: bool = True,
+                          max_patches: int = DEFAULT_MAX_PATCHES):
     from CTSAM3DLib.session import InteractiveSession
 
-    return InteractiveSession(network, image, device=device)
+    # Switched on, it runs whenever the network has a cross-patch model (CT-SAM3D always does).
+    return InteractiveSession(network, image, device=device, cross_patch=None if cross_patch else False,
+                              max_patches=max_patches)
 
 
 def makeClicks(prompts: Sequence[Tuple[Sequence[float], bool]]) -> List[Tuple[Tuple[float, ...], bool]]:
@@ -61,6 +67,8 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         self.loadedCheckpoint: Optional[str] = None
         self.lastClickSeconds: Optional[float] = None
         self.lastTiming: dict = {}
+        self.crossPatch = True
+        self.maxPatches = DEFAULT_MAX_PATCHES
         self._session = None
         self._sessionKey: Optional[tuple] = None
 
@@ -103,6 +111,13 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         if self.network is None:
             self.loadModel()
 
+    def setCrossPatch(self, enabled: bool, maxPatches: int = DEFAULT_MAX_PATCHES) -> None:
+        """Switch cross-patch prompting (carrying a segmentation into neighbouring patches) and its
+        cap on open patches; takes effect at the next prediction (the session is rebuilt)."""
+        if (bool(enabled), int(maxPatches)) != (self.crossPatch, self.maxPatches):
+            self.crossPatch, self.maxPatches = bool(enabled), int(maxPatches)
+            self._dropSession()
+
     def _dropSession(self) -> None:
         self._session = None
         self._sessionKey = None
@@ -127,11 +142,12 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         image = coordinates.volumeToImage(volumeNode) if key != self._sessionKey else None
         clicks = makeClicks(prompts)
         network, factory, device = self.network, self.sessionFactory, self.device
+        options = {"cross_patch": self.crossPatch, "max_patches": self.maxPatches}
 
         def run():
             started = time.perf_counter()
             if image is not None:
-                self._session = factory(network, image, device)
+                self._session = factory(network, image, device, **options)
                 self._sessionKey = key
             session = self._session
             if session is None:

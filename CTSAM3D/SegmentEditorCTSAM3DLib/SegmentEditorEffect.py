@@ -15,7 +15,7 @@ import qt
 import slicer
 import vtk
 from CTSAM3DSlicerLib import coordinates, prompts
-from CTSAM3DSlicerLib.logic import CTSAM3DLogic
+from CTSAM3DSlicerLib.logic import DEFAULT_MAX_PATCHES, CTSAM3DLogic
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 EFFECT_NAME = "CT-SAM3D"
@@ -120,6 +120,23 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         actionLayout.addWidget(self.finishButton)
         self.scriptedEffect.addOptionsWidget(actionLayout)
 
+        self.crossPatchCheckBox = qt.QCheckBox("Carry into neighbouring patches")
+        self.crossPatchCheckBox.toolTip = (
+            "Cross-patch prompting: when the structure reaches the edge of the 96 mm patch, continue it into the "
+            "adjacent patches (one click segments a whole large organ)"
+        )
+        self.crossPatchCheckBox.connect("toggled(bool)", self._onCrossPatchChanged)
+        self.maxPatchesSpinBox = qt.QSpinBox()
+        self.maxPatchesSpinBox.minimum = 1
+        self.maxPatchesSpinBox.maximum = 64
+        self.maxPatchesSpinBox.toolTip = "Most 96 mm patches one segment may use (each costs one network run)"
+        self.maxPatchesSpinBox.connect("valueChanged(int)", self._onCrossPatchChanged)
+        crossPatchLayout = qt.QHBoxLayout()
+        crossPatchLayout.addWidget(self.crossPatchCheckBox)
+        crossPatchLayout.addWidget(qt.QLabel("max patches:"))
+        crossPatchLayout.addWidget(self.maxPatchesSpinBox)
+        self.scriptedEffect.addOptionsWidget(crossPatchLayout)
+
         self.statusLabel = qt.QLabel()
         self.statusLabel.wordWrap = True
         self.scriptedEffect.addLabeledOptionsWidget("Status:", self.statusLabel)
@@ -127,10 +144,30 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def setMRMLDefaults(self):
         self.scriptedEffect.setParameterDefault("Polarity", "positive")
+        self.scriptedEffect.setParameterDefault("CrossPatch", "on")
+        self.scriptedEffect.setParameterDefault("MaxPatches", DEFAULT_MAX_PATCHES)
 
     def updateGUIFromMRML(self):
         self.positivePolarity = self.scriptedEffect.parameter("Polarity") != "negative"
         self._showPolarity()
+        if hasattr(self, "crossPatchCheckBox"):
+            for widget in (self.crossPatchCheckBox, self.maxPatchesSpinBox):
+                wasBlocked = widget.blockSignals(True)
+                if widget is self.crossPatchCheckBox:
+                    widget.checked = self.scriptedEffect.parameter("CrossPatch") != "off"
+                else:
+                    widget.value = self.scriptedEffect.integerParameter("MaxPatches")
+                widget.blockSignals(wasBlocked)
+
+    def _onCrossPatchChanged(self, *_):
+        self.scriptedEffect.setParameter("CrossPatch", "on" if self.crossPatchCheckBox.checked else "off")
+        self.scriptedEffect.setParameter("MaxPatches", int(self.maxPatchesSpinBox.value))
+
+    def applyCrossPatchSettings(self):
+        """The effect's cross-patch toggle and cap, handed to the logic before each prediction."""
+        self.logic.setCrossPatch(
+            self.scriptedEffect.parameter("CrossPatch") != "off", self.scriptedEffect.integerParameter("MaxPatches")
+        )
 
     def _showPolarity(self):
         if not hasattr(self, "polarityButton"):
@@ -339,6 +376,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._starting = True  # loading the model pumps events; a prompt change then waits its turn
         try:
             self.logic.ensureModel()
+            self.applyCrossPatchSettings()
             self._future = self.logic.startPrediction(volumeNode, request[2])
         except Exception as error:
             logging.error("CT-SAM3D: %s", error)

@@ -150,6 +150,24 @@ def test_click_segments_the_structure_under_the_cursor(geometry):
     editor.harness.cleanup()
 
 
+def test_cross_patch_toggle_and_cap_reach_the_session(editor):
+    parameters = editor.harness.parameterNode
+    assert parameters.GetAttribute(f"{EFFECT}.CrossPatch") == "on"
+    assert parameters.GetAttribute(f"{EFFECT}.MaxPatches") == "16"
+    assert editor.effect.crossPatchCheckBox.checked and editor.effect.maxPatchesSpinBox.value == 16
+    editor.click(editor.centre())
+    assert (editor.logic._session.cross_patch, editor.logic._session.max_patches) == (True, 16)
+    editor.effect.crossPatchCheckBox.click()
+    editor.effect.maxPatchesSpinBox.value = 5
+    assert parameters.GetAttribute(f"{EFFECT}.CrossPatch") == "off"
+    assert parameters.GetAttribute(f"{EFFECT}.MaxPatches") == "5"
+    editor.click(editor.centre(scenes.BLOB_B))
+    # The session was rebuilt with the new settings and replayed every prompt.
+    assert (editor.logic._session.cross_patch, editor.logic._session.max_patches) == (False, 5)
+    assert len(editor.logic._session.clicks) == 2
+    np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA | editor.maskB)
+
+
 def test_shift_click_is_negative_and_click_order_is_kept(editor):
     editor.click(editor.centre(scenes.BLOB_A))
     editor.click(editor.centre(scenes.BLOB_B))

@@ -208,6 +208,29 @@ class QCheckBox(QAbstractButton):
         self.checkable = True
 
 
+class QSpinBox(QWidget):
+    """Qt clamps the value to [minimum, maximum] and emits valueChanged(int) only on a change."""
+
+    SIGNALS = ("valueChanged",)
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self.minimum = 0
+        self.maximum = 99
+        self._value = 0
+
+    @property
+    def value(self) -> int:
+        return self._value
+
+    @value.setter
+    def value(self, value: int) -> None:
+        value = min(max(int(value), self.minimum), self.maximum)
+        if value != self._value:
+            self._value = value
+            self.valueChanged.emit(value)
+
+
 class QComboBox(QWidget):
     SIGNALS = ("currentTextChanged", "currentIndexChanged")
 

@@ -12,10 +12,13 @@ class ComponentSession:
     landed; it has the session's interface (set_clicks, reset, clicks, mask, last_timing) and ignores
     the network it is given."""
 
-    def __init__(self, net, image: sitk.Image, device="auto", threshold_hu: float = 0.0) -> None:
+    def __init__(self, net, image: sitk.Image, device="auto", threshold_hu: float = 0.0, cross_patch: bool = True,
+                 max_patches: int = 16) -> None:
         self.net = net
         self.image = image
         self.device = device
+        self.cross_patch = cross_patch
+        self.max_patches = max_patches
         self.last_timing = {}
         self._labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(image > threshold_hu))
         self._clicks: List[tuple] = []
