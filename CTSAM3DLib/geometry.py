@@ -149,11 +149,18 @@ class SourceRegion:
         high = np.maximum(np.add(self.start, self.size), np.add(other.start, other.size))
         return SourceRegion(tuple(int(v) for v in low), tuple(int(v) for v in high - low))
 
-    def intersects(self, other: SourceRegion) -> bool:
-        return bool(
-            np.all(np.maximum(self.start, other.start) < np.minimum(np.add(self.start, self.size),
-                                                                    np.add(other.start, other.size)))
-        )
+    def intersection(self, other: SourceRegion) -> Optional[SourceRegion]:
+        """The common box, or None when the boxes do not overlap."""
+        low = np.maximum(self.start, other.start)
+        high = np.minimum(np.add(self.start, self.size), np.add(other.start, other.size))
+        if np.any(high <= low):
+            return None
+        return SourceRegion(tuple(int(v) for v in low), tuple(int(v) for v in high - low))
+
+    def slices_within(self, outer: SourceRegion) -> Tuple[slice, slice, slice]:
+        """numpy (z, y, x) slices of this region inside an array covering ``outer``."""
+        offset = np.subtract(self.start, outer.start)
+        return tuple(slice(o, o + n) for o, n in zip(offset[::-1], self.size[::-1]))
 
 
 class SourceGrid:

@@ -455,14 +455,17 @@ class InteractiveSession:
         centre = (PATCH_SIZE - 1) / 2
         for pid in sorted(self._patches):
             patch = self._patches[pid]
-            if patch.probability is None or not patch.region.intersects(region):
+            common = patch.region.intersection(region)
+            if patch.probability is None or common is None:
                 continue
-            coordinates = self.grid.patch_coordinates(region, patch.geometry, self.device)
+            # Only the patch's own footprint: adjacent patches touch a region along a thin slab.
+            window = common.slices_within(region)
+            coordinates = self.grid.patch_coordinates(common, patch.geometry, self.device)
             distance = (coordinates - centre).abs().amax(dim=-1)
-            take = (distance <= PATCH_SIZE / 2) & (distance < best)
+            take = (distance <= PATCH_SIZE / 2) & (distance < best[window])
             sampled = sample_patch_volume(patch.probability, coordinates)
-            probability = torch.where(take, sampled, probability)
-            best = torch.where(take, distance, best)
+            probability[window] = torch.where(take, sampled, probability[window])
+            best[window] = torch.where(take, distance, best[window])
         return probability
 
     def _as_image(self, array: np.ndarray) -> sitk.Image:
