@@ -1,0 +1,224 @@
+"""``ctsam3d evaluate``: the simulated-click protocol over a folder of labelled scans.
+
+Runs the network (through ``InteractiveSession``) and the classical baseline (region growing) with
+the same simulated clicks on every scan and structure, and writes into ``--output``: ``clicks.csv``
+(every click), ``structures.csv`` (status of every structure), ``report.md`` (tables), ``summary.csv``
+(per structure), ``dice_vs_clicks.png`` and ``gallery.png``, plus each final mask under ``masks/``.
+A rerun with the same ``--output`` skips what is finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from ..cli import CommandError
+from ..datasets import find_cases
+from ..evaluation.baseline import RegionGrowingSession
+from ..evaluation.metrics import SURFACE_TOLERANCE_MM
+from ..evaluation.runner import Method, evaluate
+
+MODEL, BASELINE = "model", "baseline"
+BASELINE_SETTINGS = {
+    "method": "sitk.ConfidenceConnected per positive click",
+    "multiplier": 2.5,
+    "iterations": 5,
+    "radius": 2,
+    "carving": "voronoi",
+}
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="measure a model and a region-growing baseline with simulated clicks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--weights", type=Path, help="CT-SAM3D checkpoint (needed unless --methods baseline)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="a case folder or a folder of cases (TotalSegmentator, label map + labels.csv, "
+        "or <structure>.nii.gz masks beside ct.nii.gz)",
+    )
+    parser.add_argument("--clicks", type=int, default=10, help="simulated clicks per structure (default 10)")
+    parser.add_argument("--structures", nargs="+", metavar="NAME", help="only these structures (default all)")
+    parser.add_argument("--cases", nargs="+", metavar="NAME", help="only these scans (folder names)")
+    parser.add_argument(
+        "--cross-patch",
+        choices=("on", "off"),
+        default="on",
+        help="let the model open more patches for structures larger than one (default on)",
+    )
+    parser.add_argument(
+        "--max-patches", type=int, help="patch cap with --cross-patch on (default: the session's own)"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        choices=(MODEL, BASELINE),
+        default=[MODEL, BASELINE],
+        help="what to evaluate (default both)",
+    )
+    parser.add_argument(
+        "--tolerance-mm",
+        type=float,
+        default=SURFACE_TOLERANCE_MM,
+        help=f"surface Dice tolerance (default {SURFACE_TOLERANCE_MM} mm)",
+    )
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("ctsam3d-evaluation"),
+        help="results folder; rerunning into it resumes (default ./ctsam3d-evaluation)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default auto)")
+    parser.add_argument(
+        "--gallery",
+        type=int,
+        default=3,
+        metavar="N",
+        help="best and worst N structures in gallery.png (default 3)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    parser.set_defaults(func=run)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _session_options(cross_patch: bool, max_patches: Optional[int]) -> Dict[str, object]:
+    """Keyword arguments for ``InteractiveSession`` (only those its signature accepts)."""
+    from ..session import InteractiveSession
+
+    accepted = inspect.signature(InteractiveSession).parameters
+    options: Dict[str, object] = {}
+    if "cross_patch" in accepted:
+        options["cross_patch"] = cross_patch
+    elif not cross_patch:
+        raise CommandError(
+            "this InteractiveSession has no cross-patch switch: --cross-patch off is unavailable"
+        )
+    if max_patches is not None:
+        if "max_patches" not in accepted:
+            raise CommandError("this InteractiveSession has no patch cap: --max-patches is unavailable")
+        options["max_patches"] = max_patches
+    return options
+
+
+def patch_cap(cross_patch: bool, max_patches: Optional[int]) -> Optional[int]:
+    """The most patches the model may use: 1 without cross-patch, else the given or session's cap
+    (``None`` when the session has none)."""
+    if not cross_patch:
+        return 1
+    if max_patches is not None:
+        return max_patches
+    from ..session import InteractiveSession
+
+    parameter = inspect.signature(InteractiveSession).parameters.get("max_patches")
+    if parameter is None or not isinstance(parameter.default, int):
+        return None
+    return parameter.default
+
+
+def _model_method(weights: Path, device_spec: str, options: Dict[str, object]) -> Method:
+    from .. import load_checkpoint, resolve_device
+    from ..session import InteractiveSession
+
+    device = resolve_device(device_spec)
+    net = load_checkpoint(weights, device=device)
+
+    def make_session(image):
+        return InteractiveSession(net, image, device=device, **options)
+
+    return Method(MODEL, make_session)
+
+
+def _baseline_method() -> Method:
+    parameters = {k: BASELINE_SETTINGS[k] for k in ("multiplier", "iterations", "radius")}
+    return Method(BASELINE, lambda image: RegionGrowingSession(image, **parameters))
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..evaluation.results import ResultStore
+    from ..evaluation.runner import select_structures
+
+    if args.clicks < 1:
+        raise CommandError(f"--clicks must be at least 1, got {args.clicks}")
+    methods: List[str] = list(dict.fromkeys(args.methods))
+    if MODEL in methods and args.weights is None:
+        raise CommandError("--weights is needed to evaluate the model (or use --methods baseline)")
+    if args.weights is not None and not args.weights.is_file():
+        raise CommandError(f"weights file {args.weights} does not exist")
+    cases = find_cases(args.data)
+    if args.cases:
+        unknown = sorted(set(args.cases) - {case.name for case in cases})
+        if unknown:
+            raise CommandError(f"scan(s) {unknown} not in {args.data}; found {[c.name for c in cases]}")
+        cases = [case for case in cases if case.name in args.cases]
+    selection = select_structures(cases, args.structures)
+    if not any(selection.values()):
+        raise CommandError(f"no labelled structures in {args.data}: nothing to evaluate")
+    cross_patch = args.cross_patch == "on"
+    cap = patch_cap(cross_patch, args.max_patches)
+    settings: Dict[str, object] = {
+        "protocol": {"clicks": args.clicks, "tolerance_mm": args.tolerance_mm, "patch_cap": cap},
+    }
+    chosen: List[Method] = []
+    if MODEL in methods:
+        options = _session_options(cross_patch, args.max_patches)
+        settings[MODEL] = {
+            "weights": str(args.weights.resolve()),
+            "sha256": _file_digest(args.weights),
+            "session": options,
+        }
+        chosen.append(_model_method(args.weights, args.device, options))
+    if BASELINE in methods:
+        settings[BASELINE] = BASELINE_SETTINGS
+        chosen.append(_baseline_method())
+    store = ResultStore(args.output, settings)
+    counts = evaluate(
+        cases,
+        chosen,
+        store,
+        args.clicks,
+        cap,
+        args.structures,
+        args.tolerance_mm,
+        show_progress=not args.no_progress,
+    )
+    print(
+        f"evaluated {counts['done']}, skipped {counts['skipped']} (size), errors {counts['error']}, "
+        f"already done {counts['already']} structure(s); results in {args.output}"
+    )
+    write_outputs(store, cases, methods, args.clicks, args.gallery)
+    return 1 if counts["error"] else 0
+
+
+def write_outputs(store, cases, methods: List[str], clicks: int, gallery: int) -> None:
+    """Report, summary CSV and plots of everything in ``store``; prints the overall table."""
+    from ..evaluation.plots import PlotsUnavailableError, plot_dice_vs_clicks, plot_gallery
+    from ..evaluation.report import build_curves, write_report
+
+    written = write_report(store, methods, clicks)
+    overall = written[0].read_text(encoding="utf-8").split("## Per scan")[0]
+    print(overall.strip())
+    curves = {k: c for k, c in build_curves(store.click_rows(), clicks).items() if k[0] in methods}
+    try:
+        written.append(plot_dice_vs_clicks(curves, methods, clicks, store.folder / "dice_vs_clicks.png"))
+        if gallery > 0:
+            written.append(plot_gallery(store, cases, curves, methods, store.folder / "gallery.png", gallery))
+    except (PlotsUnavailableError, ValueError) as error:
+        print(f"plots not written: {error}", file=sys.stderr)
+    print("wrote " + ", ".join(str(path) for path in written))

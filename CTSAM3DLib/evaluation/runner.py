@@ -1,0 +1,98 @@
+"""The evaluation loop: every method over every case and structure, through the shared protocol."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import SimpleITK as sitk  # noqa: N813 (the name every SimpleITK user knows)
+
+from ..datasets import Case
+from ..progress import ProgressBar
+from .metrics import SURFACE_TOLERANCE_MM
+from .protocol import ClickSegmenter, measure_structure, run_clicks, size_problem
+from .results import STATUS_DONE, STATUS_ERROR, STATUS_SKIPPED, ResultStore
+
+
+@dataclass
+class Method:
+    """A named way to segment from clicks: ``make_segmenter(image)`` opens one for a scan."""
+
+    name: str
+    make_segmenter: Callable[[sitk.Image], ClickSegmenter]
+
+
+def select_structures(cases: Sequence[Case], wanted: Optional[Sequence[str]]) -> Dict[str, List[str]]:
+    """{case name: structures to evaluate}; ``wanted`` None means all. A wanted name found in no case
+    is an error listing what there is."""
+    if not wanted:
+        return {case.name: list(case.structure_names) for case in cases}
+    available = sorted({name for case in cases for name in case.structure_names})
+    unknown = [name for name in wanted if name not in available]
+    if unknown:
+        raise ValueError(
+            f"structure(s) {unknown} are in none of the scans; available: {', '.join(available) or 'none'}"
+        )
+    return {case.name: [name for name in case.structure_names if name in set(wanted)] for case in cases}
+
+
+def evaluate(
+    cases: Sequence[Case],
+    methods: Sequence[Method],
+    store: ResultStore,
+    clicks: int,
+    max_patches: Optional[int],
+    structures: Optional[Sequence[str]] = None,
+    tolerance_mm: float = SURFACE_TOLERANCE_MM,
+    show_progress: bool = True,
+) -> Dict[str, int]:
+    """Run the protocol for every method, case and selected structure that ``store`` does not hold yet.
+
+    Structures outside the size range (`size_problem`, with ``max_patches`` the model's patch cap)
+    are recorded as skipped for every method, so all methods cover the same structures. An error
+    of one method on one structure is recorded and the run goes on. Returns counts by status.
+    """
+    selection = select_structures(cases, structures)
+    total = sum(len(names) for names in selection.values())
+    counts = {STATUS_DONE: 0, STATUS_SKIPPED: 0, STATUS_ERROR: 0, "already": 0}
+    bar = ProgressBar(total, "evaluate") if show_progress else None
+    for case in cases:
+        names = selection[case.name]
+        pending = [n for n in names if not all(store.is_done((m.name, case.name, n)) for m in methods)]
+        counts["already"] += len(names) - len(pending)
+        if bar:
+            bar.update(len(names) - len(pending), status=case.name)
+        if not pending:
+            continue
+        image = case.load_image()
+        segmenters: Dict[str, ClickSegmenter] = {}
+        for name in pending:
+            reference = case.load_structure(name)
+            size = measure_structure(reference)
+            problem = size_problem(size, max_patches)
+            for method in methods:
+                key = (method.name, case.name, name)
+                if store.is_done(key):
+                    continue
+                if bar:
+                    bar.update(0, status=f"{case.name}/{name} ({method.name})")
+                if problem:
+                    store.add(key, STATUS_SKIPPED, size, reason=problem)
+                    counts[STATUS_SKIPPED] += 1
+                    continue
+                try:
+                    if method.name not in segmenters:
+                        segmenters[method.name] = method.make_segmenter(image)
+                    segmenter = segmenters[method.name]
+                    records = run_clicks(segmenter, reference, clicks, tolerance_mm)
+                except (ValueError, RuntimeError) as error:
+                    store.add(key, STATUS_ERROR, size, reason=f"{type(error).__name__}: {error}")
+                    counts[STATUS_ERROR] += 1
+                    continue
+                store.add(key, STATUS_DONE, size, records, mask=segmenter.mask)
+                counts[STATUS_DONE] += 1
+            if bar:
+                bar.update(status=f"{case.name}/{name}")
+    if bar:
+        bar.close()
+    return counts
