@@ -4,9 +4,9 @@ import re
 
 import SimpleITK as sitk
 import torch
+from conftest import REPO_ROOT, SHARED_DIR
 
 from CTSAM3DLib import build_model, save_checkpoint
-from conftest import REPO_ROOT, SHARED_DIR
 
 
 def python_blocks(markdown):
