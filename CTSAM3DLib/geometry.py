@@ -13,7 +13,7 @@ SimpleITK and torch volumes are (z, y, x).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -210,6 +210,69 @@ class SourceGrid:
             + (x[None, None, :, None] * matrix[:, 0])
             + torch.as_tensor(offset, dtype=torch.float32, device=device)
         )
+
+
+    def axis_aligned_coordinates(
+        self, region: SourceRegion, patch: PatchGeometry, device: torch.device
+    ) -> Optional[List[Tuple[int, torch.Tensor]]]:
+        """For a grid whose axes are parallel to the patch's (any order and sign: every direction
+        of an unrotated scan), per source axis x, y, z: (the patch coordinate component it moves,
+        0..2 for x, y, z, and that component's values along the region, a float32 tensor (n,)).
+        None for an oblique grid."""
+        matrix = self.index_to_world / patch.spacing
+        moving = np.abs(matrix) > 1e-9 * np.abs(matrix).max()
+        if not (np.all(moving.sum(axis=0) == 1) and np.all(moving.sum(axis=1) == 1)):
+            return None
+        offset = (self.origin_lps - np.array(patch.origin_lps)) / patch.spacing
+        axes = []
+        for axis, (start, count) in enumerate(zip(region.start, region.size)):
+            component = int(np.argmax(moving[:, axis]))
+            index = torch.arange(start, start + count, dtype=torch.float64)
+            values = index * float(matrix[component, axis]) + float(offset[component])
+            axes.append((component, values.to(device=device, dtype=torch.float32)))
+        return axes
+
+    def patch_samples(
+        self, region: SourceRegion, patch: PatchGeometry, volume: torch.Tensor
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """A patch volume (1,1,S,S,S) sampled at every voxel of ``region``, and each voxel's
+        Chebyshev distance from the patch centre in patch voxels: two tensors (nz, ny, nx).
+
+        The same values as ``sample_patch_volume`` at ``patch_coordinates`` (up to float rounding);
+        for an axis-aligned grid, trilinear interpolation factors into one 1D interpolation per
+        axis, three small matrix products instead of a gather per voxel."""
+        axes = self.axis_aligned_coordinates(region, patch, volume.device)
+        centre = (volume.shape[-1] - 1) / 2
+        if axes is None:
+            coordinates = self.patch_coordinates(region, patch, volume.device)
+            distance = (coordinates - centre).abs().amax(dim=-1)
+            return sample_patch_volume(volume, coordinates), distance
+        (x_component, x_values), (y_component, y_values), (z_component, z_values) = axes
+        size = volume.shape[-1]
+        # Patch volume axis 2 - c carries coordinate component c: order the volume's axes as the
+        # components moved by source z, y, x, then interpolate along one axis after the other.
+        ordered = volume.to(torch.float32)[0, 0].permute(2 - z_component, 2 - y_component, 2 - x_component)
+        sampled = torch.mm(linear_interpolation_matrix(z_values, size), ordered.reshape(size, size * size))
+        sampled = torch.matmul(linear_interpolation_matrix(y_values, size), sampled.view(-1, size, size))
+        sampled = torch.matmul(sampled, linear_interpolation_matrix(x_values, size).t())
+        distances = [(values - centre).abs() for _, values in axes]
+        distance = torch.maximum(
+            torch.maximum(distances[2][:, None, None], distances[1][None, :, None]), distances[0][None, None, :]
+        )
+        return sampled, distance
+
+
+def linear_interpolation_matrix(positions: torch.Tensor, size: int) -> torch.Tensor:
+    """(n, size) weights of 1D linear interpolation at ``positions`` on voxels 0..size-1, positions
+    beyond the outer voxels taking the border value (grid_sample's "border", align_corners=True)."""
+    clamped = positions.clamp(0, size - 1)
+    lower = clamped.floor().clamp(max=size - 2).long()
+    upper_weight = clamped - lower
+    weights = torch.zeros(positions.shape[0], size, dtype=torch.float32, device=positions.device)
+    rows = torch.arange(positions.shape[0], device=positions.device)
+    weights[rows, lower] = 1 - upper_weight
+    weights[rows, lower + 1] = upper_weight
+    return weights
 
 
 def sample_patch_volume(volume: torch.Tensor, coordinates: torch.Tensor) -> torch.Tensor:

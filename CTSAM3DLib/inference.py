@@ -1,23 +1,209 @@
 """How the network runs for interactive use on a given device (precision and other optimisations).
 
-``prepare_network`` is the one place that chooses; the plain float32 path is always available and
-is the one the parity tests check.
+``prepare_network`` is the one place that chooses. Precisions:
+
+- ``"float32"``: the network itself, unchanged: the path the parity tests check.
+- ``"int8"`` (x86 CPU with oneDNN): the decoder's convolutions in int8 (``Int8SpadeDecoder``, VNNI
+  where the CPU has it); the encoder and cross-patch U-Net in float32. About 3.5x faster decoding
+  than float32 on AVX512-VNNI; masks agree with float32 at Dice >= 0.99
+  (``Testing/Python/test_inference.py``, ``BENCHMARKS.md``).
+- ``"bfloat16"``: autocast to bfloat16 (CPU with native bfloat16, CUDA).
+- ``"float16"``: autocast to float16 (CUDA; Apple MPS where this torch supports MPS autocast).
+- ``"auto"``: int8, else bfloat16, else float32 on a CPU (each only where a probe shows it works
+  here); float16 on CUDA; float32 on MPS (float16 there is unmeasured, so it is opt-in).
+
+On CUDA, ``compile=True`` (or the environment variable ``CTSAM3D_COMPILE=1``) also compiles the
+decoder with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) for fixed shapes: clicks are
+padded to ``MAX_CLICKS`` so one graph serves every click. Compilation takes tens of seconds on the
+first decode (inductor caches it on disk for later sessions), so it only happens when asked for.
+The GPU paths are written against torch's documented APIs but have not been measured here.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import functools
+import os
+import warnings
+from typing import Any, ContextManager, List, Optional, Tuple
 
 import torch
 
-PRECISIONS = ("auto", "float32")
+from .constants import MAX_CLICKS, PATCH_SIZE
+from .model.fast_decoder import Int8SpadeDecoder
+from .model.int8_conv import int8_convolution_available
+
+PRECISIONS = ("auto", "float32", "int8", "bfloat16", "float16")
+
+_AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def prepare_network(net: Any, device: torch.device, precision: str = "auto") -> Any:
-    """The network ready for ``device``: a ``torch.nn.Module`` is moved there in eval mode; any
-    other object with ``encode``/``decode`` (a stand-in) is used as it is."""
+@functools.lru_cache(maxsize=1)
+def cpu_bfloat16_native() -> bool:
+    """True when oneDNN computes bfloat16 natively on this CPU (AVX512-BF16, AMX), so bfloat16
+    autocast speeds convolutions up instead of emulating them."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(torch.backends.mkldnn.is_available() and probe is not None and probe())
+    except RuntimeError:
+        return False
+
+
+def autocast_available(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.autocast runs ``dtype`` on ``device``'s type in this torch build (some builds
+    refuse an unsupported pair, others warn and disable autocast: both count as no)."""
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.autocast(device_type=device.type, dtype=dtype):
+                pass
+    except (RuntimeError, ValueError):
+        return False
+    return not any("autocast" in str(warning.message).lower() for warning in caught)
+
+
+def available_precisions(device: torch.device) -> List[str]:
+    """The precisions that work on ``device`` in this torch build ("auto" and "float32" always)."""
+    found = ["auto", "float32"]
+    if device.type == "cpu":
+        if int8_convolution_available():
+            found.append("int8")
+        if autocast_available(device, torch.bfloat16):
+            found.append("bfloat16")
+    elif device.type == "cuda":
+        found.append("float16")
+        if torch.cuda.is_bf16_supported():
+            found.append("bfloat16")
+    elif device.type == "mps" and autocast_available(device, torch.float16):
+        found.append("float16")
+    return found
+
+
+def choose_precision(device: torch.device) -> str:
+    """What "auto" means on ``device`` (see the module docstring)."""
+    available = available_precisions(device)
+    if device.type == "cuda":
+        return "float16"
+    if device.type == "cpu":
+        if "int8" in available:
+            return "int8"
+        if "bfloat16" in available and cpu_bfloat16_native():
+            return "bfloat16"
+    return "float32"
+
+
+def prepare_network(net: Any, device: torch.device, precision: str = "auto", compile: Optional[bool] = None) -> Any:
+    """The network ready for ``device`` at ``precision`` (one of ``PRECISIONS``).
+
+    A ``torch.nn.Module`` is moved there in eval mode; at "float32" it is returned itself, else
+    wrapped in a ``PreparedNetwork`` with the same ``encode``/``decode``/``cross_patch``. Any other
+    object with ``encode``/``decode`` (a stand-in) is used as it is. A precision this device cannot
+    run is refused with the list of those it can.
+    """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
-    if isinstance(net, torch.nn.Module):
-        net.to(device).eval()
-    return net
+    device = torch.device(device)
+    if not isinstance(net, torch.nn.Module):
+        return net
+    net.to(device).eval()
+    if precision == "auto":
+        precision = choose_precision(device)
+    elif precision not in available_precisions(device):
+        raise ValueError(
+            f"precision {precision!r} is not available on {device} with this torch build; "
+            f"choose one of {', '.join(available_precisions(device))}"
+        )
+    if compile is None:
+        compile = os.environ.get("CTSAM3D_COMPILE", "") == "1"
+    if precision == "float32" and not (compile and device.type == "cuda"):
+        return net
+    return PreparedNetwork(net, device, precision, compile=compile and device.type == "cuda")
+
+
+class PreparedNetwork:
+    """``encode``/``decode``/``cross_patch`` of a loaded ``CTSAM3D`` run at another precision.
+
+    It reuses the network's own parameters: the int8 decoder keeps only their 8-bit codes (and a
+    bfloat16 copy of its upscaling matrices), made once here; nothing is read from disk. Weights
+    loaded into the network later are not seen: prepare it again. Outputs are float32 whatever
+    the precision.
+    """
+
+    def __init__(self, net: Any, device: torch.device, precision: str, compile: bool = False) -> None:
+        self.network = net
+        self.device = device
+        self.precision = precision
+        self.compiled = compile
+        self._int8_decoder = None
+        if precision == "int8":
+            upscale_dtype = torch.bfloat16 if cpu_bfloat16_native() else torch.float32
+            self._int8_decoder = Int8SpadeDecoder(net.mask_decoder, upscale_dtype)
+        self._decode_padded = None
+        if compile:
+            self._decode_padded = torch.compile(self._decode_fixed_shape, mode="reduce-overhead", dynamic=False)
+
+    def __repr__(self) -> str:
+        return f"PreparedNetwork(precision={self.precision!r}, device={str(self.device)!r}, compiled={self.compiled})"
+
+    # ------------------------------------------------------------------ interface
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> List[torch.Tensor]:
+        """image (B,1,64^3) in [0,1] -> the four float32 feature maps of ``CTSAM3D.encode``."""
+        with self._autocast():
+            features = self.network.encode(image)
+        return [feature.float() for feature in features]
+
+    @torch.no_grad()
+    def decode(
+        self,
+        features: List[torch.Tensor],
+        points: torch.Tensor,
+        labels: torch.Tensor,
+        mask_prompt: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """As ``CTSAM3D.decode``: -> probability (B,1,64^3) float32, quality (B,1) float32."""
+        if self._decode_padded is not None:
+            return self._decode_compiled(features, points, labels, mask_prompt)
+        if self._int8_decoder is not None:
+            prompt = self.network.decoder_prompt(points, labels, mask_prompt, torch.float32)
+            return self._int8_decoder(features, prompt)
+        with self._autocast():
+            probability, quality = self.network.decode(features, points, labels, mask_prompt)
+        return probability.float(), quality.float()
+
+    @torch.no_grad()
+    def cross_patch(self, image: torch.Tensor, mask: torch.Tensor, neighbour_image: torch.Tensor) -> torch.Tensor:
+        """As ``CTSAM3D.cross_patch``; float32 heatmap (B,1,64^3)."""
+        with self._autocast():
+            return self.network.cross_patch(image, mask, neighbour_image).float()
+
+    # ------------------------------------------------------------------ internals
+    def _autocast(self) -> ContextManager:
+        """Autocast for the precision; none for int8, whose encoder and cross-patch U-Net run in
+        float32 (bfloat16 saved at most 20 ms per patch there, for a larger error)."""
+        dtype = _AUTOCAST_DTYPES.get(self.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=dtype)
+
+    def _decode_compiled(self, features, points, labels, mask_prompt):
+        """Pads the clicks to MAX_CLICKS (label -1 is skipped by the click maps) and always passes
+        a mask prompt (zeros stand for none, as in ``CTSAM3D.decode``), so the shapes never change
+        and one CUDA graph serves every click."""
+        batch, count = labels.shape
+        if count > MAX_CLICKS:
+            raise ValueError(f"at most {MAX_CLICKS} clicks per patch, got {count}")
+        padded_points = points.new_zeros(batch, MAX_CLICKS, 3)
+        padded_points[:, :count] = points
+        padded_labels = labels.new_full((batch, MAX_CLICKS), -1)
+        padded_labels[:, :count] = labels
+        if mask_prompt is None:
+            mask_prompt = features[0].new_zeros(batch, 1, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)
+        probability, quality = self._decode_padded(features, padded_points, padded_labels, mask_prompt.float())
+        # CUDA graphs reuse their output buffers on the next replay: hand out copies.
+        return probability.clone(), quality.clone()
+
+    def _decode_fixed_shape(self, features, points, labels, mask_prompt):
+        with self._autocast():
+            probability, quality = self.network.decode(features, points, labels, mask_prompt)
+        return probability.float(), quality.float()

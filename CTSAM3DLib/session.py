@@ -35,7 +35,7 @@ import torch
 
 from .constants import MASK_THRESHOLD, PATCH_SIZE
 from .device import resolve_device
-from .geometry import Lattice, PatchGeometry, SourceGrid, SourceRegion, sample_patch_volume
+from .geometry import Lattice, PatchGeometry, SourceGrid, SourceRegion
 from .inference import prepare_network
 from .preprocess import normalize_hu
 from .propagation import Offset, heatmap_peaks, touched_offsets
@@ -206,11 +206,12 @@ class InteractiveSession:
         paste_started = time.perf_counter()
         self._render_into_mask(self._regions_touched(entry))
         timing["paste"] = time.perf_counter() - paste_started
+        mask = self.mask
         timing["total"] = time.perf_counter() - started
         timing["patches_decoded"] = float(timing.get("patches_decoded", 0))
         timing["patches_open"] = float(len(self._patches))
         self.last_timing = timing
-        return self.mask
+        return mask
 
     def undo(self) -> sitk.Image:
         """Takes back the last click exactly, with everything it opened, changed or dropped."""
@@ -452,7 +453,6 @@ class InteractiveSession:
         shape = tuple(region.size[::-1])
         probability = torch.zeros(shape, device=self.device)
         best = torch.full(shape, float("inf"), device=self.device)
-        centre = (PATCH_SIZE - 1) / 2
         for pid in sorted(self._patches):
             patch = self._patches[pid]
             common = patch.region.intersection(region)
@@ -460,10 +460,8 @@ class InteractiveSession:
                 continue
             # Only the patch's own footprint: adjacent patches touch a region along a thin slab.
             window = common.slices_within(region)
-            coordinates = self.grid.patch_coordinates(common, patch.geometry, self.device)
-            distance = (coordinates - centre).abs().amax(dim=-1)
+            sampled, distance = self.grid.patch_samples(common, patch.geometry, patch.probability)
             take = (distance <= PATCH_SIZE / 2) & (distance < best[window])
-            sampled = sample_patch_volume(patch.probability, coordinates)
             probability[window] = torch.where(take, sampled, probability[window])
             best[window] = torch.where(take, distance, best[window])
         return probability

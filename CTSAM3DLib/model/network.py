@@ -41,11 +41,21 @@ class CTSAM3D(nn.Module):
         """features from ``encode``; points (B,N,3) float (x, y, z) patch voxel indices;
         labels (B,N) (1 positive, 0 negative, -1 padding); mask_prompt (B,1,64^3) previous
         probability or None -> probability (B,1,64^3) in [0,1], quality (B,1)."""
-        maps = self.prompt_encoder(points, labels).to(features[0].dtype)
+        return self.mask_decoder(features, self.decoder_prompt(points, labels, mask_prompt, features[0].dtype))
+
+    def decoder_prompt(
+        self,
+        points: torch.Tensor,
+        labels: torch.Tensor,
+        mask_prompt: Optional[torch.Tensor],
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """The decoder's prompt (B,3,64^3) in ``dtype``: mask prompt (zeros when None), positive
+        and negative click maps."""
+        maps = self.prompt_encoder(points, labels).to(dtype)
         if mask_prompt is None:
             mask_prompt = torch.zeros_like(maps[:, :1])
-        prompt = torch.cat([mask_prompt.to(maps.dtype), maps], dim=1)
-        return self.mask_decoder(features, prompt)
+        return torch.cat([mask_prompt.to(maps.dtype), maps], dim=1)
 
     def cross_patch(
         self, image: torch.Tensor, mask: torch.Tensor, neighbour_image: torch.Tensor

@@ -1,0 +1,238 @@
+"""The optimised inference paths against plain float32: choice of path, building blocks, and the
+agreement of whole decodes on patches of the real CTs (Dice >= 0.99). Speed is measured by
+bench/bench_inference.py, never here."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+import torch.nn.functional as F
+
+from CTSAM3DLib import InteractiveSession
+from CTSAM3DLib.constants import MAX_CLICKS
+from CTSAM3DLib.geometry import Lattice
+from CTSAM3DLib.inference import PRECISIONS, PreparedNetwork, available_precisions, choose_precision, prepare_network
+from CTSAM3DLib.model import build_model
+from CTSAM3DLib.model.decoder import SpadeMaskDecoder
+from CTSAM3DLib.model.fast_decoder import UpscaledHead, VoxelwiseUpscale
+from CTSAM3DLib.model.int8_conv import Int8Conv3d, int8_convolution_available, quantize_activation
+from CTSAM3DLib.model.prompt import click_maps
+from CTSAM3DLib.preprocess import normalize_hu
+from CTSAM3DLib.reference_weights import deterministic_state_dict
+
+CPU = torch.device("cpu")
+OPTIMISED = [p for p in available_precisions(CPU) if p not in ("auto", "float32")]
+CTS = ("chest-abdomen-ct", "abdomen-ct-3mm", "aorta-ct-1.5mm", "body-ct-3mm")
+MIN_DICE = 0.99
+MAX_PROBABILITY_DIFFERENCE = 0.1
+
+
+@pytest.fixture(scope="module")
+def net():
+    network = build_model("tiny")
+    network.load_state_dict(deterministic_state_dict(network), strict=True)
+    return network
+
+
+def central_patch(path):
+    image = sitk.ReadImage(str(path))
+    lattice = Lattice.of_image(image)
+    centre = image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()])
+    geometry = lattice.patch_centred_on(lattice.nearest_index(centre))
+    return torch.from_numpy(normalize_hu(lattice.sample(image, geometry)))[None, None]
+
+
+POINTS = torch.tensor([[[32.0, 32.0, 32.0], [40.0, 30.0, 27.0]]])
+LABELS = torch.tensor([[1, 0]])
+
+
+def two_clicks(network, patch):
+    """Probability after a positive click, then a negative one refining it (mask prompt)."""
+    with torch.no_grad():
+        features = network.encode(patch)
+        first, _ = network.decode(features, POINTS[:, :1], LABELS[:, :1])
+        second, _ = network.decode(features, POINTS, LABELS, first)
+    return second
+
+
+@pytest.fixture(scope="module")
+def float32_outputs(net, data_dir):
+    return {name: two_clicks(net, central_patch(data_dir / name / "ct.nii.gz")) for name in CTS}
+
+
+def dice(a, b):
+    a, b = a.numpy() > 0.5, b.numpy() > 0.5
+    return 2 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
+
+
+# ------------------------------------------------------------------ choice of path
+def test_float32_is_the_network_itself(net):
+    assert prepare_network(net, CPU, "float32") is net
+
+
+def test_auto_picks_an_available_optimised_path_on_this_cpu(net):
+    choice = choose_precision(CPU)
+    assert choice in available_precisions(CPU)
+    prepared = prepare_network(net, CPU, "auto")
+    if choice == "float32":
+        assert prepared is net
+    else:
+        assert isinstance(prepared, PreparedNetwork) and prepared.precision == choice
+
+
+def test_unknown_and_unavailable_precisions_are_refused(net):
+    with pytest.raises(ValueError, match="unknown precision 'int4'"):
+        prepare_network(net, CPU, "int4")
+    assert set(available_precisions(CPU)) <= set(PRECISIONS)
+    with pytest.raises(ValueError, match="precision 'float16' is not available on cpu"):
+        prepare_network(net, CPU, "float16")
+
+
+def test_a_stand_in_is_used_as_it_is():
+    class StandIn:
+        def encode(self, image):
+            return [image]
+
+        def decode(self, features, points, labels, mask_prompt=None):
+            return features[0], torch.zeros(1, 1)
+
+    stand_in = StandIn()
+    assert prepare_network(stand_in, CPU, "auto") is stand_in
+
+
+@pytest.mark.skipif("int8" not in OPTIMISED, reason="this torch build has no oneDNN int8 convolution on this CPU")
+def test_int8_path_runs_the_encoder_and_cross_patch_unet_in_float32(net):
+    """Only the decoder is quantised: the other two networks give the float32 numbers exactly."""
+    prepared = prepare_network(net, CPU, "int8")
+    generator = torch.Generator().manual_seed(2)
+    image, neighbour = (torch.rand(1, 1, 64, 64, 64, generator=generator) for _ in range(2))
+    mask = (torch.rand(1, 1, 64, 64, 64, generator=generator) > 0.5).float()
+    with torch.no_grad():
+        assert torch.equal(prepared.cross_patch(image, mask, neighbour), net.cross_patch(image, mask, neighbour))
+        for ours, theirs in zip(prepared.encode(image), net.encode(image)):
+            assert torch.equal(ours, theirs)
+
+
+def test_padding_clicks_to_the_maximum_leaves_the_click_maps_unchanged():
+    """What the compiled GPU path relies on to keep one graph for every click count."""
+    padded_points = torch.zeros(1, MAX_CLICKS, 3)
+    padded_points[:, :2] = POINTS
+    padded_labels = torch.full((1, MAX_CLICKS), -1)
+    padded_labels[:, :2] = LABELS
+    assert torch.equal(click_maps(padded_points, padded_labels), click_maps(POINTS, LABELS))
+
+
+# ------------------------------------------------------------------ building blocks
+needs_int8 = pytest.mark.skipif(
+    not int8_convolution_available(), reason="this torch build has no oneDNN int8 convolution on this CPU"
+)
+
+
+def test_activation_codes_round_to_within_half_a_step():
+    x = torch.randn(1, 8, 5, 6, 7).contiguous(memory_format=torch.channels_last_3d)
+    codes, scale, zero_point = quantize_activation(x)
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape
+    restored = (codes.float() - zero_point) * scale
+    assert (restored - x).abs().max() <= scale / 2 + 1e-6
+    assert codes.min() == 0 and codes.max() == 255
+
+
+@needs_int8
+@pytest.mark.parametrize("channels_in, channels_out, size", [(16, 24, 6), (128, 128, 8)])
+def test_int8_convolution_matches_float32_to_quantisation_error(channels_in, channels_out, size):
+    generator = torch.Generator().manual_seed(1)
+    weight = torch.randn(channels_out, channels_in, 3, 3, 3, generator=generator) / (channels_in * 27) ** 0.5
+    bias = torch.randn(channels_out, generator=generator)
+    x = torch.randn(1, channels_in, size, size, size, generator=generator)
+    expected = F.conv3d(x, weight, bias, padding=1)
+    result = Int8Conv3d(weight, bias)(x)
+    relative = ((result - expected).norm() / (expected - bias.view(1, -1, 1, 1, 1)).norm()).item()
+    print(f"int8 convolution {channels_in}->{channels_out}: relative error {relative:.4f}")
+    assert result.shape == expected.shape and relative < 0.02
+
+
+def test_voxelwise_upscale_and_fused_head_equal_the_modules_in_float32():
+    """The rearranged upscaling and output head (float32 products): same numbers as the modules."""
+    torch.manual_seed(0)
+    decoder = SpadeMaskDecoder(32).eval()
+    x = torch.randn(2, 16, 5, 4, 6)
+    head = decoder.mask_prediction_head[0]
+    with torch.no_grad():
+        upscaled = decoder.upscale5(x)
+        expected_logits = F.conv3d(upscaled, head.weight[:1], head.bias[:1], padding=1)
+        logits, channel_means = UpscaledHead(decoder.upscale5, head, torch.float32, slab_voxels=37)(x)
+        voxelwise = VoxelwiseUpscale(decoder.upscale5, torch.float32)(x)
+    np.testing.assert_allclose(voxelwise.numpy(), upscaled.numpy(), atol=1e-5)
+    np.testing.assert_allclose(logits.numpy(), expected_logits.numpy(), atol=1e-5)
+    np.testing.assert_allclose(channel_means.numpy(), upscaled.mean(dim=(2, 3, 4)).numpy(), atol=1e-5)
+
+
+# ------------------------------------------------------------------ whole network on real CTs
+@pytest.mark.parametrize("precision", OPTIMISED)
+def test_optimised_paths_agree_with_float32_on_every_real_ct(net, data_dir, float32_outputs, precision):
+    prepared = prepare_network(net, CPU, precision)
+    for name in CTS:
+        probability = two_clicks(prepared, central_patch(data_dir / name / "ct.nii.gz"))
+        expected = float32_outputs[name]
+        assert probability.dtype == torch.float32 and probability.shape == expected.shape
+        agreement = dice(probability, expected)
+        difference = (probability - expected).abs().max().item()
+        print(f"{precision} on {name}: Dice {agreement:.4f}, largest probability difference {difference:.4f}")
+        assert agreement >= MIN_DICE
+        assert difference <= MAX_PROBABILITY_DIFFERENCE
+
+
+def test_session_masks_agree_across_precisions_on_a_real_ct(net, data_dir):
+    """The int8 (or best available) session against the float32 session, source grid included."""
+    if not OPTIMISED:
+        pytest.skip("no optimised path on this CPU")
+    image = sitk.ReadImage(str(data_dir / "abdomen-ct-3mm" / "ct.nii.gz"))
+    centre = np.array(image.GetSize()) / 2
+    clicks = [(image.TransformContinuousIndexToPhysicalPoint((centre + offset).tolist()), positive)
+              for offset, positive in ((np.zeros(3), True), (np.array([4.0, -3.0, 2.0]), False))]
+    masks = {}
+    for precision in ("float32", choose_precision(CPU)):
+        session = InteractiveSession(net, image, device="cpu", precision=precision, cross_patch=False)
+        masks[precision] = session.set_clicks(clicks)
+    reference, optimised = (sitk.GetArrayFromImage(m) for m in masks.values())
+    agreement = 2 * np.logical_and(reference, optimised).sum() / (reference.sum() + optimised.sum())
+    print(f"session {choose_precision(CPU)} against float32: mask Dice {agreement:.4f}")
+    assert reference.sum() > 0 and agreement >= MIN_DICE
+
+
+# ------------------------------------------------------------------ mapping a patch back (paste)
+def reoriented(image, name):
+    """The scan in another index order and sign (same voxels in world space), or rotated."""
+    if name == "flipped":
+        return sitk.Flip(image, [True, False, True])
+    if name == "permuted":
+        return sitk.Flip(sitk.PermuteAxes(image, [2, 0, 1]), [False, True, False])
+    if name == "oblique":
+        rotated = sitk.Image(image)
+        transform = sitk.Euler3DTransform()
+        transform.SetRotation(0.2, -0.1, 0.3)
+        direction = np.array(transform.GetMatrix()).reshape(3, 3) @ np.array(image.GetDirection()).reshape(3, 3)
+        rotated.SetDirection(direction.ravel().tolist())
+        return rotated
+    return image
+
+
+@pytest.mark.parametrize("orientation", ["original", "flipped", "permuted", "oblique"])
+def test_patch_samples_equal_trilinear_sampling_at_the_patch_coordinates(data_dir, orientation):
+    """SourceGrid.patch_samples (separable on axis-aligned grids) against grid_sample at
+    patch_coordinates, on the chest CT's real geometry (0.7 x 0.7 x 2.5 mm) in several orientations."""
+    from CTSAM3DLib.geometry import SourceGrid, sample_patch_volume
+
+    header = sitk.ReadImage(str(data_dir / "chest-abdomen-ct" / "ct.nii.gz"))
+    image = reoriented(sitk.RegionOfInterest(header, [200, 180, 60], [150, 160, 40]), orientation)
+    grid, lattice = SourceGrid(image), Lattice.of_image(image)
+    point = image.TransformContinuousIndexToPhysicalPoint([s / 2 + 3.3 for s in image.GetSize()])
+    geometry = lattice.patch_centred_on(lattice.nearest_index(point))
+    region = grid.region_of(geometry)
+    assert (grid.axis_aligned_coordinates(region, geometry, CPU) is None) == (orientation == "oblique")
+    volume = torch.rand(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(3))
+    coordinates = grid.patch_coordinates(region, geometry, CPU)
+    sampled, distance = grid.patch_samples(region, geometry, volume)
+    assert sampled.shape == distance.shape == coordinates.shape[:-1]
+    np.testing.assert_allclose(sampled.numpy(), sample_patch_volume(volume, coordinates).numpy(), atol=1e-4)
+    np.testing.assert_allclose(distance.numpy(), (coordinates - 31.5).abs().amax(dim=-1).numpy(), atol=1e-4)

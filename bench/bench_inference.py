@@ -1,0 +1,413 @@
+"""Interactive speed of CT-SAM3D: every precision path against plain float32.
+
+Measures, with warm-up and medians over repeats: the image encoder, the decoder (a refining click:
+two clicks and a mask prompt), and through ``InteractiveSession.add_click`` a click that opens a
+patch and a refining click (patch sampling and writing the mask back included). Beside each time:
+the ratio to float32, and the Dice and largest probability difference against float32 on the same
+input. Then the agreement with float32 on patches of every CT in ../shared/data, and peak memory.
+Runs on the CPU, and on the GPU when torch sees one. Writes a markdown table (``--output``).
+
+    python bench/bench_inference.py                    # everything, 5 repeats
+    python bench/bench_inference.py --repeats 9 --output bench/results.md
+
+The weights are the deterministic reference weights (same numbers as the authors' fixture), not
+trained ones: timings are those of the real network; masks carry no anatomical meaning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from CTSAM3DLib import InteractiveSession  # noqa: E402
+from CTSAM3DLib.geometry import Lattice  # noqa: E402
+from CTSAM3DLib.inference import available_precisions, choose_precision, prepare_network  # noqa: E402
+from CTSAM3DLib.model import build_model  # noqa: E402
+from CTSAM3DLib.preprocess import normalize_hu  # noqa: E402
+from CTSAM3DLib.reference_weights import deterministic_state_dict  # noqa: E402
+
+CTS = ("chest-abdomen-ct", "abdomen-ct-3mm", "aorta-ct-1.5mm", "body-ct-3mm")
+TIMED_CT = "chest-abdomen-ct"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def machine_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    flags = ""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        found = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f" {f}" in text]
+        flags = ", " + " ".join(found) if found else ""
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} torch threads, {os.cpu_count()} logical CPUs{flags}"
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function: Callable[[], object], device: torch.device) -> float:
+    synchronise(device)
+    started = time.perf_counter()
+    function()
+    synchronise(device)
+    return time.perf_counter() - started
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(bool), b.astype(bool)
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
+
+
+def agreement(probability: torch.Tensor, reference: torch.Tensor) -> Tuple[float, float]:
+    """(Dice of the masks at 0.5, largest absolute probability difference)."""
+    p, r = probability.float().cpu().numpy(), reference.float().cpu().numpy()
+    return dice(p > 0.5, r > 0.5), float(np.abs(p - r).max())
+
+
+# ---------------------------------------------------------------------------- memory
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):  # Linux: writing 5 resets the peak resident set size (VmHWM).
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_memory_mb(device: torch.device) -> Optional[float]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = _status_kib("VmHWM")
+    return None if peak is None else peak / 1024
+
+
+# ---------------------------------------------------------------------------- inputs
+def load_network() -> torch.nn.Module:
+    net = build_model("tiny")
+    net.load_state_dict(deterministic_state_dict(net), strict=True)
+    return net.eval()
+
+
+def central_points(image: sitk.Image) -> List[Tuple[float, float, float]]:
+    """Three click points (LPS) near the scan's centre, all within one patch: the first opens it."""
+    size = np.array(image.GetSize(), dtype=np.float64)
+    spacing = np.array(image.GetSpacing())
+    centre = (size - 1) / 2
+    step = 10.0 / spacing  # 10 mm in voxels
+    indices = [centre, centre + step * np.array([1, 0, 0]), centre + step * np.array([0, -1, 1])]
+    return [image.TransformContinuousIndexToPhysicalPoint(index.tolist()) for index in indices]
+
+
+def patch_of(image: sitk.Image) -> torch.Tensor:
+    """The normalised 64^3 patch (1,1,64^3) centred on the scan's centre."""
+    lattice = Lattice.of_image(image)
+    point = central_points(image)[0]
+    geometry = lattice.patch_centred_on(lattice.nearest_index(point))
+    return torch.from_numpy(normalize_hu(lattice.sample(image, geometry)))[None, None]
+
+
+def decoder_inputs(device: torch.device):
+    """Clicks (x, y, z patch voxels) of a refining step: a positive click at the centre and a negative one."""
+    points = torch.tensor([[[32.0, 32.0, 32.0], [40.0, 30.0, 27.0]]], device=device)
+    labels = torch.tensor([[1, 0]], device=device)
+    return points, labels
+
+
+# ---------------------------------------------------------------------------- measurements
+def network_rows(net, image, device, precisions, repeats) -> Tuple[List[Dict], Dict]:
+    """Encoder and decoder alone, per precision, against float32 on the same inputs. The
+    precisions take turns within every repeat, so a change in the machine's load hits them alike."""
+    patch = patch_of(image).to(device)
+    points, labels = decoder_inputs(device)
+    prepared = {precision: prepare_network(net, device, precision) for precision in precisions}
+    with torch.no_grad():
+        features = prepared["float32"].encode(patch)
+        first, _ = prepared["float32"].decode(features, points[:, :1], labels[:, :1])
+        expected, _ = prepared["float32"].decode(features, points, labels, first)
+        times = {precision: {"encode": [], "decode": []} for precision in precisions}
+        for repeat in range(repeats + 1):  # the first round warms up
+            log(f"  network, round {repeat + 1} of {repeats + 1}")
+            for precision, network in prepared.items():
+                encode_s = timed(lambda n=network: n.encode(patch), device)
+                decode_s = timed(lambda n=network: n.decode(features, points, labels, first), device)
+                if repeat:
+                    times[precision]["encode"].append(encode_s)
+                    times[precision]["decode"].append(decode_s)
+        rows = []
+        for precision, network in prepared.items():
+            decoded, _ = network.decode(features, points, labels, first)
+            end_to_end, _ = network.decode(network.encode(patch), points, labels, first)
+            decoder_dice, decoder_diff = agreement(decoded, expected)
+            both_dice, both_diff = agreement(end_to_end, expected)
+            rows.append({
+                "precision": precision,
+                "encode": statistics.median(times[precision]["encode"]),
+                "decode": statistics.median(times[precision]["decode"]),
+                "decoder_dice": decoder_dice, "decoder_diff": decoder_diff,
+                "both_dice": both_dice, "both_diff": both_diff,
+            })
+    baseline = {key: rows[0][key] for key in ("encode", "decode")}
+    return rows, baseline
+
+
+def session_clicks(session: InteractiveSession, clicks) -> Tuple[float, List[float], Dict[str, float]]:
+    """From an empty session: (seconds of the click that opens the patch, seconds of each
+    refining click, the step timings of the first refining click). A click's time is the whole
+    add_click call, so it includes building the returned SimpleITK mask."""
+    session.reset()
+    opening = timed(lambda: session.add_click(*clicks[0]), session.device)
+    refining, steps = [], {}
+    for click in clicks[1:]:
+        refining.append(timed(lambda c=click: session.add_click(*c), session.device))
+        steps = steps or dict(session.last_timing)
+    return opening, refining, steps
+
+
+def session_rows(net, image, device, precisions, repeats, data_dir: Path) -> List[Dict]:
+    """New-patch and refining clicks through InteractiveSession, per precision taking turns
+    within every repeat; masks and probabilities compared with the float32 session after the same
+    clicks; then each precision's peak memory in a session of its own."""
+    first, second, third = central_points(image)
+    clicks = [(first, True), (second, True), (third, False)]
+
+    def new_session(precision: str) -> InteractiveSession:
+        # One patch per click: cross-patch prompting would add a variable number of neighbour
+        # patches (each an encoder, U-Net and decoder run), which the per-click targets exclude.
+        return InteractiveSession(net, image, device=device, precision=precision, cross_patch=False)
+
+    sessions = {precision: new_session(precision) for precision in precisions}
+    opening = {precision: [] for precision in precisions}
+    refining = {precision: [] for precision in precisions}
+    pastes = {precision: [] for precision in precisions}
+    for repeat in range(repeats + 1):
+        log(f"  session, round {repeat + 1} of {repeats + 1}")
+        for precision, session in sessions.items():
+            open_s, refine_s, steps = session_clicks(session, clicks)
+            if repeat:
+                opening[precision].append(open_s)
+                refining[precision].extend(refine_s)
+                pastes[precision].append(steps.get("paste", float("nan")))
+    results = []
+    reference = sessions["float32"]
+    expected_mask = reference.mask_array()
+    expected_probability = sitk.GetArrayFromImage(reference.probability())
+    for precision, session in sessions.items():
+        results.append({
+            "precision": precision,
+            "open": statistics.median(opening[precision]),
+            "refine": statistics.median(refining[precision]),
+            "paste": statistics.median(pastes[precision]),
+            "dice": dice(session.mask_array(), expected_mask),
+            "diff": float(np.abs(sitk.GetArrayFromImage(session.probability()) - expected_probability).max()),
+        })
+    sessions.clear()
+    for row in results:
+        row["peak_mb"] = session_peak_memory_mb(net, image, device, row["precision"], clicks, data_dir)
+    return results
+
+
+def session_peak_memory_mb(net, image, device, precision, clicks, data_dir: Path) -> Optional[float]:
+    """Peak memory of one session of ``clicks``: on the GPU what torch allocated; on the CPU the
+    peak resident set of a fresh process that loads the network and the CT and makes the clicks
+    (this process's own leftovers would blur it)."""
+    if device.type == "cuda":
+        gc.collect()
+        session = InteractiveSession(net, image, device=device, precision=precision, cross_patch=False)
+        reset_peak_memory(device)
+        session_clicks(session, clicks)
+        return peak_memory_mb(device)
+    child = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--memory-child", precision, "--data", str(data_dir)],
+        capture_output=True, text=True, check=False,
+    )
+    lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
+    if child.returncode != 0 or not lines:
+        log(f"  memory measurement for {precision} failed: {child.stderr.strip()[-300:]}")
+        return None
+    return json.loads(lines[-1])["peak_mb"]
+
+
+def memory_child(precision: str, data_dir: Path) -> int:
+    """The body of the fresh process of ``session_peak_memory_mb`` (CPU): prints {"peak_mb": ...}."""
+    image = sitk.ReadImage(str(data_dir / TIMED_CT / "ct.nii.gz"))
+    net = load_network()
+    gc.collect()
+    # From here on: making the deterministic weights (float64 on the way) is no part of a session.
+    reset_peak_memory(torch.device("cpu"))
+    session = InteractiveSession(net, image, device="cpu", precision=precision, cross_patch=False)
+    first, second, third = central_points(image)
+    session_clicks(session, [(first, True), (second, True), (third, False)])
+    print(json.dumps({"peak_mb": peak_memory_mb(torch.device("cpu"))}))
+    return 0
+
+
+def accuracy_rows(net, data_dir: Path, device, precisions) -> List[Dict]:
+    """Dice and largest probability difference against float32 on one patch of every CT
+    (three clicks, each refining with the previous probability as mask prompt)."""
+    rows = []
+    prepared = {precision: prepare_network(net, device, precision) for precision in precisions}
+    for name in CTS:
+        path = data_dir / name / "ct.nii.gz"
+        if not path.exists():
+            raise SystemExit(f"missing {path}: the benchmark reads the real CTs of ../shared/data")
+        patch = patch_of(sitk.ReadImage(str(path))).to(device)
+        points = torch.tensor([[[32.0, 32.0, 32.0], [40.0, 30.0, 27.0], [24.0, 36.0, 30.0]]], device=device)
+        labels = torch.tensor([[1, 0, 1]], device=device)
+        outputs = {}
+        with torch.no_grad():
+            for precision, network in prepared.items():
+                features = network.encode(patch)
+                probability = None
+                for count in (1, 2, 3):
+                    probability, _ = network.decode(features, points[:, :count], labels[:, :count], probability)
+                outputs[precision] = probability
+        for precision in precisions:
+            if precision == "float32":
+                continue
+            value_dice, value_diff = agreement(outputs[precision], outputs["float32"])
+            rows.append({"ct": name, "precision": precision, "dice": value_dice, "diff": value_diff})
+    return rows
+
+
+# ---------------------------------------------------------------------------- report
+def ratio(value: float, base: Optional[float]) -> str:
+    return f"{base / value:.2f}x" if base else "-"
+
+
+def report(device, machine, network, base, sessions, accuracy, volume_mb, command) -> str:
+    lines = [
+        f"### {device.type.upper()}: {machine}",
+        "",
+        f"torch {torch.__version__}, Python {platform.python_version()}; command: `{command}`; "
+        f"\"auto\" here means `{choose_precision(device)}`.",
+        "",
+        "| path | encoder (s) | decoder (s) | speed-up enc / dec | decoder Dice vs fp32 | decoder max abs dp "
+        "| encoder+decoder Dice | max abs dp |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in network:
+        lines.append(
+            f"| {row['precision']} | {row['encode']:.3f} | {row['decode']:.3f} | "
+            f"{ratio(row['encode'], base.get('encode'))} / {ratio(row['decode'], base.get('decode'))} | "
+            f"{row['decoder_dice']:.4f} | {row['decoder_diff']:.4f} | {row['both_dice']:.4f} | {row['both_diff']:.4f} |"
+        )
+    session_base = next((row for row in sessions if row["precision"] == "float32"), None)
+    lines += [
+        "",
+        f"Through `InteractiveSession.add_click` on {TIMED_CT} (512x512x133, {volume_mb:.0f} MB as loaded):",
+        "",
+        "| path | new-patch click (s) | refining click (s) | of which paste (s) | speed-up new / refine "
+        "| mask Dice vs fp32 | max abs dp | peak memory (MB) | above the volume (MB) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in sessions:
+        peak = "- | -" if row["peak_mb"] is None else f"{row['peak_mb']:.0f} | {row['peak_mb'] - volume_mb:.0f}"
+        lines.append(
+            f"| {row['precision']} | {row['open']:.3f} | {row['refine']:.3f} | {row['paste']:.3f} | "
+            f"{ratio(row['open'], session_base and session_base['open'])} / "
+            f"{ratio(row['refine'], session_base and session_base['refine'])} | "
+            f"{row['dice']:.4f} | {row['diff']:.4f} | {peak} |"
+        )
+    if accuracy:
+        lines += ["", "Agreement with float32 on every CT (one central patch, three clicks):", "",
+                  "| CT | path | Dice | max abs dp |", "| --- | --- | --- | --- |"]
+        lines += [f"| {r['ct']} | {r['precision']} | {r['dice']:.4f} | {r['diff']:.4f} |" for r in accuracy]
+    peak_label = "peak GPU memory allocated by torch during one session's three clicks" if device.type == "cuda" else (
+        "peak resident memory of a fresh process (Python, torch, float32 network, the CT as loaded) while it opens "
+        f"a session and makes three clicks; above the volume means minus its {volume_mb:.0f} MB")
+    lines += ["", f"Memory: {peak_label}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "data",
+                        help="folder of the real CTs (default: ../shared/data beside the clone)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
+    parser.add_argument("--devices", nargs="+", default=None,
+                        help="devices to measure (default: cpu, and cuda when present)")
+    parser.add_argument("--precisions", nargs="+", default=None,
+                        help="precisions to compare (default: every one available on the device)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--skip-accuracy", action="store_true", help="skip the agreement table over every CT")
+    parser.add_argument("--output", type=Path, default=None, help="also write the tables to this markdown file")
+    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_child:
+        return memory_child(args.memory_child, args.data)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    devices = args.devices or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    chest_path = args.data / TIMED_CT / "ct.nii.gz"
+    if not chest_path.exists():
+        parser.error(f"missing {chest_path}: point --data at the shared CTs")
+    image = sitk.ReadImage(str(chest_path))
+    volume_mb = image.GetNumberOfPixels() * image.GetSizeOfPixelComponent() / 2**20
+    net = load_network()
+    command = "python bench/bench_inference.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    sections = []
+    for name in devices:
+        device = torch.device(name)
+        available = [p for p in available_precisions(device) if p != "auto"]
+        precisions = ["float32"] + [p for p in (args.precisions or available) if p != "float32" and p in available]
+        machine = machine_description(device)
+        log(f"{device}: {machine}; precisions {', '.join(precisions)}")
+        network, base = network_rows(net, image, device, precisions, args.repeats)
+        sessions = session_rows(net, image, device, precisions, args.repeats, args.data)
+        accuracy = [] if args.skip_accuracy else accuracy_rows(net, args.data, device, precisions)
+        sections.append(report(device, machine, network, base, sessions, accuracy, volume_mb, command.strip()))
+    text = "\n".join(sections)
+    print(text)
+    if args.output:
+        temporary = args.output.with_suffix(args.output.suffix + ".part")
+        temporary.write_text(text)
+        temporary.replace(args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
