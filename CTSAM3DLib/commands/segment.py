@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import List, Tuple
 
+from ..inference import PRECISIONS
 from ..io import parse_point, ras_to_lps, read_image, read_points_file, write_image_atomically
 
 Click = Tuple[Tuple[float, float, float], bool, bool]
@@ -43,6 +44,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--ras", action="store_true", help="points given on the command line and in CSV "
                         "files are RAS (3D Slicer), not LPS")
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="how the network runs: auto (fastest measured path for the device), float32 "
+                        "(the reference path), int8, bfloat16, float16")
     parser.add_argument("--cross-patch", choices=("on", "off"), default="on",
                         help="carry the segmentation into neighbouring patches (default on)")
     parser.add_argument("--max-patches", type=int, default=16,
@@ -77,9 +81,9 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     net = load_checkpoint(args.weights, device=args.device)
     print(f"loaded {args.weights} in {time.perf_counter() - started:.2f} s")
-    session = InteractiveSession(net, image, device=args.device, cross_patch=args.cross_patch == "on",
-                                 max_patches=args.max_patches)
-    print(f"device: {session.device}")
+    session = InteractiveSession(net, image, device=args.device, precision=args.precision,
+                                 cross_patch=args.cross_patch == "on", max_patches=args.max_patches)
+    print(f"device: {session.device}, precision: {args.precision}")
     for number, (point_lps, positive) in enumerate(clicks, start=1):
         session.add_click(point_lps, positive)
         steps = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in session.last_timing.items()

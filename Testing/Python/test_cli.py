@@ -29,7 +29,8 @@ def test_segment_writes_a_mask_in_the_ct_geometry(tmp_path, data_dir, small_weig
     output = tmp_path / "out" / "mask.nrrd"
     code = main([
         "segment", "--image", str(image_path), "--weights", str(small_weights), "--device", "cpu",
-        "--point", ",".join(str(v) for v in point_ras), "--ras", "--max-patches", "2", "--output", str(output),
+        "--point", ",".join(str(v) for v in point_ras), "--ras", "--max-patches", "2", "--precision", "float32",
+        "--output", str(output),
     ])
     assert code == 0
     printed = capsys.readouterr().out
