@@ -164,7 +164,7 @@ class Case:
         else:
             array = np.zeros(sitk.GetArrayViewFromImage(image).shape, np.uint16)
             for index, name in enumerate(self.structure_names, start=1):
-                array[sitk.GetArrayViewFromImage(self.load_structure(name)) != 0] = index
+                array[sitk.GetArrayFromImage(self.load_structure(name)) != 0] = index
             label_map = sitk.GetImageFromArray(array)
         label_map.CopyInformation(image)
         return label_map

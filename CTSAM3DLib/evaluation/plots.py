@@ -146,7 +146,7 @@ def plot_gallery(
     for row_axes, (rank, (case_name, structure)) in zip(grid, chosen):
         case = cases_by_name[case_name]
         image = case.load_image()
-        reference = sitk.GetArrayViewFromImage(case.load_structure(structure)) != 0
+        reference = sitk.GetArrayFromImage(case.load_structure(structure)) != 0
         direction = np.asarray(image.GetDirection()).reshape(3, 3)
         ct = sitk.GetArrayViewFromImage(image)
         for axes, method in zip(row_axes, methods):
@@ -156,12 +156,8 @@ def plot_gallery(
                 if (r["method"], r["case"], r["structure"]) == (method,) + (case_name, structure)
             ]
             z = int(rows[0]["index_z"])  # the first click: the structure's most interior voxel
-            prediction = (
-                sitk.GetArrayViewFromImage(
-                    sitk.ReadImage(str(store.mask_path((method, case_name, structure))))
-                )
-                != 0
-            )
+            mask_path = store.mask_path((method, case_name, structure))
+            prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_path))) != 0
             on_slice = [r for r in rows if int(r["index_z"]) == z]
             dice = curves[(method, case_name, structure)].dice[-1]
             title = f"{rank}: {case_name}/{structure}\n{method}, Dice {dice:.2f} after {len(rows)} clicks"
