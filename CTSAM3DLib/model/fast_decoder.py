@@ -215,6 +215,12 @@ class Int8SpadeDecoder:
 
     @torch.no_grad()
     def __call__(self, features: List[torch.Tensor], prompt: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if prompt.shape[0] > 1:
+            # Activation scales are taken per call: one sample at a time keeps each patch's result
+            # independent of what it is batched with (as in float32); the cost is per sample anyway.
+            outputs = [self([level[row:row + 1] for level in features], prompt[row:row + 1])
+                       for row in range(prompt.shape[0])]
+            return torch.cat([p for p, _ in outputs]), torch.cat([q for _, q in outputs])
         skips = features[-2::-1]
         x = features[-1]
         for level, block in enumerate(self.blocks):

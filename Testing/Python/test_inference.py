@@ -113,6 +113,18 @@ def test_int8_path_runs_the_encoder_and_cross_patch_unet_in_float32(net):
             assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("precision", OPTIMISED)
+def test_a_patch_decodes_the_same_whatever_it_is_batched_with(net, data_dir, precision):
+    """Cross-patch prompting batches neighbours: each one's result must not depend on the others."""
+    prepared = prepare_network(net, CPU, precision)
+    patches = torch.cat([central_patch(data_dir / name / "ct.nii.gz") for name in CTS[:2]])
+    with torch.no_grad():
+        features = prepared.encode(patches)
+        together, _ = prepared.decode(features, POINTS.expand(2, -1, -1), LABELS.expand(2, -1))
+        alone, _ = prepared.decode([level[1:] for level in features], POINTS, LABELS)
+    np.testing.assert_allclose(together[1:].numpy(), alone.numpy(), atol=1e-3)
+
+
 def test_padding_clicks_to_the_maximum_leaves_the_click_maps_unchanged():
     """What the compiled GPU path relies on to keep one graph for every click count."""
     padded_points = torch.zeros(1, MAX_CLICKS, 3)
