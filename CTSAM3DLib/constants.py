@@ -16,3 +16,6 @@ MASK_THRESHOLD = 0.5
 CLICK_SIGMA = 2.0
 CLICK_RADIUS = 8
 MAX_CLICKS = 24
+
+MAX_OPEN_PATCHES = 16
+"""Default cap on the patches one segmentation may open through cross-patch prompting."""

@@ -33,7 +33,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .constants import MASK_THRESHOLD, PATCH_SIZE
+from .constants import MASK_THRESHOLD, MAX_OPEN_PATCHES, PATCH_SIZE
 from .device import resolve_device
 from .geometry import Lattice, PatchGeometry, SourceGrid, SourceRegion
 from .inference import prepare_network
@@ -123,7 +123,7 @@ class InteractiveSession:
         precision: str = "auto",
         *,
         cross_patch: Optional[bool] = None,
-        max_patches: int = 16,
+        max_patches: int = MAX_OPEN_PATCHES,
         cross_patch_box_lps: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
     ) -> None:
         validate_image(image)

@@ -22,6 +22,8 @@ SessionFactory = Callable[..., Any]
 """(network, image in world LPS, device, cross_patch=..., max_patches=...) -> an object with
 CTSAM3DLib.InteractiveSession's interface."""
 
+# The same as CTSAM3DLib.constants.MAX_OPEN_PATCHES, kept here because importing CTSAM3DLib needs torch,
+# which may not be installed yet when Slicer loads the module.
 DEFAULT_MAX_PATCHES = 16
 
 

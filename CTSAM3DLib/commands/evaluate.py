@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from ..cli import CommandError
+from ..constants import MAX_OPEN_PATCHES
 from ..datasets import find_cases
 from ..evaluation.baseline import RegionGrowingSession
 from ..evaluation.metrics import SURFACE_TOLERANCE_MM
@@ -57,7 +57,8 @@ def add_parser(subparsers) -> None:
         help="let the model open more patches for structures larger than one (default on)",
     )
     parser.add_argument(
-        "--max-patches", type=int, help="patch cap with --cross-patch on (default: the session's own)"
+        "--max-patches", type=int, default=MAX_OPEN_PATCHES,
+        help=f"patch cap with --cross-patch on (default {MAX_OPEN_PATCHES})"
     )
     parser.add_argument(
         "--methods",
@@ -96,40 +97,6 @@ def _file_digest(path: Path) -> str:
         for block in iter(lambda: stream.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _session_options(cross_patch: bool, max_patches: Optional[int]) -> Dict[str, object]:
-    """Keyword arguments for ``InteractiveSession`` (only those its signature accepts)."""
-    from ..session import InteractiveSession
-
-    accepted = inspect.signature(InteractiveSession).parameters
-    options: Dict[str, object] = {}
-    if "cross_patch" in accepted:
-        options["cross_patch"] = cross_patch
-    elif not cross_patch:
-        raise CommandError(
-            "this InteractiveSession has no cross-patch switch: --cross-patch off is unavailable"
-        )
-    if max_patches is not None:
-        if "max_patches" not in accepted:
-            raise CommandError("this InteractiveSession has no patch cap: --max-patches is unavailable")
-        options["max_patches"] = max_patches
-    return options
-
-
-def patch_cap(cross_patch: bool, max_patches: Optional[int]) -> Optional[int]:
-    """The most patches the model may use: 1 without cross-patch, else the given or session's cap
-    (``None`` when the session has none)."""
-    if not cross_patch:
-        return 1
-    if max_patches is not None:
-        return max_patches
-    from ..session import InteractiveSession
-
-    parameter = inspect.signature(InteractiveSession).parameters.get("max_patches")
-    if parameter is None or not isinstance(parameter.default, int):
-        return None
-    return parameter.default
 
 
 def _model_method(weights: Path, device_spec: str, options: Dict[str, object]) -> Method:
@@ -171,13 +138,13 @@ def run(args: argparse.Namespace) -> int:
     if not any(selection.values()):
         raise CommandError(f"no labelled structures in {args.data}: nothing to evaluate")
     cross_patch = args.cross_patch == "on"
-    cap = patch_cap(cross_patch, args.max_patches)
+    cap = args.max_patches if cross_patch else 1
     settings: Dict[str, object] = {
         "protocol": {"clicks": args.clicks, "tolerance_mm": args.tolerance_mm, "patch_cap": cap},
     }
     chosen: List[Method] = []
     if MODEL in methods:
-        options = _session_options(cross_patch, args.max_patches)
+        options = {"cross_patch": cross_patch, "max_patches": args.max_patches}
         settings[MODEL] = {
             "weights": str(args.weights.resolve()),
             "sha256": _file_digest(args.weights),

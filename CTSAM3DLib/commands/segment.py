@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 from typing import List, Tuple
 
+from ..constants import MAX_OPEN_PATCHES
 from ..inference import PRECISIONS
 from ..io import parse_point, ras_to_lps, read_image, read_points_file, write_image_atomically
 
@@ -49,8 +50,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         "(the reference path), int8, bfloat16, float16")
     parser.add_argument("--cross-patch", choices=("on", "off"), default="on",
                         help="carry the segmentation into neighbouring patches (default on)")
-    parser.add_argument("--max-patches", type=int, default=16,
-                        help="most patches cross-patch prompting may open (default 16)")
+    parser.add_argument("--max-patches", type=int, default=MAX_OPEN_PATCHES,
+                        help=f"most patches cross-patch prompting may open (default {MAX_OPEN_PATCHES})")
     parser.add_argument("--probability", type=Path, help="also write the probability map (float32)")
     parser.set_defaults(func=run, click_sources=[])
 
