@@ -118,6 +118,10 @@ class PatchGeometry:
         """Continuous (x, y, z) patch voxel coordinates of a world point."""
         return (np.asarray(point_lps, dtype=np.float64) - np.array(self.origin_lps)) / self.spacing
 
+    def to_world(self, voxel_xyz: Sequence[float]) -> np.ndarray:
+        """The world point (LPS) of continuous (x, y, z) patch voxel coordinates."""
+        return np.array(self.origin_lps) + self.spacing * np.asarray(voxel_xyz, dtype=np.float64)
+
     def contains(self, point_lps: Sequence[float]) -> bool:
         """Whether the point lies within the patch's voxels (their extent, half a voxel beyond
         the outer voxel centres)."""

@@ -393,7 +393,7 @@ class InteractiveSession:
         for row, (_, _, child, geometry) in enumerate(jobs):
             peaks = heatmap_peaks(heatmaps[row, 0]).cpu().numpy()
             prompts[row] = tuple(
-                tuple(float(v) for v in np.array(geometry.origin_lps) + geometry.spacing * peak) for peak in peaks
+                tuple(float(v) for v in geometry.to_world(peak)) for peak in peaks
             )
             if not prompts[row] and child is not None:
                 self._drop(child, entry)
