@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -48,6 +48,12 @@ class Click(NamedTuple):
 
 class SessionInputError(ValueError):
     """An image or click that the session cannot use; the session is left unchanged."""
+
+
+ProgressCallback = Callable[[int, int], None]
+"""``progress(patches_decoded, patches_planned)``, called before and after each batch of patches a
+click decodes; ``patches_planned`` grows as cross-patch prompting finds neighbours. An exception
+raised from it abandons the click (how a GUI cancels), leaving the session as it was before it."""
 
 
 @dataclass
@@ -148,6 +154,7 @@ class InteractiveSession:
         self._patches: Dict[int, Patch] = {}
         self._next_patch_id = 0
         self._history: List[_HistoryEntry] = []
+        self._progress: Optional[ProgressCallback] = None
 
     # ----------------------------------------------------------------- state
     @property
@@ -184,25 +191,33 @@ class InteractiveSession:
         return self._as_image(volume)
 
     # ----------------------------------------------------------------- clicks
-    def add_click(self, point_lps: Sequence[float], positive: bool = True) -> sitk.Image:
-        """Adds a positive or negative click at a world point (LPS mm); returns the new mask."""
+    def add_click(
+        self, point_lps: Sequence[float], positive: bool = True, progress: Optional[ProgressCallback] = None
+    ) -> sitk.Image:
+        """Adds a positive or negative click at a world point (LPS mm); returns the new mask.
+        ``progress`` (see ``ProgressCallback``) follows the patches it decodes and may cancel it."""
         click = Click(self._checked_point(point_lps), bool(positive))
         timing: Dict[str, float] = {}
         started = time.perf_counter()
         entry = _HistoryEntry(click)
         self._history.append(entry)
+        self._progress = progress
         try:
             targets = [pid for pid in sorted(self._patches) if self._patches[pid].geometry.contains(click.point_lps)]
+            self._report_progress(timing, pending=max(len(targets), 1))
             if not targets:
                 geometry = self.lattice.patch_centred_on(self.lattice.nearest_index(click.point_lps))
                 targets = self._open_patches([geometry], self._sample([geometry], timing), entry, timing)
             self._decode(targets, entry, timing)
+            self._report_progress(timing, pending=0)
             if self.cross_patch:
                 self._propagate(targets, entry, timing)
         except BaseException:
             self._history.pop()
             self._restore(entry)
             raise
+        finally:
+            self._progress = None
         paste_started = time.perf_counter()
         self._render_into_mask(self._regions_touched(entry))
         timing["paste"] = time.perf_counter() - paste_started
@@ -230,9 +245,12 @@ class InteractiveSession:
         self._mask[...] = 0
         self.last_timing = {}
 
-    def set_clicks(self, clicks: Sequence[Tuple[Sequence[float], bool]]) -> sitk.Image:
+    def set_clicks(
+        self, clicks: Sequence[Tuple[Sequence[float], bool]], progress: Optional[ProgressCallback] = None
+    ) -> sitk.Image:
         """Makes the click list equal ``clicks`` ((point_lps, positive) pairs), undoing back to the
-        longest common prefix and adding the rest: what a GUI calls when a prompt moves."""
+        longest common prefix and adding the rest: what a GUI calls when a prompt moves. ``progress``
+        is handed to each click added; if it cancels one, the clicks before it stay applied."""
         wanted = [Click(self._checked_point(point), bool(positive)) for point, positive in clicks]
         current = self.clicks
         common = 0
@@ -241,7 +259,7 @@ class InteractiveSession:
         for _ in range(len(current) - common):
             self.undo()
         for click in wanted[common:]:
-            self.add_click(click.point_lps, click.positive)
+            self.add_click(click.point_lps, click.positive, progress)
         return self.mask
 
     # ----------------------------------------------------------------- internals
@@ -254,6 +272,11 @@ class InteractiveSession:
         if not self.grid.contains(point):
             raise SessionInputError(f"click at LPS {tuple(np.round(point, 2))} mm lies outside the image")
         return tuple(float(v) for v in point)
+
+    def _report_progress(self, timing: Dict[str, float], pending: int) -> None:
+        if self._progress is not None:
+            done = int(timing.get("patches_decoded", 0))
+            self._progress(done, done + pending)
 
     def _snapshot(self, entry: _HistoryEntry, pid: int) -> None:
         """Remembers a patch as it was before this click first touched it."""
@@ -352,7 +375,9 @@ class InteractiveSession:
                             jobs.append((pid, offset, None, geometry))
             if not jobs:
                 break
+            self._report_progress(timing, pending=len(jobs))
             frontier = self._prompt_neighbours(jobs, entry, timing)
+            self._report_progress(timing, pending=0)
         timing["cross_patch"] = time.perf_counter() - started
 
     def _may_open(self, geometry: PatchGeometry, pending: int) -> bool:

@@ -1,7 +1,7 @@
 """Geometry between Slicer (RAS world, MRML nodes, vtkOrientedImageData) and CTSAM3DLib (LPS, SimpleITK).
 
-The RAS<->LPS flip lives here and nowhere else: Slicer hands RAS to this module and CTSAM3DLib
-receives LPS from it. Parent transforms of volumes, segmentations and markups are folded in here
+Slicer hands RAS to this module and CTSAM3DLib receives LPS from it, through CTSAM3DLib.world (the
+one place that knows the RAS<->LPS flip). Parent transforms of volumes, segmentations and markups are folded in here
 too, so a mask lands where the user sees the scan whatever the IJK-to-RAS matrix or transform.
 """
 
@@ -15,21 +15,9 @@ import slicer
 import vtk
 from vtk.util import numpy_support
 
-_RAS_LPS_FLIP = np.diag([-1.0, -1.0, 1.0, 1.0])
-"""Changes world coordinates RAS <-> LPS (its own inverse)."""
+from CTSAM3DLib.world import matrix_ras_to_lps
 
 _GEOMETRY_TOLERANCE_MM = 1e-4
-
-
-def pointRasToLps(pointRAS: Sequence[float]) -> Tuple[float, float, float]:
-    """A world point from Slicer's RAS to the LPS that CTSAM3DLib and SimpleITK use."""
-    flipped = _RAS_LPS_FLIP @ np.array([pointRAS[0], pointRAS[1], pointRAS[2], 1.0], dtype=float)
-    return float(flipped[0]), float(flipped[1]), float(flipped[2])
-
-
-def matrixRasToLps(matrixToRAS: np.ndarray) -> np.ndarray:
-    """A 4x4 matrix mapping into world RAS, changed to map into world LPS."""
-    return _RAS_LPS_FLIP @ np.asarray(matrixToRAS, dtype=float)
 
 
 def arrayFromVtkMatrix(matrix: vtk.vtkMatrix4x4) -> np.ndarray:
@@ -94,7 +82,7 @@ def volumeToImage(volumeNode) -> sitk.Image:
     if imageData.GetNumberOfScalarComponents() != 1:
         raise ValueError(f"volume '{volumeNode.GetName()}' is not a single-component (grey-scale) volume")
     voxels = np.array(slicer.util.arrayFromVolume(volumeNode), copy=True)
-    return imageFromMatrix(matrixRasToLps(volumeIjkToWorldRas(volumeNode)), voxels.shape[::-1], voxels)
+    return imageFromMatrix(matrix_ras_to_lps(volumeIjkToWorldRas(volumeNode)), voxels.shape[::-1], voxels)
 
 
 def orientedImageToWorldLps(orientedImage, nodeToWorldRAS: np.ndarray) -> Tuple[np.ndarray, Tuple[int, ...]]:
@@ -104,7 +92,7 @@ def orientedImageToWorldLps(orientedImage, nodeToWorldRAS: np.ndarray) -> Tuple[
     extent = orientedImage.GetExtent()
     shiftToExtentStart = np.eye(4)
     shiftToExtentStart[:3, 3] = (extent[0], extent[2], extent[4])
-    indexToLPS = matrixRasToLps(nodeToWorldRAS @ arrayFromVtkMatrix(imageToNode) @ shiftToExtentStart)
+    indexToLPS = matrix_ras_to_lps(nodeToWorldRAS @ arrayFromVtkMatrix(imageToNode) @ shiftToExtentStart)
     size = (extent[1] - extent[0] + 1, extent[3] - extent[2] + 1, extent[5] - extent[4] + 1)
     return indexToLPS, size
 

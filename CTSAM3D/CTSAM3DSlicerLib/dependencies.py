@@ -7,6 +7,7 @@ installed through the PyTorch extension's PyTorchUtils, which picks the build ma
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 from typing import Callable, List
 
 TORCH_REQUIREMENT = ">=2.1"
@@ -23,7 +24,9 @@ def missingPackages() -> List[str]:
 
 
 def installTorch() -> None:
-    """Install torch with PyTorchUtils (blocking; it shows its own progress)."""
+    """Install torch with PyTorchUtils (blocking; it shows its own progress). Its failures (it raises
+    CalledProcessError when light-the-torch fails, ModuleNotFoundError when torch still cannot be
+    imported, and returns None when declined) become a DependencyError that says what to do."""
     try:
         import PyTorchUtils
     except ModuleNotFoundError as error:
@@ -31,11 +34,22 @@ def installTorch() -> None:
             "the 'PyTorch' extension is missing: install it from the Extension Manager, restart Slicer, "
             "and try again"
         ) from error
-    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-        askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT
-    )
+    try:
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=False, torchVersionRequirement=TORCH_REQUIREMENT
+        )
+    except subprocess.CalledProcessError as error:
+        detail = (error.output or "").strip().splitlines()[-1:] or [f"exit code {error.returncode}"]
+        raise DependencyError(
+            f"installing PyTorch failed ({detail[0]}); check the network connection and the Python console, "
+            "or install it in the PyTorch module, then restart Slicer"
+        ) from error
+    except ImportError as error:
+        raise DependencyError(
+            f"PyTorch was installed but cannot be imported ({error}): restart Slicer and try again"
+        ) from error
     if torch is None:
-        raise DependencyError("PyTorch could not be installed (see the Python console for the reason)")
+        raise DependencyError("PyTorch was not installed (the installation was declined or aborted)")
 
 
 def ensureDependencies(askUser: Callable[[str], bool]) -> bool:

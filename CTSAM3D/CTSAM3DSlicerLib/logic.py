@@ -1,30 +1,45 @@
 """CTSAM3DLogic: CT-SAM3D in Slicer without any GUI (scriptable from the Python console).
 
-Main-thread side: read MRML (volume voxels, geometry, prompts) and write the result. Worker side: load
-the network, keep one CTSAM3DLib session per volume, run the clicks. Only SimpleITK images, tuples
-and the network cross between the two.
+Main-thread side: read MRML (volume voxels, geometry, prompts) and write the result. Worker side: verify
+and load the weights, keep one CTSAM3DLib session per volume, run the clicks. Only SimpleITK images,
+tuples and the network cross between the two. The main thread waits for the worker in
+``worker.waitProcessingEvents`` (GIL released, events processed), never by polling from a timer.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import time
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import SimpleITK as sitk  # noqa: N813
 import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
-from . import coordinates, weights
+from CTSAM3DLib.constants import MAX_OPEN_PATCHES
+from CTSAM3DLib.world import ras_to_lps
+
+from . import coordinates, dependencies, weights
 from .worker import InferenceWorker, waitProcessingEvents
 
 SessionFactory = Callable[..., Any]
 """(network, image in world LPS, device, cross_patch=..., max_patches=...) -> an object with
-CTSAM3DLib.InteractiveSession's interface."""
+CTSAM3DLib.InteractiveSession's interface (``set_clicks(clicks, progress=...)``, ``clicks``, ...)."""
 
-# The same as CTSAM3DLib.constants.MAX_OPEN_PATCHES, kept here because importing CTSAM3DLib needs torch,
-# which may not be installed yet when Slicer loads the module.
-DEFAULT_MAX_PATCHES = 16
+DEFAULT_MAX_PATCHES = MAX_OPEN_PATCHES
+
+
+class PredictionCancelledError(Exception):
+    """The user cancelled the prediction; nothing was written."""
+
+
+class Progress(NamedTuple):
+    """What the worker is doing: ``stage`` ("Verifying the weights", "Loading the network",
+    "Segmenting"), and ``done`` of ``total`` units (bytes or patches; total 0 when unknown)."""
+
+    stage: str
+    done: int = 0
+    total: int = 0
 
 
 def defaultSessionFactory(network, image: sitk.Image, device: str, cross_patch: bool = True,
@@ -38,7 +53,7 @@ def defaultSessionFactory(network, image: sitk.Image, device: str, cross_patch: 
 
 def makeClicks(prompts: Sequence[Tuple[Sequence[float], bool]]) -> List[Tuple[Tuple[float, ...], bool]]:
     """CTSAM3DLib clicks ((point LPS, positive) pairs) from (point RAS, positive) pairs, order kept."""
-    return [(coordinates.pointRasToLps(pointRAS), bool(positive)) for pointRAS, positive in prompts]
+    return [(ras_to_lps(pointRAS), bool(positive)) for pointRAS, positive in prompts]
 
 
 class CTSAM3DLogic(ScriptedLoadableModuleLogic):
@@ -49,6 +64,9 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         logic = CTSAM3DLogic()
         logic.loadModel("/path/to/params.pth")        # or: download with CTSAM3DSlicerLib.weights
         segmentId = logic.segmentFromPoints(volumeNode, segmentationNode, None, [[10.0, -20.0, 30.0]], [])
+
+    The blocking calls (``loadModel``, ``predictMask``, ``segmentFromPoints``) keep Slicer responsive
+    while they wait, and accept ``onTick()``, called as they wait, to show ``logic.progress``.
     """
 
     _shared: Optional[CTSAM3DLogic] = None
@@ -69,6 +87,7 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         self.loadedCheckpoint: Optional[str] = None
         self.lastClickSeconds: Optional[float] = None
         self.lastTiming: dict = {}
+        self.progress: Optional[Progress] = None
         self.crossPatch = True
         self.maxPatches = DEFAULT_MAX_PATCHES
         self._session = None
@@ -85,42 +104,60 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         """Use an already built network (any object with encode/decode), e.g. from Python."""
         self.network = network
         self.loadedCheckpoint = None
-        self._dropSession()
+        self.releaseSession()
 
-    def loadModel(self, checkpointPath: Optional[str] = None, device: Optional[str] = None) -> None:
-        """Load the checkpoint (default: the weights chosen in the module panel) on the worker thread."""
+    def loadModel(
+        self, checkpointPath: Optional[str] = None, device: Optional[str] = None,
+        onTick: Optional[Callable[[], None]] = None,
+    ) -> None:
+        """Verify (once per file version) and load the checkpoint (default: the weights chosen in the
+        module panel) on the worker thread, keeping Slicer responsive meanwhile."""
+        missing = dependencies.missingPackages()
+        if missing:
+            raise dependencies.DependencyError(
+                f"CT-SAM3D needs PyTorch ({', '.join(missing)} is not installed): install it in the CT-SAM3D "
+                "module ('Install missing packages...'), then restart Slicer"
+            )
         path = checkpointPath or weights.configuredWeightsPath()
         if not path:
             raise ValueError(
                 "no CT-SAM3D weights are configured: download or choose them in the CT-SAM3D module "
                 "(or pass checkpointPath)"
             )
-        weights.verifyRecordedChecksum(path)
         device = device or self.device
 
         def load():
+            self.progress = Progress("Verifying the weights")
+            weights.verifyRecordedChecksum(
+                path, lambda done, total: setattr(self, "progress", Progress("Verifying the weights", done, total or 0))
+            )
+            self.progress = Progress("Loading the network")
             import CTSAM3DLib
 
             return CTSAM3DLib.load_checkpoint(path, device=device)
 
-        network = waitProcessingEvents(self.worker.submit(load), slicer.app.processEvents)
+        try:
+            network = waitProcessingEvents(self.worker.submit(load), slicer.app.processEvents, onTick)
+        finally:
+            self.progress = None
         self.network = network
         self.device = device
         self.loadedCheckpoint = path
-        self._dropSession()
+        self.releaseSession()
 
-    def ensureModel(self) -> None:
+    def ensureModel(self, onTick: Optional[Callable[[], None]] = None) -> None:
         if self.network is None:
-            self.loadModel()
+            self.loadModel(onTick=onTick)
 
     def setCrossPatch(self, enabled: bool, maxPatches: int = DEFAULT_MAX_PATCHES) -> None:
         """Switch cross-patch prompting (carrying a segmentation into neighbouring patches) and its
         cap on open patches; takes effect at the next prediction (the session is rebuilt)."""
         if (bool(enabled), int(maxPatches)) != (self.crossPatch, self.maxPatches):
             self.crossPatch, self.maxPatches = bool(enabled), int(maxPatches)
-            self._dropSession()
+            self.releaseSession()
 
-    def _dropSession(self) -> None:
+    def releaseSession(self) -> None:
+        """Forget the session (its clicks, patches and copy of the volume), e.g. when the scene closes."""
         self._session = None
         self._sessionKey = None
 
@@ -134,10 +171,14 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         )
 
     def startPrediction(
-        self, volumeNode, prompts: Sequence[Tuple[Sequence[float], bool]]
+        self,
+        volumeNode,
+        prompts: Sequence[Tuple[Sequence[float], bool]],
+        isCancelled: Optional[Callable[[], bool]] = None,
     ) -> concurrent.futures.Future:
         """Queue the clicks (world RAS, click order) on the worker; the future gives the mask
-        (SimpleITK uint8 in the volume's world LPS geometry). Call on the main thread."""
+        (SimpleITK uint8 in the volume's world LPS geometry), or raises PredictionCancelledError once
+        ``isCancelled()`` (polled between batches of patches) turns true. Call on the main thread."""
         if self.network is None:
             raise RuntimeError("no CT-SAM3D network loaded: load it in the CT-SAM3D module or with loadModel")
         key = self._volumeKey(volumeNode)
@@ -146,24 +187,46 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         network, factory, device = self.network, self.sessionFactory, self.device
         options = {"cross_patch": self.crossPatch, "max_patches": self.maxPatches}
 
+        def checkCancelled():
+            if isCancelled is not None and isCancelled():
+                raise PredictionCancelledError("the prediction was cancelled; the segment was left as it was")
+
+        def progress(done: int, planned: int) -> None:
+            self.progress = Progress("Segmenting", done, planned)
+            checkCancelled()
+
         def run():
             started = time.perf_counter()
+            self.progress = Progress("Segmenting")
             if image is not None:
+                self.releaseSession()
                 self._session = factory(network, image, device, **options)
                 self._sessionKey = key
             session = self._session
             if session is None:
                 raise RuntimeError("the CT-SAM3D session was dropped (model or device changed); click again")
-            mask = session.set_clicks(clicks)
+            checkCancelled()
+            mask = session.set_clicks(clicks, progress=progress)
             self.lastClickSeconds = time.perf_counter() - started
             self.lastTiming = dict(getattr(session, "last_timing", {}) or {})
             return mask
 
         return self.worker.submit(run)
 
-    def predictMask(self, volumeNode, prompts: Sequence[Tuple[Sequence[float], bool]]) -> sitk.Image:
-        """Blocking form of startPrediction that keeps the GUI responsive while it waits."""
-        return waitProcessingEvents(self.startPrediction(volumeNode, prompts), slicer.app.processEvents)
+    def predictMask(
+        self,
+        volumeNode,
+        prompts: Sequence[Tuple[Sequence[float], bool]],
+        isCancelled: Optional[Callable[[], bool]] = None,
+        onTick: Optional[Callable[[], None]] = None,
+    ) -> sitk.Image:
+        """Blocking form of startPrediction that keeps Slicer responsive while it waits."""
+        try:
+            return waitProcessingEvents(
+                self.startPrediction(volumeNode, prompts, isCancelled), slicer.app.processEvents, onTick
+            )
+        finally:
+            self.progress = None
 
     def segmentFromPoints(
         self,
@@ -181,15 +244,15 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         """
         if not positivePointsRAS:
             raise ValueError("at least one positive point is needed")
-        self.ensureModel()
         segmentation = segmentationNode.GetSegmentation()
-        if not segmentId:
-            segmentId = segmentation.AddEmptySegment("", segmentName)
-        elif segmentation.GetSegment(segmentId) is None:
+        if segmentId and segmentation.GetSegment(segmentId) is None:
             raise ValueError(f"segmentation '{segmentationNode.GetName()}' has no segment '{segmentId}'")
+        self.ensureModel()
         prompts: List[Tuple[Sequence[float], bool]] = [(p, True) for p in positivePointsRAS]
         prompts += [(p, False) for p in negativePointsRAS]
         mask = self.predictMask(volumeNode, prompts)
+        if not segmentId:
+            segmentId = segmentation.AddEmptySegment("", segmentName)
         self.writeMask(mask, volumeNode, segmentationNode, segmentId)
         return segmentId
 

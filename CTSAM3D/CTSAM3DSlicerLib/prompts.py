@@ -1,7 +1,8 @@
 """Prompt points kept as markups: one green (positive) and one red (negative) point list per segment.
 
-The lists are ordinary scene nodes, so they are saved with the scene, edited with the markups tools and
-found again after reloading through two attributes (segmentation node ID and segment ID). Click order
+The lists are ordinary scene nodes, so they are saved with the scene and edited with the markups tools.
+Each list refers to its segmentation node through a node reference (which MRML renames with the node
+when a scene import changes node IDs) and names its segment and polarity in attributes. Click order
 matters to the network, so each point's label carries its rank: "+1", "-2", "+3", ...
 """
 
@@ -12,7 +13,7 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-SEGMENTATION_ATTRIBUTE = "CTSAM3D.SegmentationNodeID"
+SEGMENTATION_REFERENCE_ROLE = "CTSAM3D.Segmentation"
 SEGMENT_ATTRIBUTE = "CTSAM3D.SegmentID"
 POLARITY_ATTRIBUTE = "CTSAM3D.Polarity"
 POSITIVE_COLOR = (0.18, 0.80, 0.25)
@@ -33,7 +34,7 @@ def findPromptList(scene, segmentationNode, segmentId: str, positive: bool):
     for index in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode")):
         node = scene.GetNthNodeByClass(index, "vtkMRMLMarkupsFiducialNode")
         if (
-            node.GetAttribute(SEGMENTATION_ATTRIBUTE) == segmentationNode.GetID()
+            node.GetNodeReferenceID(SEGMENTATION_REFERENCE_ROLE) == segmentationNode.GetID()
             and node.GetAttribute(SEGMENT_ATTRIBUTE) == segmentId
             and node.GetAttribute(POLARITY_ATTRIBUTE) == polarity
         ):
@@ -48,7 +49,7 @@ def createPromptList(scene, segmentationNode, segmentId: str, positive: bool):
     node = scene.AddNewNodeByClass(
         "vtkMRMLMarkupsFiducialNode", f"{segmentName} CT-SAM3D {'+' if positive else '-'}"
     )
-    node.SetAttribute(SEGMENTATION_ATTRIBUTE, segmentationNode.GetID())
+    node.SetNodeReferenceID(SEGMENTATION_REFERENCE_ROLE, segmentationNode.GetID())
     node.SetAttribute(SEGMENT_ATTRIBUTE, segmentId)
     node.SetAttribute(POLARITY_ATTRIBUTE, "positive" if positive else "negative")
     node.CreateDefaultDisplayNodes()

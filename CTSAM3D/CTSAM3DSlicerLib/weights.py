@@ -3,18 +3,20 @@
 Nothing here runs at import time. The download streams into a temporary file beside the target,
 computes SHA-256 on the way, and renames atomically only when complete, so an interrupted or
 cancelled download never leaves a file that looks like weights. The checksum is recorded beside the
-file and verified again before each load.
+file with the file's size and modification time; a load re-hashes the file (about 300 MB) only when
+these changed, so each version of the file is verified once, on the worker thread, with progress.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
 import urllib.request
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Dict, NamedTuple, Optional, Tuple
 
 import slicer
 
@@ -40,6 +42,10 @@ class DownloadCancelledError(Exception):
 
 class ChecksumMismatchError(Exception):
     """The weights file differs from the checksum recorded when it was obtained."""
+
+
+ProgressCallback = Callable[[int, Optional[int]], None]
+"""``progress(bytesDone, bytesTotal or None)``."""
 
 
 class DownloadResult(NamedTuple):
@@ -77,49 +83,84 @@ def checksumRecordPath(weightsPath: str) -> Path:
     return Path(str(weightsPath) + ".sha256.json")
 
 
-def computeSha256(path: str, chunkBytes: int = CHUNK_BYTES) -> str:
+def computeSha256(path: str, progress: Optional[ProgressCallback] = None, chunkBytes: int = CHUNK_BYTES) -> str:
+    """SHA-256 of a file, reporting ``progress(bytesDone, bytesTotal)`` after every chunk."""
+    total = os.path.getsize(path)
     digest = hashlib.sha256()
+    done = 0
     with open(path, "rb") as stream:
         for chunk in iter(lambda: stream.read(chunkBytes), b""):
             digest.update(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
     return digest.hexdigest()
 
 
-def recordChecksum(weightsPath: str, sha256: str, source: str) -> None:
-    """Write the record beside the weights (atomically)."""
-    record = {
-        "file": Path(weightsPath).name,
-        "sha256": sha256,
-        "size": os.path.getsize(weightsPath),
-        "source": source,
-        "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+def _fileVersion(path: str) -> Tuple[int, int]:
+    status = os.stat(path)
+    return status.st_size, status.st_mtime_ns
+
+
+def _readRecord(weightsPath: str) -> Optional[Dict]:
+    record = checksumRecordPath(weightsPath)
+    return json.loads(record.read_text()) if record.is_file() else None
+
+
+def _writeRecord(weightsPath: str, record: Dict) -> None:
     target = checksumRecordPath(weightsPath)
     temporary = target.with_name(target.name + ".part")
     temporary.write_text(json.dumps(record, indent=2))
     os.replace(temporary, target)
 
 
+def recordChecksum(weightsPath: str, sha256: str, source: str) -> None:
+    """Write the record beside the weights (atomically), for the file as it is now."""
+    size, modified = _fileVersion(weightsPath)
+    _writeRecord(weightsPath, {
+        "file": Path(weightsPath).name,
+        "sha256": sha256,
+        "size": size,
+        "mtime_ns": modified,
+        "source": source,
+        "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    })
+
+
 def recordedChecksum(weightsPath: str) -> Optional[str]:
-    record = checksumRecordPath(weightsPath)
-    if not record.is_file():
-        return None
-    return json.loads(record.read_text())["sha256"]
+    record = _readRecord(weightsPath)
+    return None if record is None else record["sha256"]
 
 
-def verifyRecordedChecksum(weightsPath: str) -> Optional[str]:
-    """Recompute and compare with the recorded SHA-256 (if one was recorded); returns the checksum."""
+_verifiedVersions: Dict[str, Tuple[int, int]] = {}
+"""Files verified in this process, by real path: (size, mtime_ns) (used where the record is read-only)."""
+
+
+def verifyRecordedChecksum(weightsPath: str, progress: Optional[ProgressCallback] = None) -> Optional[str]:
+    """Compare the file with its recorded SHA-256, if one was recorded; returns the checksum.
+
+    Hashes only a version of the file (size, modification time) not verified before; slow for the
+    authors' 300 MB file, so call it off the main thread. Raises ChecksumMismatchError on a change.
+    """
     if not Path(weightsPath).is_file():
         raise FileNotFoundError(f"CT-SAM3D weights not found: {weightsPath}")
-    expected = recordedChecksum(weightsPath)
-    if expected is None:
+    record = _readRecord(weightsPath)
+    if record is None:
         return None
-    actual = computeSha256(weightsPath)
-    if actual != expected:
+    version = _fileVersion(weightsPath)
+    realPath = os.path.realpath(weightsPath)
+    if (record.get("size"), record.get("mtime_ns")) == version or _verifiedVersions.get(realPath) == version:
+        return record["sha256"]
+    actual = computeSha256(weightsPath, progress)
+    if actual != record["sha256"]:
         raise ChecksumMismatchError(
-            f"{weightsPath} has SHA-256 {actual}, but {expected} was recorded when it was obtained; "
+            f"{weightsPath} has SHA-256 {actual}, but {record['sha256']} was recorded when it was obtained; "
             "the file changed or is corrupt: download it again"
         )
+    _verifiedVersions[realPath] = version
+    # In a read-only folder the record stays as it was, and this process remembers the verified version.
+    with contextlib.suppress(OSError):
+        _writeRecord(weightsPath, {**record, "size": version[0], "mtime_ns": version[1]})
     return actual
 
 
@@ -127,7 +168,7 @@ def verifyRecordedChecksum(weightsPath: str) -> Optional[str]:
 def download(
     url: str,
     destination: str,
-    progress: Optional[Callable[[int, Optional[int]], None]] = None,
+    progress: Optional[ProgressCallback] = None,
     isCancelled: Optional[Callable[[], bool]] = None,
     expectedSha256: Optional[str] = None,
     timeoutSeconds: float = 60.0,

@@ -2,29 +2,39 @@
 
 Prompts are markups point lists (green +, red -), one pair per segment, referenced from the segment
 editor node and saved with the scene. Every change of the prompts (click, markups placement, move,
-delete) re-runs the CTSAM3DLib session on the worker thread; the result replaces the selected segment
-through the editor (saveStateForUndo + modifySelectedSegmentByLabelmap), so masking, overwrite and the
-editor's undo apply as for any other effect. Absolute imports only (Slicer may load this file as a
-top-level module named after its folder).
+delete) re-runs the CTSAM3DLib session on the worker thread while the main thread waits with events
+processed (never a polling timer: under PythonQt that starves the worker); the result replaces the
+selected segment through the editor (saveStateForUndo + modifySelectedSegmentByLabelmap), so masking,
+overwrite and the editor's undo apply as for any other effect. Absolute imports only (Slicer may load
+this file as a top-level module named after its folder).
 """
 
 import logging
 import os
+import threading
 
 import qt
 import slicer
 import vtk
-from CTSAM3DSlicerLib import coordinates, prompts
-from CTSAM3DSlicerLib.logic import DEFAULT_MAX_PATCHES, CTSAM3DLogic
+from CTSAM3DSlicerLib import prompts
+from CTSAM3DSlicerLib.coordinates import arrayFromVtkMatrix, nodeToWorldMatrix, writeMaskIntoOrientedImage
+from CTSAM3DSlicerLib.logic import DEFAULT_MAX_PATCHES, CTSAM3DLogic, PredictionCancelledError
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 EFFECT_NAME = "CT-SAM3D"
 POSITIVE_ROLE = "PositivePrompts"
 NEGATIVE_ROLE = "NegativePrompts"
-DEBOUNCE_MSEC = 150
-POLL_MSEC = 30
-SHORTCUTS = {"t": "togglePolarity", "z": "undoLastPrompt", "n": "finishSegment"}
-"""Keys (in a slice view while the effect is active) and the method each calls."""
+MOVE_DEBOUNCE_MSEC = 150
+"""A dragged prompt re-runs once it has rested this long; a new or deleted prompt runs at once."""
+
+# Keys the effect may use in a slice view. While the Segment Editor module is shown, its widget takes
+# as QShortcuts (so no view sees them): Escape, Space, 0-9 and Shift+0-9, Z, Y, Ctrl+Z, Ctrl+Y, Q, W,
+# / * , . < > and I (Slicer Modules/Loadable/Segmentations/Widgets/qMRMLSegmentEditorWidget.cxx,
+# installKeyboardShortcuts, lines 3162-3243 at v5.8.1, 2314-2394 on main). The slice view acts on
+# B F G R T V, the arrows and [ ] { } (Libs/MRML/DisplayableManager/vtkMRMLSliceIntersectionWidget.cxx
+# 164-192 at v5.8.1), and S, Delete and BackSpace over a markups point (vtkSlicerMarkupsWidget.cxx 65-68).
+SHORTCUTS = {"p": "togglePolarity", "u": "undoLastPrompt", "n": "finishSegment"}
+"""Free keys (in a slice view while the effect is active) and the method each calls."""
 
 MARKUPS_EVENTS = (
     slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent,
@@ -50,19 +60,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         scriptedEffect.requireSegments = True
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self.positivePolarity = True
-        self._observations = []
-        self._future = None
-        self._starting = False
-        self._futureSegmentId = None
-        self._rerunWanted = False
+        self._active = False
+        self._promptObservations = []
+        self._sceneObservations = []
+        self._running = False
+        self._cancel = threading.Event()
         self._lastSubmitted = None
-        self._debounceTimer = qt.QTimer()
-        self._debounceTimer.setSingleShot(True)
-        self._debounceTimer.interval = DEBOUNCE_MSEC
-        self._debounceTimer.connect("timeout()", self.runPrompts)
-        self._pollTimer = qt.QTimer()
-        self._pollTimer.interval = POLL_MSEC
-        self._pollTimer.connect("timeout()", self._collectResult)
+        self._runTimer = qt.QTimer()
+        self._runTimer.setSingleShot(True)
+        self._runTimer.connect("timeout()", self.runPrompts)
 
     def clone(self):
         from qSlicerSegmentationsEditorEffectsPythonQt import qSlicerSegmentEditorScriptedEffect
@@ -80,11 +86,14 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             "<html>Segment the selected segment in 3D with CT-SAM3D from clicks.<p>"
             "<b>Left-click</b> in a slice view: add a prompt of the current polarity (green +, red -). "
             "<b>Shift+left-click</b>: add a prompt of the other polarity. Drag a prompt to move it; "
-            "delete it with the markups tools.<p>"
-            "Keys in a slice view: <b>T</b> toggle polarity, <b>Z</b> undo the last prompt, "
-            "<b>N</b> finish this segment and start the next. Ctrl+Z is the editor's undo.<p>"
+            "delete it with the markups tools. <b>Place + / - with markups</b> places prompts with the "
+            "markups tool instead (until you leave place mode).<p>"
+            "Keys in a slice view: <b>P</b> toggle polarity, <b>U</b> undo the last prompt, "
+            "<b>N</b> finish this segment and start the next. Z and Ctrl+Z are the editor's undo of the "
+            "segment.<p>"
             "The result replaces the selected segment and follows the editor's masking and overwrite "
-            "settings. Weights and device are set in the CT-SAM3D module.</html>"
+            "settings. A long run shows its progress and can be cancelled (the segment stays as it was). "
+            "Weights and device are set in the CT-SAM3D module.</html>"
         )
 
     @property
@@ -95,7 +104,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def setupOptionsFrame(self):
         self.polarityButton = qt.QPushButton()
         self.polarityButton.checkable = True
-        self.polarityButton.toolTip = "Next left-click's polarity (T toggles it; Shift+click uses the other)"
+        self.polarityButton.toolTip = "Next left-click's polarity (P toggles it; Shift+click uses the other)"
         self.polarityButton.connect("toggled(bool)", self._onPolarityButtonToggled)
         self.scriptedEffect.addLabeledOptionsWidget("Next click:", self.polarityButton)
 
@@ -108,7 +117,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         placeLayout.addWidget(self.placeNegativeButton)
         self.scriptedEffect.addOptionsWidget(placeLayout)
 
-        self.undoPromptButton = qt.QPushButton("Undo last prompt (Z)")
+        self.undoPromptButton = qt.QPushButton("Undo last prompt (U)")
         self.undoPromptButton.connect("clicked()", self.undoLastPrompt)
         self.clearPromptsButton = qt.QPushButton("Clear prompts")
         self.clearPromptsButton.connect("clicked()", self.clearPrompts)
@@ -136,6 +145,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         crossPatchLayout.addWidget(qt.QLabel("max patches:"))
         crossPatchLayout.addWidget(self.maxPatchesSpinBox)
         self.scriptedEffect.addOptionsWidget(crossPatchLayout)
+
+        self.progressBar = qt.QProgressBar()
+        self.progressBar.visible = False
+        self.cancelButton = qt.QPushButton("Cancel")
+        self.cancelButton.toolTip = "Stop the running prediction; the segment stays as it was before it"
+        self.cancelButton.visible = False
+        self.cancelButton.connect("clicked()", self.cancelPrediction)
+        progressLayout = qt.QHBoxLayout()
+        progressLayout.addWidget(self.progressBar)
+        progressLayout.addWidget(self.cancelButton)
+        self.scriptedEffect.addOptionsWidget(progressLayout)
 
         self.statusLabel = qt.QLabel()
         self.statusLabel.wordWrap = True
@@ -184,21 +204,61 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if hasattr(self, "statusLabel"):
             self.statusLabel.text = text
 
+    def _showProgress(self):
+        """The worker's progress (logic.progress) in the progress bar; hidden when nothing runs."""
+        if not hasattr(self, "progressBar"):
+            return
+        progress = self.logic.progress if self._running else None
+        self.progressBar.visible = self.cancelButton.visible = progress is not None
+        if progress is None:
+            return
+        self.cancelButton.enabled = not self._cancel.is_set()
+        self.progressBar.maximum = progress.total
+        self.progressBar.value = progress.done
+        if progress.stage == "Segmenting" and progress.total:
+            self.progressBar.format = f"Segmenting: {progress.done} of {progress.total} patches"
+        elif progress.total:
+            self.progressBar.format = f"{progress.stage}: %p%"
+        else:
+            self.progressBar.format = f"{progress.stage}..."
+
     # ------------------------------------------------------------ life cycle
+    # Slicer 5.8 never calls cleanup() (the hook came in 5.10), so everything that activate() starts is
+    # released by deactivate() and by the scene's close, and cleanup() only repeats that.
     def activate(self):
+        self._active = True
+        scene = self.scriptedEffect.scene()
+        self._sceneObservations = [
+            (scene, scene.AddObserver(scene.StartCloseEvent, self._onSceneStartClose))
+        ]
         self._observePromptLists()
         self._syncPromptListVisibility(shown=True)
         self._lastSubmitted = None
         self.setStatus(f"Model {self.logic.modelState()}. Left-click in a slice view to add a prompt.")
 
     def deactivate(self):
-        self._removePromptObservers()
+        self._active = False
+        self._release()
         self._syncPromptListVisibility(shown=False)
 
     def cleanup(self):
+        self._active = False
+        self._release()
+
+    def _release(self):
+        """Stop what runs for the effect: the pending run, a running prediction, and every observer."""
+        self._runTimer.stop()
+        if self._running:
+            self._cancel.set()
         self._removePromptObservers()
-        self._debounceTimer.stop()
-        self._pollTimer.stop()
+        for node, tag in self._sceneObservations:
+            node.RemoveObserver(tag)
+        self._sceneObservations = []
+
+    def _onSceneStartClose(self, caller, event):
+        self._release()
+        self._lastSubmitted = None
+        self.logic.releaseSession()
 
     def interactionNodeModified(self, interactionNode):
         # Markups place mode is used to add prompts; the default would deactivate the effect.
@@ -238,23 +298,25 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _observePromptLists(self):
         positiveList, negativeList = self.promptLists(create=False)
         wanted = [node for node in (positiveList, negativeList) if node is not None]
-        observed = [node for node, _ in self._observations[:: len(MARKUPS_EVENTS)]]
+        observed = [node for node, _ in self._promptObservations[:: len(MARKUPS_EVENTS)]]
         if len(observed) == len(wanted) and all(map(sameNode, observed, wanted)):
             return
         self._removePromptObservers()
         for node in wanted:
             for event in MARKUPS_EVENTS:
-                self._observations.append((node, node.AddObserver(event, self._onPromptsModified)))
+                self._promptObservations.append((node, node.AddObserver(event, self._onPromptsModified)))
 
     def _removePromptObservers(self):
-        for node, tag in self._observations:
+        for node, tag in self._promptObservations:
             node.RemoveObserver(tag)
-        self._observations = []
+        self._promptObservations = []
 
     def _syncPromptListVisibility(self, shown):
         """Show the selected segment's prompts (and only those) while the effect is active."""
         positiveList, negativeList = self.promptLists(create=False) if shown else (None, None)
         scene = self.scriptedEffect.scene()
+        if scene is None:
+            return
         for index in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode")):
             node = scene.GetNthNodeByClass(index, "vtkMRMLMarkupsFiducialNode")
             if node.GetAttribute(prompts.SEGMENT_ATTRIBUTE) is None or node.GetDisplayNode() is None:
@@ -309,7 +371,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         return newSegmentId
 
     def startMarkupsPlacement(self, positive):
-        """Let the markups tools place the next prompt(s) of that polarity."""
+        """Let the markups tools place the next prompt(s) of that polarity (persistent place mode; the
+        effect leaves left clicks to them until the interaction mode changes back)."""
         positiveList, negativeList = self.promptLists(create=True)
         if positiveList is None:
             return
@@ -323,8 +386,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if viewWidget.className() != "qMRMLSliceWidget":
             return False
         if eventId == vtk.vtkCommand.LeftButtonPressEvent:
-            if callerInteractor.GetControlKey() or callerInteractor.GetAltKey():
-                return False
+            if callerInteractor.GetControlKey() or callerInteractor.GetAltKey() or self._inPlaceMode():
+                return False  # place mode: the markups tool takes the click
             xy = callerInteractor.GetEventPosition()
             if self._pressIsOnPrompt(xy, viewWidget):
                 return False  # the markups widget moves the point
@@ -340,12 +403,17 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             return True
         return False
 
+    @staticmethod
+    def _inPlaceMode():
+        interactionNode = slicer.app.applicationLogic().GetInteractionNode()
+        return interactionNode is not None and interactionNode.GetCurrentInteractionMode() == interactionNode.Place
+
     def _pressIsOnPrompt(self, xy, sliceWidget):
         positiveList, negativeList = self.promptLists(create=False)
         existing = prompts.orderedPrompts(positiveList, negativeList)
         if not existing:
             return False
-        xyToRAS = coordinates.arrayFromVtkMatrix(sliceWidget.mrmlSliceNode().GetXYToRAS())
+        xyToRAS = arrayFromVtkMatrix(sliceWidget.mrmlSliceNode().GetXYToRAS())
         return prompts.pointNearInSlice(existing, xyToRAS, xy, toleranceXY=6.0, halfThickness=0.5)
 
     # ------------------------------------------------------------ prediction
@@ -355,71 +423,93 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             prompts.labelUnrankedPoints(positiveList, True, negativeList)
         elif sameNode(caller, negativeList):
             prompts.labelUnrankedPoints(negativeList, False, positiveList)
-        self._debounceTimer.start()
+        moved = event == slicer.vtkMRMLMarkupsNode.PointModifiedEvent
+        self._runTimer.start(MOVE_DEBOUNCE_MSEC if moved else 0)
 
-    def runPrompts(self):
-        """Send the selected segment's prompts to the network, unless they are what was last sent."""
-        if self._future is not None or self._starting:
-            self._rerunWanted = True
-            return
+    def isBusy(self):
+        return self._running or self._runTimer.isActive()
+
+    def cancelPrediction(self):
+        """Stop the running prediction at its next batch of patches; the segment is left as it was."""
+        if self._running:
+            self._cancel.set()
+            self._showProgress()
+
+    def _currentRequest(self):
+        """(segment ID, volume node, prompts in click order) to segment now, or None with the reason
+        shown as the status."""
         segmentationNode, segmentId = self._segmentTarget()
         if segmentationNode is None:
-            return
+            self.setStatus("Select a segment (or add one) in the Segment Editor.")
+            return None
         volumeNode = self.scriptedEffect.parameterSetNode().GetSourceVolumeNode()
-        if volumeNode is None:
-            self.setStatus("Select a source volume.")
-            return
+        if volumeNode is None or volumeNode.GetImageData() is None:
+            self.setStatus("Select a source volume (the CT to segment) in the Segment Editor.")
+            return None
         ordered = prompts.orderedPrompts(*self.promptLists(create=False))
-        request = (segmentId, volumeNode.GetID(), tuple((p.pointRAS, p.positive) for p in ordered))
-        if request == self._lastSubmitted:
+        return segmentId, volumeNode, tuple((p.pointRAS, p.positive) for p in ordered)
+
+    def runPrompts(self):
+        """Segment from the selected segment's prompts, unless they are what was last sent; repeats
+        while prompts change during a run (events are processed meanwhile, and a call arriving then
+        returns at once: this loop takes its change up)."""
+        if self._running or not self._active:
             return
-        self._starting = True  # loading the model pumps events; a prompt change then waits its turn
+        self._running = True
         try:
-            self.logic.ensureModel()
+            while self._active:
+                request = self._currentRequest()
+                if request is None:
+                    break
+                key = (request[0], request[1].GetID(), request[2])
+                if key == self._lastSubmitted:
+                    break
+                self._lastSubmitted = key
+                if not self._predictAndApply(*request):
+                    break
+        finally:
+            self._running = False
+            self._cancel.clear()
+            self._showProgress()
+
+    def _predictAndApply(self, segmentId, volumeNode, orderedPrompts):
+        """One prediction, waited for with events processed; False when it did not complete."""
+        self._cancel.clear()
+        self.setStatus(f"Segmenting from {len(orderedPrompts)} prompt(s)...")
+        try:
+            self.logic.ensureModel(onTick=self._showProgress)
             self.applyCrossPatchSettings()
-            self._future = self.logic.startPrediction(volumeNode, request[2])
+            mask = self.logic.predictMask(volumeNode, orderedPrompts, self._cancel.is_set, self._showProgress)
+            if self._cancel.is_set():
+                raise PredictionCancelledError("the prediction was cancelled; the segment was left as it was")
+            self.applyMask(mask, segmentId)
+        except PredictionCancelledError:
+            self.setStatus("Cancelled: the segment was left as it was. Change a prompt to segment again.")
+            return False
         except Exception as error:
             logging.error("CT-SAM3D: %s", error)
             self.setStatus(f"Cannot segment: {error}")
-            return
-        finally:
-            self._starting = False
-        self._lastSubmitted = request
-        self._futureSegmentId = segmentId
-        self.setStatus(f"Segmenting from {len(ordered)} prompt(s)...")
-        self._pollTimer.start()
-
-    def isBusy(self):
-        return self._future is not None or self._starting or self._debounceTimer.isActive()
-
-    def _collectResult(self):
-        if self._future is None or not self._future.done():
-            return
-        self._pollTimer.stop()
-        future, segmentId = self._future, self._futureSegmentId
-        self._future = None
-        try:
-            self.applyMask(future.result(), segmentId)
-            self.setStatus(f"Done in {self.logic.lastClickSeconds:.2f} s (model {self.logic.modelState()}).")
-        except Exception as error:
-            logging.error("CT-SAM3D: %s", error)
-            self.setStatus(f"Segmentation failed: {error}")
             self._lastSubmitted = None
-        if self._rerunWanted:
-            self._rerunWanted = False
-            self.runPrompts()
+            return False
+        self.setStatus(f"Done in {self.logic.lastClickSeconds:.2f} s (model {self.logic.modelState()}).")
+        return True
 
     def applyMask(self, mask, segmentId):
         """Replace the segment by ``mask`` (world LPS) through the editor, with an undo state."""
-        segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
+        parameterNode = self.scriptedEffect.parameterSetNode()
+        segmentationNode = parameterNode.GetSegmentationNode()
         if segmentationNode is None or segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
-            return
+            raise ValueError("the segment was removed while it was being segmented")
         modifier = self.scriptedEffect.defaultModifierLabelmap()
-        segmentationToWorld = coordinates.nodeToWorldMatrix(segmentationNode)
-        coordinates.writeMaskIntoOrientedImage(mask, modifier, segmentationToWorld)
+        if modifier is None:
+            raise ValueError(
+                "the Segment Editor has no labelmap to write into (the segmentation has no reference "
+                "geometry): select the source volume again in the Segment Editor"
+            )
+        writeMaskIntoOrientedImage(mask, modifier, nodeToWorldMatrix(segmentationNode))
         modeSet = slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet
         self.scriptedEffect.saveStateForUndo()
-        if segmentId == self.scriptedEffect.parameterSetNode().GetSelectedSegmentID():
+        if segmentId == parameterNode.GetSelectedSegmentID():
             self.scriptedEffect.modifySelectedSegmentByLabelmap(modifier, modeSet)
         else:
             self.scriptedEffect.modifySegmentByLabelmap(segmentationNode, segmentId, modifier, modeSet)

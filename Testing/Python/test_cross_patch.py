@@ -93,6 +93,30 @@ def test_one_click_propagates_along_a_rod_and_stops_at_its_ends(degrees):
     assert max(net.decoded_batches) == 2
 
 
+def test_progress_follows_the_patches_and_cancelling_leaves_the_session_unchanged():
+    image = synthetic_ct(rod_along_x())
+    session = InteractiveSession(CrossPatchThresholdNet(), image, device="cpu")
+    reports = []
+    session.add_click([0.0, 0.0, 0.0], progress=lambda done, planned: reports.append((done, planned)))
+    # The first patch, then two breadth-first levels of two neighbours each.
+    assert reports == [(0, 1), (1, 1), (1, 3), (3, 3), (3, 5), (5, 5)]
+    after_first = session.mask_array()
+
+    class CancelledError(Exception):
+        pass
+
+    def cancel_once_a_patch_is_decoded(done, planned):
+        if done >= 1:
+            raise CancelledError
+
+    with pytest.raises(CancelledError):
+        session.set_clicks(
+            [([0.0, 0.0, 0.0], True), ([-70.0, 0.0, 0.0], True)], progress=cancel_once_a_patch_is_decoded
+        )
+    assert session.clicks == [((0.0, 0.0, 0.0), True)] and session.patch_count == 5
+    np.testing.assert_array_equal(session.mask_array(), after_first)
+
+
 def test_without_cross_patch_the_mask_is_cut_at_the_patch():
     image = synthetic_ct(rod_along_x())
     session = InteractiveSession(CrossPatchThresholdNet(), image, device="cpu", cross_patch=False)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import slicer
 import vtk
-from slicer_standins import effects, scenes
+from slicer_standins import effects, qt, scenes
 from slicer_standins.fixtures import pumpUntil, slicerEnv  # noqa: F401  (used by pytestmark)
 from slicer_standins.sessions import ComponentSession
 from standins import ThresholdNet
@@ -64,13 +64,12 @@ class Editor:
             self.wait()
         return consumed
 
-    def key(self, keySym, wait=True):
-        consumed = self.harness.processEvent(
-            effects.FakeInteractor(keySym=keySym), KEY_PRESS, self.sliceWidget
-        )
+    def key(self, keySym, wait=True, **modifiers):
+        """Press a key over the slice view: the editor's shortcuts first, then the view's observers."""
+        result = self.harness.pressKey(keySym, self.sliceWidget, **modifiers)
         if wait:
             self.wait()
-        return consumed
+        return result
 
     def wait(self):
         pumpUntil(lambda: not self.effect.isBusy())
@@ -223,14 +222,14 @@ def test_segments_that_do_not_overlap_are_untouched(editor):
 
 
 def test_keyboard_shortcuts(editor):
-    assert editor.key("t") is True
+    assert editor.key("p") is True
     assert editor.harness.parameterNode.GetAttribute(f"{EFFECT}.Polarity") == "negative"
     assert editor.effect.polarityButton.checked
-    editor.key("T")
+    editor.key("P")
     assert editor.effect.positivePolarity
     editor.click(editor.centre(scenes.BLOB_A))
     editor.click(editor.centre(scenes.BLOB_B))
-    assert editor.key("z") is True
+    assert editor.key("u") is True
     np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA)
     assert editor.lists()[0].GetNumberOfControlPoints() == 1
     finishedLists = editor.lists()
@@ -242,13 +241,40 @@ def test_keyboard_shortcuts(editor):
     editor.click(editor.centre(scenes.BLOB_B))
     np.testing.assert_array_equal(editor.segmentMask(newId), editor.maskB)
     np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA)
-    assert editor.key("q") is False
-    assert (
-        editor.harness.processEvent(
-            effects.FakeInteractor(keySym="z", control=True), KEY_PRESS, editor.sliceWidget
-        )
-        is False
-    ), "Ctrl+Z belongs to the editor's undo"
+    assert editor.key("h") is False, "keys the effect does not use reach the view"
+
+
+def test_effect_keys_are_free_in_slicer():
+    from SegmentEditorCTSAM3DLib.SegmentEditorEffect import SHORTCUTS
+
+    for key in SHORTCUTS:
+        for shift in (False, True):
+            assert (key, shift, False) not in effects.EDITOR_SHORTCUTS, f"the Segment Editor takes {key!r}"
+        assert key not in effects.SLICE_VIEW_KEYS, f"the slice view uses {key!r}"
+    assert all(f"<b>{key.upper()}</b>" in _effectHelp() for key in SHORTCUTS)
+
+
+def _effectHelp():
+    from SegmentEditorCTSAM3DLib.SegmentEditorEffect import SegmentEditorEffect
+
+    return SegmentEditorEffect(effects.ScriptedEffectAdaptor()).helpText()
+
+
+def test_z_is_the_editor_undo_and_leaves_prompts_and_effect_consistent(editor):
+    """Z never reaches the effect (a Segment Editor shortcut takes it): it undoes the segment's last
+    state; the prompts stay, and the next prompt re-runs from all of them."""
+    editor.click(editor.centre(scenes.BLOB_A))
+    editor.click(editor.centre(scenes.BLOB_B))
+    np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA | editor.maskB)
+    assert editor.key("z") == "shortcut"
+    np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA)
+    assert editor.lists()[0].GetNumberOfControlPoints() == 2
+    assert editor.key("z", control=True) == "shortcut"
+    assert not editor.segmentMask(editor.s1).any()
+    besideB = ((scenes.BLOB_B[0][0] + 3.0, scenes.BLOB_B[0][1] - 3.0, scenes.BLOB_B[0][2]), scenes.BLOB_B[1])
+    editor.click(editor.centre(besideB), shift=True)
+    np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA)
+    assert [positive for _, positive in editor.logic._session.clicks] == [True, True, False]
 
 
 def test_pressing_on_a_prompt_leaves_it_to_markups_and_other_events_pass(editor):
@@ -353,23 +379,195 @@ def test_missing_weights_are_reported_not_raised():
 class SlowSession(ComponentSession):
     calls = 0
 
-    def set_clicks(self, clicks):
+    def set_clicks(self, clicks, progress=None):
         import time
 
         SlowSession.calls += 1
         time.sleep(0.2)
-        return super().set_clicks(clicks)
+        return super().set_clicks(clicks, progress)
 
 
 def test_changes_during_a_prediction_are_coalesced_into_one_rerun():
     SlowSession.calls = 0
     editor = Editor(sessionFactory=SlowSession)
     editor.click(editor.centre(scenes.BLOB_A), wait=False)
-    pumpUntil(lambda: editor.effect._future is not None)
     positive, _ = editor.lists()
-    positive.AddControlPointWorld(*editor.centre(scenes.BLOB_B), "")
-    positive.SetNthControlPointPositionWorld(1, *editor.centre(scenes.BLOB_B))
+    seenRunning = []
+
+    def changePromptsDuringTheRun():
+        # Fired by the events the effect processes while it waits for the first prediction.
+        seenRunning.append(editor.effect._running)
+        positive.AddControlPointWorld(*editor.centre(scenes.BLOB_B), "")
+        positive.SetNthControlPointPositionWorld(1, *editor.centre(scenes.BLOB_B))
+
+    qt.QTimer.singleShot(80, changePromptsDuringTheRun)
     editor.wait()
+    assert seenRunning == [True]
     assert SlowSession.calls == 2
     np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA | editor.maskB)
     editor.harness.cleanup()
+
+
+def test_place_with_markups_places_prompts_of_the_list_polarity(editor):
+    """In place mode the effect leaves left clicks to the markups tool (which the editor's priority-1.0
+    observer would otherwise never let through), and a point placed into the - list is negative even
+    while the next click's polarity is +."""
+    editor.click(editor.centre(scenes.BLOB_A))
+    editor.click(editor.centre(scenes.BLOB_B))
+    assert editor.effect.positivePolarity
+    editor.effect.placeNegativeButton.click()
+    besideB = ((scenes.BLOB_B[0][0] + 3.0, scenes.BLOB_B[0][1] - 3.0, scenes.BLOB_B[0][2]), scenes.BLOB_B[1])
+    assert editor.click(editor.centre(besideB)) is False, "the markups tool must get the click"
+    positive, negative = editor.lists()
+    assert positive.GetNumberOfControlPoints() == 2 and negative.GetNumberOfControlPoints() == 1
+    assert negative.GetNthControlPointLabel(0) == "-3"
+    np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA)
+    editor.effect.placePositiveButton.click()
+    editor.click(editor.centre(scenes.BLOB_B))
+    assert positive.GetNthControlPointLabel(2) == "+4"
+    np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA | editor.maskB)
+    editor.harness.interactionNode.SwitchToViewTransformMode()
+    assert editor.click(editor.centre(scenes.BLOB_A) + 4.0, shift=True) is True
+    assert negative.GetNumberOfControlPoints() == 2, "out of place mode, clicks are the effect's again"
+
+
+def _sceneObservations(editor):
+    """(scene, observer tag) pairs the effect holds; tests check the tags against the real scene."""
+    return list(editor.effect._sceneObservations)
+
+
+def _observersOn(node):
+    return [event for event in effectMarkupsEvents() if node.HasObserver(event)]
+
+
+def effectMarkupsEvents():
+    from SegmentEditorCTSAM3DLib.SegmentEditorEffect import MARKUPS_EVENTS
+
+    return MARKUPS_EVENTS
+
+
+@pytest.mark.parametrize("slicerVersion", [(5, 8), (5, 12)])
+def test_nothing_is_left_running_after_leaving_the_editor_even_without_cleanup(slicerVersion):
+    """Slicer 5.8 never calls an effect's cleanup(): leaving the module must already stop its timers and
+    remove its observers (in later versions cleanup() comes only when the editor widget is destroyed)."""
+    editor = Editor(sessionFactory=SlowSession)
+    editor.harness.slicerVersion = slicerVersion
+    editor.click(editor.centre(scenes.BLOB_A))
+    positive, _ = editor.lists()
+    sceneObservations = _sceneObservations(editor)
+    assert _observersOn(positive) and sceneObservations
+    positive.SetNthControlPointPositionWorld(0, *editor.centre(scenes.BLOB_B))  # a pending re-run
+    assert editor.effect.isBusy()
+    editor.harness.cleanup()
+    assert qt.activeTimers() == [] and not editor.effect.isBusy()
+    assert _observersOn(positive) == []
+    assert all(node.GetCommand(tag) is None for node, tag in sceneObservations)
+    np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA)
+
+
+def test_closing_the_scene_releases_the_effect_and_the_session(editor):
+    editor.click(editor.centre(scenes.BLOB_A))
+    positive, _ = editor.lists()
+    positive.SetNthControlPointPositionWorld(0, *editor.centre(scenes.BLOB_B))
+    assert editor.logic._session is not None and editor.effect.isBusy()
+    sceneObservations = _sceneObservations(editor)
+    slicer.mrmlScene.Clear(0)
+    assert qt.activeTimers() == [] and not editor.effect.isBusy()
+    assert editor.logic._session is None
+    assert sceneObservations and all(node.GetCommand(tag) is None for node, tag in sceneObservations)
+    assert _observersOn(positive) == []
+
+
+def test_leaving_the_effect_during_a_prediction_cancels_it_and_writes_nothing():
+    editor = Editor(sessionFactory=SlowSession)
+    editor.click(editor.centre(scenes.BLOB_A), wait=False)
+    qt.QTimer.singleShot(50, lambda: editor.harness.setActiveEffectByName(""))
+    editor.wait()
+    assert not editor.segmentArray(editor.s1).any()
+    assert "Cancelled" in editor.effect.statusLabel.text
+    editor.harness.cleanup()
+
+
+def test_clear_messages_when_the_editor_lacks_what_is_needed(editor, monkeypatch):
+    editor.harness.setSourceVolumeNode(None)
+    editor.click(editor.centre())
+    assert "Select a source volume" in editor.effect.statusLabel.text
+    editor.harness.setSourceVolumeNode(editor.volume)
+    monkeypatch.setattr(editor.adaptor, "defaultModifierLabelmap", lambda: None)
+    editor.effect.clearPrompts()
+    editor.wait()
+    editor.click(editor.centre())
+    assert "no labelmap to write into" in editor.effect.statusLabel.text
+    assert not editor.segmentArray(editor.s1).any()
+    editor.harness.parameterNode.SetSelectedSegmentID("")
+    editor.effect.runPrompts()
+    assert "Select a segment" in editor.effect.statusLabel.text
+
+
+class ProgressSession(ComponentSession):
+    """Reports 4 patches, one every 0.1 s, through the session's progress callback."""
+
+    def set_clicks(self, clicks, progress=None):
+        import time
+
+        for done in range(4):
+            if progress is not None:
+                progress(done, 4)
+            time.sleep(0.1)
+        return super().set_clicks(clicks, progress)
+
+
+def test_progress_is_shown_and_cancel_leaves_the_segment_as_it_was():
+    editor = Editor(sessionFactory=ProgressSession)
+    editor.click(editor.centre(scenes.BLOB_A))
+    np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA)
+    assert not editor.effect.progressBar.visible and not editor.effect.cancelButton.visible
+    seen = []
+
+    def lookThenCancel():
+        bar = editor.effect.progressBar
+        seen.append((bar.visible, bar.maximum, bar.value, bar.format, editor.effect.cancelButton.visible))
+        editor.effect.cancelButton.click()
+
+    qt.QTimer.singleShot(250, lookThenCancel)
+    editor.click(editor.centre(scenes.BLOB_B))
+    visible, maximum, value, text, cancelVisible = seen[0]
+    assert visible and cancelVisible and maximum == 4 and 1 <= value <= 3
+    assert text == f"Segmenting: {value} of 4 patches"
+    np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA)
+    assert "Cancelled" in editor.effect.statusLabel.text
+    assert not editor.effect.progressBar.visible and not editor.effect.cancelButton.visible
+    assert editor.lists()[0].GetNumberOfControlPoints() == 2, "the prompts stay"
+    editor.effect.undoLastPrompt()
+    editor.wait()
+    np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA)
+    assert editor.effect.statusLabel.text.startswith("Done")
+    editor.harness.cleanup()
+
+
+def test_prompt_lists_follow_their_segmentation_when_an_import_renames_node_ids(editor, tmp_path):
+    editor.click(editor.centre(scenes.BLOB_A))
+    editor.click(editor.centre(scenes.BLOB_B), shift=True)
+    path = scenes.saveScene(str(tmp_path))
+    editor.harness.cleanup()
+    from slicer_standins import newScene
+
+    newScene(str(tmp_path / "cache2"), str(tmp_path / "temp2"))
+    # Nodes that take the imported nodes' IDs, so the import must rename them (and their references).
+    volume, _, _ = scenes.addBlobVolume("flipped", name="already here")
+    squatter = scenes.makeSegmentation(volume, name="already here")
+    squatterId = squatter.GetSegmentation().AddEmptySegment(editor.s1, "S1")
+    from CTSAM3DSlicerLib import prompts
+
+    squatterLists = [prompts.createPromptList(slicer.mrmlScene, squatter, squatterId, p) for p in (True, False)]
+    slicer.mrmlScene.SetURL(path)
+    assert slicer.mrmlScene.Import()
+    imported = next(
+        node for node in slicer.util.getNodesByClass("vtkMRMLSegmentationNode") if node.GetName() == "Segmentation"
+    )
+    assert imported.GetID() != editor.segmentation.GetID(), "the import did not rename the segmentation"
+    positive = prompts.findPromptList(slicer.mrmlScene, imported, editor.s1, True)
+    negative = prompts.findPromptList(slicer.mrmlScene, imported, editor.s1, False)
+    assert positive is not None and positive.GetID() not in [node.GetID() for node in squatterLists]
+    assert positive.GetNthControlPointLabel(0) == "+1" and negative.GetNthControlPointLabel(0) == "-2"
+    assert prompts.findPromptList(slicer.mrmlScene, squatter, squatterId, True).GetID() == squatterLists[0].GetID()

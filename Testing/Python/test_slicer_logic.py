@@ -28,11 +28,12 @@ def lps(pointRAS):
 
 
 def test_world_points_and_matrices_flip_x_and_y():
-    from CTSAM3DSlicerLib import coordinates
+    from CTSAM3DLib.world import matrix_ras_to_lps, ras_to_lps
 
-    assert coordinates.pointRasToLps((1.5, -2.0, 3.0)) == (-1.5, 2.0, 3.0)
+    assert ras_to_lps((1.5, -2.0, 3.0)) == (-1.5, 2.0, 3.0)
+    assert ras_to_lps(np.array([1.5, -2.0, 3.0])) == (-1.5, 2.0, 3.0)
     matrix = scenes.GEOMETRIES["oblique"]
-    flipped = coordinates.matrixRasToLps(matrix)
+    flipped = matrix_ras_to_lps(matrix)
     np.testing.assert_allclose(flipped[:2], -matrix[:2])
     np.testing.assert_allclose(flipped[2:], matrix[2:])
 
@@ -204,10 +205,10 @@ class SlowSpySession(ComponentSession):
 
     threads = []
 
-    def set_clicks(self, clicks):
+    def set_clicks(self, clicks, progress=None):
         SlowSpySession.threads.append(threading.current_thread())
         time.sleep(0.3)
-        return super().set_clicks(clicks)
+        return super().set_clicks(clicks, progress)
 
 
 def test_network_runs_on_the_worker_thread_while_events_keep_flowing(monkeypatch):

@@ -9,13 +9,12 @@ import json
 import sys
 import threading
 import time
-import types
 import urllib.request
 from pathlib import Path
 
 import pytest
 import slicer
-from slicer_standins import scenes
+from slicer_standins import pytorchutils, qt
 from slicer_standins.application import makeModuleParent
 from slicer_standins.fixtures import pumpUntil, slicerEnv  # noqa: F401  (used by pytestmark)
 
@@ -166,16 +165,9 @@ def test_nothing_is_downloaded_at_import(monkeypatch):
 # ------------------------------------------------------------ dependencies
 @pytest.fixture
 def fakePyTorchUtils(monkeypatch):
+    """PyTorchUtils that installs successfully (see slicer_standins.pytorchutils); returns its calls."""
     calls = []
-
-    class PyTorchUtilsLogic:
-        def installTorch(self, **kwargs):
-            calls.append(kwargs)
-            return types.ModuleType("torch")
-
-    module = types.ModuleType("PyTorchUtils")
-    module.PyTorchUtilsLogic = PyTorchUtilsLogic
-    monkeypatch.setitem(sys.modules, "PyTorchUtils", module)
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", pytorchutils.makeModule("installed", calls))
     monkeypatch.setattr(
         slicer.util, "pip_install", lambda *a, **k: pytest.fail("pip must not be used"), raising=False
     )
@@ -218,6 +210,24 @@ def test_dependencies_install_only_with_consent_and_through_pytorchutils(monkeyp
     assert set(dependencies.BUNDLED_WITH_SLICER) == {"numpy", "SimpleITK"}
 
 
+@pytest.mark.parametrize(
+    "outcome, message",
+    [
+        ("installerFailed", "No matching distribution found for torch"),
+        ("stillMissing", "cannot be imported"),
+    ],
+)
+def test_failed_torch_installs_are_explained(monkeypatch, outcome, message):
+    from CTSAM3DSlicerLib import dependencies
+
+    pretendTorchMissing(monkeypatch)
+    calls = []
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", pytorchutils.makeModule(outcome, calls))
+    with pytest.raises(dependencies.DependencyError, match=message):
+        dependencies.ensureDependencies(lambda q: True)
+    assert calls == [{"askConfirmation": False, "torchVersionRequirement": ">=2.1"}]
+
+
 def test_missing_pytorch_extension_is_explained(monkeypatch):
     from CTSAM3DSlicerLib import dependencies
 
@@ -255,14 +265,22 @@ def test_panel_downloads_with_progress_then_loads_the_model(tmp_path, monkeypatc
     assert widget.modelStateLabel.text == "not loaded" and not widget.loadButton.enabled
     # In testing mode the consent dialog answers "not OK" (as in Slicer), so the button downloads nothing.
     widget.downloadButton.click()
-    assert widget._download is None
+    assert not widget._busy and not widget.progressBar.visible
 
     source = tmp_path / "served.pth"
     source.write_bytes(Path(tinyCheckpoint(tmp_path)).read_bytes())
     destination = tmp_path / "cache" / "CTSAM3D" / "params.pth"
+    seenDuringDownload = []
+
+    def lookAtThePanel():
+        # The download waits with events processed, so the GUI is live (and this timer fires) meanwhile.
+        seenDuringDownload.append(
+            (widget.cancelButton.enabled, widget.downloadButton.enabled, widget.progressBar.visible, widget._busy)
+        )
+
+    qt.QTimer.singleShot(0, lookAtThePanel)
     widget.startDownload(source.as_uri(), str(destination))
-    assert widget.cancelButton.enabled and not widget.downloadButton.enabled and widget.progressBar.visible
-    pumpUntil(lambda: widget._download is None)
+    assert seenDuringDownload == [(True, False, True, True)]
     assert widget.weightsPathEdit.currentPath == str(destination)
     assert widget.checksumLabel.text == hashlib.sha256(source.read_bytes()).hexdigest()
     assert not widget.progressBar.visible and widget.downloadButton.enabled
@@ -280,10 +298,21 @@ def test_panel_cancel_stops_a_slow_download(tmp_path):
     slow = Server(delay=0.2)
     try:
         destination = tmp_path / "params.pth"
+        progressWhenCancelled = []
+
+        def cancelOnceBytesArrive():
+            if widget._progress[0] > 0:
+                progressWhenCancelled.append(widget._progress[0])
+                widget.cancelButton.click()
+            else:
+                qt.QTimer.singleShot(20, cancelOnceBytesArrive)
+
+        qt.QTimer.singleShot(20, cancelOnceBytesArrive)
+        started = time.monotonic()
         widget.startDownload(slow.url, str(destination))
-        pumpUntil(lambda: widget._progress[0] > 0)
-        widget.cancelButton.click()
-        pumpUntil(lambda: widget._download is None)
+        assert progressWhenCancelled and progressWhenCancelled[0] < len(PAYLOAD)
+        assert time.monotonic() - started < 9 * 0.2, "the download ran to its end"
+        assert not widget._busy and not widget.progressBar.visible
         assert not destination.exists() and not list(tmp_path.glob("*.part"))
         assert widget.weightsPathEdit.currentPath == ""
     finally:
@@ -291,21 +320,100 @@ def test_panel_cancel_stops_a_slow_download(tmp_path):
         widget.cleanup()
 
 
-def test_self_test_building_blocks_run_the_real_tiny_network():
-    """What CTSAM3DTest does before it needs the real Segment Editor widget: a CT and a checkpoint made in
-    the test, loaded by the logic, segmenting from one click (real network, deterministic weights)."""
+def test_self_test_runs_whole_with_the_real_network_built_in_memory(tmp_path):
+    """CTSAM3DTest as Slicer runs it (slicer.selfTests), on the real network with reference weights made in
+    memory: no file is written (the 300 MB checkpoint of earlier versions), nothing is downloaded."""
     import CTSAM3D
 
-    test = CTSAM3D.CTSAM3DTest()
-    test.setUp()
-    try:
-        volumeNode, centreRAS = test.makeCT()
-        logic = CTSAM3D.CTSAM3DLogic.shared()
-        logic.loadModel(test.makeCheckpoint(), "cpu")
-        segmentationNode = scenes.makeSegmentation(volumeNode)
-        segmentId = logic.segmentFromPoints(volumeNode, segmentationNode, None, [centreRAS], [])
-        labelmap = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
-        assert labelmap.shape == slicer.util.arrayFromVolume(volumeNode).shape
-        assert logic.lastClickSeconds > 0 and "total" in logic.lastTiming
-    finally:
-        test.tearDown()
+    CTSAM3D.CTSAM3D(makeModuleParent())
+    slicer.app.emit("startupCompleted()")
+    before = set(tmp_path.rglob("*"))
+    slicer.selfTests["CTSAM3D"]()
+    logic = CTSAM3D.CTSAM3DLogic.shared()
+    assert type(logic.network).__name__ == "CTSAM3D" and logic.loadedCheckpoint is None
+    assert logic.lastClickSeconds > 0 and "total" in logic.lastTiming
+    assert set(tmp_path.rglob("*")) == before
+
+
+SELF_TEST_WITHOUT_TORCH = """
+import builtins, sys
+realImport = builtins.__import__
+
+def refuseTorch(name, *args, **kwargs):
+    if name == "torch" or name.startswith("torch."):
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+    return realImport(name, *args, **kwargs)
+
+builtins.__import__ = refuseTorch
+sys.path[:0] = [{testing!r}]
+import importlib.util
+realFindSpec = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *a: None if name == "torch" else realFindSpec(name, *a)
+import slicer
+import slicer_standins
+slicer_standins.installModules()
+slicer_standins.newScene({cache!r}, {temp!r})
+from slicer_standins.application import makeModuleParent
+import CTSAM3D
+CTSAM3D.CTSAM3D(makeModuleParent())
+slicer.app.emit("startupCompleted()")
+assert [e.name for e in slicer.qSlicerSegmentEditorEffectFactory.instance().registeredEffects()] == ["CT-SAM3D"]
+assert not [name for name in sys.modules if name == "torch" or name.startswith("torch.")], "torch was imported"
+slicer.selfTests["CTSAM3D"]()
+print("SELF-TEST RETURNED")
+"""
+
+
+def test_module_loads_and_self_test_explains_itself_without_torch(tmp_path):
+    """Slicer imports every module at start-up, before PyTorch may be installed: importing the module and
+    registering the effect must not need torch, and the self-test must say plainly what to install."""
+    import subprocess
+
+    script = SELF_TEST_WITHOUT_TORCH.format(
+        testing=str(Path(__file__).resolve().parent), cache=str(tmp_path / "cache"), temp=str(tmp_path / "temp")
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    assert "SELF-TEST RETURNED" in completed.stdout
+    assert "the network part was NOT run, because torch is not installed" in output
+    assert "Install missing packages" in output and "ModuleNotFoundError" not in output
+
+
+def test_weights_are_verified_once_per_file_version_on_the_worker_with_progress(tmp_path, monkeypatch):
+    import os
+    import threading
+
+    from CTSAM3DSlicerLib import weights
+    from CTSAM3DSlicerLib.logic import CTSAM3DLogic
+
+    checkpoint = Path(tinyCheckpoint(tmp_path))
+    weights.recordChecksum(str(checkpoint), hashlib.sha256(checkpoint.read_bytes()).hexdigest(), "test")
+    hashed = []
+    realHash = weights.computeSha256
+
+    def spyHash(path, progress=None, *args):
+        hashed.append(threading.current_thread() is threading.main_thread())
+        return realHash(path, progress, *args)
+
+    monkeypatch.setattr(weights, "computeSha256", spyHash)
+    logic = CTSAM3DLogic()
+    logic.loadModel(str(checkpoint), "cpu")
+    assert hashed == [], "a freshly recorded file is the version that was hashed"
+
+    os.utime(checkpoint, ns=(time.time_ns(), time.time_ns() + 10**9))  # touched: a new version
+    seen = []
+    logic.loadModel(str(checkpoint), "cpu", onTick=lambda: seen.append(logic.progress))
+    assert hashed == [False], "the changed version is hashed once, off the main thread"
+    verifying = [p for p in seen if p is not None and p.stage == "Verifying the weights" and p.total]
+    assert verifying and verifying[-1].total == checkpoint.stat().st_size
+    logic.loadModel(str(checkpoint), "cpu")
+    monkeypatch.setattr(weights, "_verifiedVersions", {})  # as in a new Slicer session: only the record
+    CTSAM3DLogic().loadModel(str(checkpoint), "cpu")
+    assert hashed == [False], "a verified version is not hashed again, in this process or the next"
+
+    with open(checkpoint, "r+b") as stream:
+        stream.seek(1000)
+        stream.write(b"corrupt")
+    with pytest.raises(weights.ChecksumMismatchError, match="download it again"):
+        logic.loadModel(str(checkpoint), "cpu")

@@ -34,6 +34,7 @@ def installModules() -> None:
     slicer.i18n = i18n
     slicer.qSlicerSegmentEditorAbstractEffect = effects.ModificationModes
     slicer.qSlicerSegmentEditorEffectFactory = effects.EffectFactory
+    slicer.qMRMLSegmentEditorWidget = effects.SegmentEditorWidget
     slicer.selfTests = {}
     slicer._ctsam3dStandins = True
     if str(MODULE_DIR) not in sys.path:

@@ -442,22 +442,64 @@ class FakeThreeDWidget:
 
 
 # ----------------------------------------------------------------- editor
-class SegmentEditorHarness:
-    """Plays qMRMLSegmentEditorWidget: clones the registered effects, sets them up in the real order,
-    activates/deactivates them and forwards view events, over a REAL vtkSlicerSegmentEditorLogic."""
+def _shortcutKeys():
+    """The keys qMRMLSegmentEditorWidget::installKeyboardShortcuts registers, as (key, shift, control):
+    Slicer Modules/Loadable/Segmentations/Widgets/qMRMLSegmentEditorWidget.cxx:3162-3243 @v5.8.1
+    (:2314-2394 @main). They are QShortcuts on the main window (default Qt::WindowShortcut context),
+    installed by the Segment Editor module's enter() (Modules/Scripted/SegmentEditor/SegmentEditor.py:121
+    @v5.8.1), so Qt takes these keys before any view's interactor sees them."""
+    keys = {}
+    digits = "1234567890"
+    for index, digit in enumerate(digits):
+        keys[(digit, False, False)] = ("effect", index + 1)
+        keys[(digit, True, False)] = ("effect", index + 11)
+    keys[("Escape", False, False)] = ("effect", 0)
+    keys[("space", False, False)] = ("effect", -1)
+    keys[("z", False, False)] = ("undo",)
+    keys[("z", False, True)] = ("undo",)  # QKeySequence::Undo
+    keys[("y", False, False)] = ("redo",)
+    keys[("y", False, True)] = ("redo",)  # QKeySequence::Redo on Windows
+    keys[("z", True, True)] = ("redo",)  # QKeySequence::Redo on Linux and macOS
+    for previous, following in (("q", "w"), ("slash", "asterisk"), ("comma", "period"), ("greater", "less")):
+        keys[(previous, False, False)] = ("segment", -1)
+        keys[(following, False, False)] = ("segment", 1)
+    keys[("i", False, False)] = ("intensityMask",)
+    return keys
 
-    def __init__(self, scene, applicationLogic) -> None:
+
+EDITOR_SHORTCUTS = _shortcutKeys()
+
+SLICE_VIEW_KEYS = frozenset("bfgrtvs") | {"Left", "Right", "Up", "Down", "bracketleft", "bracketright"}
+"""Keys the slice view's own widgets act on when no effect consumes them (vtkMRMLSliceIntersectionWidget.cxx
+:164-192 @v5.8.1; 's' snaps a hovered markups point, vtkSlicerMarkupsWidget.cxx:65-68)."""
+
+
+class SegmentEditorHarness:
+    """Plays qMRMLSegmentEditorWidget inside the Segment Editor module: clones the registered effects, sets
+    them up in the real order, activates/deactivates them, takes its keyboard shortcuts before the views,
+    observes view events at priority 1.0 ahead of the markups tools (qMRMLSegmentEditorWidget::processEvents
+    sets the abort flag when the effect returns True: :2913-2918 @v5.8.1), over a REAL
+    vtkSlicerSegmentEditorLogic.
+
+    ``slicerVersion`` (5, 8) plays Slicer 5.8, which never calls an effect's ``cleanup()`` (the hook came
+    with commit 64cfcfc6a2, in 5.10); later versions call it only when the editor widget is destroyed."""
+
+    def __init__(self, scene, applicationLogic, slicerVersion=(5, 12), parameterNode=None) -> None:
         self.scene = scene
         self.applicationLogic = applicationLogic
-        self.parameterNode = scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
+        self.slicerVersion = tuple(slicerVersion)
+        self.parameterNode = parameterNode or scene.AddNewNodeByClass("vtkMRMLSegmentEditorNode")
         self.logic = slicer.vtkSlicerSegmentEditorLogic()
         self.logic.SetMRMLScene(scene)
         self.logic.SetMRMLApplicationLogic(applicationLogic)
         self.logic.SetSegmentEditorNode(self.parameterNode)
         self.activeEffect: Optional[ScriptedEffectAdaptor] = None
+        self._lastActiveEffectName = ""
         self.saveStateCount = 0
         self.modifications = []
         self.warnings: List[str] = []
+        self.shortcutsTaken: List[tuple] = []
+        self.shortcutsInstalled = True
         self.effects = slicer.qSlicerSegmentEditorEffectFactory.instance().copyEffects()
         for effect in self.effects:
             effect._editor = self
@@ -471,6 +513,7 @@ class SegmentEditorHarness:
         self._interactionObserver = self.interactionNode.AddObserver(
             vtk.vtkCommand.ModifiedEvent, self._onInteractionNodeModified
         )
+        self._closed = False
 
     def effectByName(self, name: str) -> ScriptedEffectAdaptor:
         return next(effect for effect in self.effects if effect.name == name)
@@ -500,6 +543,7 @@ class SegmentEditorHarness:
     def setActiveEffectByName(self, name: str) -> bool:
         if self.activeEffect is not None:
             previous = self.activeEffect
+            self._lastActiveEffectName = previous.name
             previous.optionsFrameVisible = False
             previous.active = False
             self.activeEffect = None
@@ -534,24 +578,140 @@ class SegmentEditorHarness:
         elif self.interactionNode.GetCurrentInteractionMode() != self.interactionNode.ViewTransform:
             self.setActiveEffectByName("")
 
+    # ------------------------------------------------------------ events
     def processEvent(self, interactor, eventId: int, viewWidget) -> bool:
-        """Forward a view event to the active effect; True when it consumed (aborted) it."""
-        if self.activeEffect is None:
-            return False
-        result = self.activeEffect._call("processInteractionEvents", interactor, eventId, viewWidget)
-        if not isinstance(result, bool):
-            message = "processInteractionEvents is expected to return a boolean"
-            logging.warning(message)
-            self.warnings.append(message)
-            return False
-        return result
+        """A view event as the view's observers see it: first the editor's (priority 1.0), which hands it to
+        the active effect and aborts it when the effect returns True; then, if not aborted, the markups
+        tools (a left press in place mode places a point in the active list). Returns True when aborted."""
+        if self.activeEffect is not None:
+            result = self.activeEffect._call("processInteractionEvents", interactor, eventId, viewWidget)
+            if not isinstance(result, bool):
+                message = "processInteractionEvents is expected to return a boolean"
+                logging.warning(message)
+                self.warnings.append(message)
+                result = False
+            if result:
+                return True
+        self._markupsTools(interactor, eventId, viewWidget)
+        return False
+
+    def _markupsTools(self, interactor, eventId: int, viewWidget) -> None:
+        """vtkSlicerPointsWidget in place mode: a left press puts a point in the active list where clicked."""
+        if eventId != vtk.vtkCommand.LeftButtonPressEvent or viewWidget.className() != "qMRMLSliceWidget":
+            return
+        if self.interactionNode.GetCurrentInteractionMode() != self.interactionNode.Place:
+            return
+        markupsLogic = slicer.modules.markups.logic()
+        activeList = self.scene.GetNodeByID(markupsLogic.GetActiveListID() or "")
+        if activeList is None:
+            return
+        x, y = interactor.GetEventPosition()
+        ras = viewWidget.mrmlSliceNode().GetXYToRAS().MultiplyPoint((x, y, 0.0, 1.0))[:3]
+        activeList.AddControlPointWorld(*ras, "")
+        if not self.interactionNode.GetPlaceModePersistence():
+            self.interactionNode.SwitchToViewTransformMode()
+
+    def pressKey(self, keySym: str, viewWidget, shift=False, control=False, alt=False):
+        """A key pressed with the mouse over ``viewWidget``: the editor's shortcuts take their keys first
+        (the view never sees them); other keys go to the view's observers. Returns "shortcut" when a
+        shortcut took the key, else whether the view event was aborted."""
+        key = keySym.lower() if len(keySym) == 1 else keySym
+        action = EDITOR_SHORTCUTS.get((key, bool(shift), bool(control))) if self.shortcutsInstalled else None
+        if action is not None and not alt:
+            self.shortcutsTaken.append((keySym, shift, control))
+            self._runShortcut(action)
+            return "shortcut"
+        interactor = FakeInteractor(keySym=keySym, shift=shift, control=control, alt=alt)
+        return self.processEvent(interactor, vtk.vtkCommand.KeyPressEvent, viewWidget)
+
+    def _runShortcut(self, action) -> None:
+        kind = action[0]
+        if kind == "undo":
+            self.undo()
+        elif kind == "redo":
+            self.logic.Redo()
+        elif kind == "effect":
+            index = action[1]
+            if index == 0:
+                self.setActiveEffectByName("")
+            elif index == -1:
+                self.setActiveEffectByName(self._lastActiveEffectName)
+            elif index <= len(self.effects):
+                self.setActiveEffectByName(self.effects[index - 1].name)
+        elif kind == "segment":
+            segmentation = self.parameterNode.GetSegmentationNode().GetSegmentation()
+            ids = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
+            current = self.parameterNode.GetSelectedSegmentID()
+            position = ids.index(current) + action[1] if current in ids else 0
+            self.setCurrentSegmentID(ids[min(max(position, 0), len(ids) - 1)])
+        elif kind == "intensityMask":
+            self.parameterNode.SetSourceVolumeIntensityMask(not self.parameterNode.GetSourceVolumeIntensityMask())
 
     def undo(self) -> None:
         self.logic.Undo()
 
-    def cleanup(self) -> None:
+    # --------------------------------------------------------- life cycle
+    def exitModule(self) -> None:
+        """What SegmentEditor.py exit() does when the user leaves the module: no active effect, and the
+        shortcuts uninstalled (SegmentEditor.py:137-140 @v5.8.1)."""
         self.setActiveEffectByName("")
-        for effect in self.effects:
-            effect._call("cleanup")
+        self.shortcutsInstalled = False
+
+    def cleanup(self) -> None:
+        """The module left and the editor widget destroyed: effects get ``cleanup()`` only after 5.8."""
+        if self._closed:
+            return
+        self._closed = True
+        self.exitModule()
+        if self.slicerVersion > (5, 8):
+            for effect in self.effects:
+                effect._call("cleanup")
         self.parameterNode.RemoveObserver(self._parameterObserver)
         self.interactionNode.RemoveObserver(self._interactionObserver)
+
+
+class SegmentEditorWidget:
+    """``slicer.qMRMLSegmentEditorWidget`` made outside the Segment Editor module (as a self-test does):
+    the harness behind the widget's own method names, without the module's keyboard shortcuts."""
+
+    def __init__(self, parent=None) -> None:
+        self._scene = None
+        self._harness: Optional[SegmentEditorHarness] = None
+
+    def setMRMLScene(self, scene) -> None:
+        self._scene = scene
+
+    def setMRMLSegmentEditorNode(self, node) -> None:
+        self._harness = SegmentEditorHarness(self._scene, slicer.app.applicationLogic(), parameterNode=node)
+        self._harness.shortcutsInstalled = False
+
+    def setSegmentationNode(self, node) -> None:
+        self._harness.setSegmentationNode(node)
+
+    def setSourceVolumeNode(self, node) -> None:
+        self._harness.setSourceVolumeNode(node)
+
+    def setActiveEffectByName(self, name: str) -> bool:
+        return self._harness.setActiveEffectByName(name)
+
+    def activeEffect(self):
+        return self._harness.activeEffect
+
+    def undo(self) -> None:
+        self._harness.undo()
+
+
+def startEditing(volumeNode, effectName: str, slicerVersion=(5, 12)) -> SegmentEditorHarness:
+    """An editor over ``volumeNode`` with a new segmentation, one empty segment selected and the effect
+    ``effectName`` active (the module that registers it must have been created)."""
+    segmentationNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
+    segmentationNode.CreateDefaultDisplayNodes()
+    segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(volumeNode)
+    segmentId = segmentationNode.GetSegmentation().AddEmptySegment("", "S1")
+    harness = SegmentEditorHarness(slicer.mrmlScene, slicer.app.applicationLogic(), slicerVersion)
+    harness.setSegmentationNode(segmentationNode)
+    harness.setSourceVolumeNode(volumeNode)
+    harness.setCurrentSegmentID(segmentId)
+    if not harness.setActiveEffectByName(effectName):
+        raise RuntimeError(f"the effect {effectName!r} could not be activated")
+    return harness

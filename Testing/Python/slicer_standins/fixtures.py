@@ -28,13 +28,7 @@ def slicerEnv(tmp_path):
     qt.stopAllTimers()
 
 
-def pumpUntil(condition, timeoutSeconds: float = 30.0) -> None:
-    """Let Qt time pass (fire timers) until ``condition()`` holds, like the GUI's event loop."""
-    import time
-
-    deadline = time.monotonic() + timeoutSeconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached while pumping events")
-        qt.processEvents()
-        time.sleep(0.002)
+def pumpUntil(condition, timeoutSeconds: float = 60.0) -> None:
+    """Run Slicer's event loop (timers at their intervals, the GIL held between them, as under
+    PythonQt) until ``condition()`` holds."""
+    qt.runEventLoop(condition, timeoutSeconds)

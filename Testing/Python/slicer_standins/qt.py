@@ -2,10 +2,12 @@
 
 PythonQt semantics kept: Qt properties read and assigned as attributes (assigning a notifying property
 emits its signal), signals reached both as ``obj.clicked.connect(fn)`` and ``obj.connect("clicked()", fn)``,
-``blockSignals`` returning the previous state. QTimer does not run by itself: ``processEvents()`` fires
-every active timer once (single-shot timers stop first), which is how tests let time pass.
+``blockSignals`` returning the previous state. Timers fire at their interval, and only from the event
+loop (``processEvents()``, ``runEventLoop()``), which holds the GIL between Python calls as Slicer's does.
 """
 
+import ctypes
+import time
 from typing import Callable, List
 
 
@@ -109,13 +111,9 @@ class QMessageBox:
 
 class QElapsedTimer:
     def start(self) -> None:
-        import time
-
         self._started = time.monotonic()
 
     def elapsed(self) -> int:
-        import time
-
         return int((time.monotonic() - self._started) * 1000)
 
 
@@ -335,10 +333,38 @@ class QFormLayout(QLayout):
 
 
 # ------------------------------------------------------------------- timers
+# Slicer embeds Python through PythonQt without thread support (PythonQt::setEnableThreadSupport is
+# never called; commontk/PythonQt src/PythonQt.h, Slicer Base/QTCore/qSlicerCorePythonManager.cxx),
+# so the main thread holds the GIL all the time Qt's event loop runs C++ code: while it waits for the
+# next event, while it dispatches and renders. A Python worker thread then runs only while the main
+# thread runs Python that gives the GIL up (a blocking wait, or the interpreter's switch interval).
+# The loop below does the same: between Python calls it waits through usleep called by ctypes.PyDLL,
+# which keeps the GIL, exactly as C++ code under PythonQt does.
+_usleepHoldingGil = ctypes.PyDLL(None).usleep
+_usleepHoldingGil.argtypes = [ctypes.c_uint]
+
+EVENT_DISPATCH_MSEC = 2
+"""C++ work of one pass of the event loop (dispatch, layout, rendering), done with the GIL held."""
+
+IDLE_WAIT_MSEC = 10
+"""Longest GIL-holding wait of the loop before it looks at the test's condition again."""
+
+pumpTimes: List[float] = []
+"""time.monotonic() of every processEvents() call (tests read the gaps while a job runs)."""
+
 _activeTimers: List["QTimer"] = []
 
 
+def holdGil(seconds: float) -> None:
+    """Let ``seconds`` pass in C++ with the GIL held, as Qt's event loop does under PythonQt."""
+    if seconds > 0:
+        _usleepHoldingGil(int(seconds * 1e6))
+
+
 class QTimer(QObject):
+    """Fires ``timeout`` once ``interval`` ms have passed since start (then again every ``interval``
+    unless single-shot), and only from the event loop: processEvents() or runEventLoop()."""
+
     SIGNALS = ("timeout",)
 
     def __init__(self, parent=None) -> None:
@@ -346,6 +372,7 @@ class QTimer(QObject):
         self.interval = 0
         self._singleShot = False
         self._active = False
+        self._due = 0.0
 
     def setSingleShot(self, singleShot: bool) -> None:
         self._singleShot = bool(singleShot)
@@ -360,6 +387,7 @@ class QTimer(QObject):
         if msec is not None:
             self.interval = int(msec)
         self._active = True
+        self._due = time.monotonic() + self.interval / 1000.0
         if self not in _activeTimers:
             _activeTimers.append(self)
 
@@ -371,6 +399,10 @@ class QTimer(QObject):
     def isActive(self) -> bool:
         return self._active
 
+    @property
+    def remainingTime(self) -> int:
+        return max(0, int((self._due - time.monotonic()) * 1000)) if self._active else -1
+
     @staticmethod
     def singleShot(msec: int, slot: Callable) -> None:
         timer = QTimer()
@@ -378,18 +410,44 @@ class QTimer(QObject):
         timer.timeout.connect(slot)
         timer.start(msec)
 
-    def _fire(self) -> None:
-        if not self._active:
+    def _fireIfDue(self, now: float) -> None:
+        if not self._active or now < self._due:
             return
         if self._singleShot:
             self.stop()
+        else:
+            self._due = now + self.interval / 1000.0
         self.timeout.emit()
 
 
+def activeTimers() -> List[QTimer]:
+    return list(_activeTimers)
+
+
+def _fireDueTimers() -> None:
+    now = time.monotonic()
+    for timer in sorted(_activeTimers, key=lambda t: t._due):
+        timer._fireIfDue(now)
+
+
 def processEvents() -> None:
-    """Let one round of time pass: every timer active now fires once."""
-    for timer in list(_activeTimers):
-        timer._fire()
+    """QCoreApplication::processEvents: one pass of the loop (GIL held), firing the timers that are due."""
+    pumpTimes.append(time.monotonic())
+    holdGil(EVENT_DISPATCH_MSEC / 1000.0)
+    _fireDueTimers()
+
+
+def runEventLoop(condition: Callable[[], bool], timeoutSeconds: float = 60.0) -> None:
+    """Qt's event loop as it runs in Slicer between Python calls, until ``condition()`` holds: due
+    timers fire, and the time between them passes in C++ with the GIL held."""
+    deadline = time.monotonic() + timeoutSeconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeoutSeconds} s of the event loop")
+        _fireDueTimers()
+        nextDue = min((timer._due for timer in _activeTimers), default=float("inf"))
+        wait = min(IDLE_WAIT_MSEC / 1000.0, max(0.0, nextDue - time.monotonic()))
+        holdGil(max(wait, EVENT_DISPATCH_MSEC / 1000.0))
 
 
 def stopAllTimers() -> None:

@@ -63,6 +63,17 @@ def addBlobVolume(geometry: str = "axial", name: str = "CT"):
     return volumeNode, maskA, maskB
 
 
+def addVolumeFromFile(path, name: str = "CT"):
+    """A CT file read with SimpleITK, placed in Slicer's world as Slicer's own reader places it (RAS =
+    diag(-1, -1, 1) LPS; Base/Python/sitkUtils.py)."""
+    import SimpleITK as sitk
+
+    image = sitk.ReadImage(str(path))
+    ijkToLPS = affine(np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing()), image.GetOrigin())
+    ijkToRAS = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ijkToLPS
+    return slicer.util.addVolumeFromArray(sitk.GetArrayFromImage(image).astype(np.int16), ijkToRAS, name)
+
+
 def addLinearTransform(matrix: np.ndarray, name: str = "T"):
     node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
     node.SetMatrixTransformToParent(slicer.util.vtkMatrixFromArray(matrix))

@@ -30,8 +30,16 @@ class ComponentSession:
     def reset(self) -> None:
         self._clicks = []
 
-    def set_clicks(self, clicks) -> sitk.Image:
-        self._clicks = [(tuple(float(v) for v in point), bool(positive)) for point, positive in clicks]
+    def set_clicks(self, clicks, progress=None) -> sitk.Image:
+        """As InteractiveSession.set_clicks: ``progress(done, planned)`` before and after the one
+        patch, and an exception it raises leaves the session as it was."""
+        wanted = [(tuple(float(v) for v in point), bool(positive)) for point, positive in clicks]
+        for point, _ in wanted:
+            self._label_at(point)
+        if progress is not None:
+            progress(0, 1)
+            progress(1, 1)
+        self._clicks = wanted
         self.last_timing = {"total": 0.0}
         return self.mask
 

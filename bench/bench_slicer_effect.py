@@ -1,0 +1,142 @@
+"""A click through the CT-SAM3D Segment Editor effect inside Slicer's event loop, against plain Python.
+
+Slicer runs Python through PythonQt without thread support, so its main thread holds the GIL whenever
+Qt's event loop runs C++ code. This bench plays that loop with the test stand-ins (the GIL held between
+Python calls, Testing/Python/slicer_standins/qt.py) over the real MRML libraries of slicer-core, and times
+the same clicks three ways, medians over ``--repeats`` (each a click on a fresh segment, opening a patch):
+
+- plain: ``InteractiveSession.set_clicks`` called directly (what the click costs in plain Python);
+- effect: the effect's click to its result written in the segment, the loop running meanwhile;
+- polled: the earlier design, the job on a worker thread polled from a 30 ms QTimer while the loop runs.
+
+Also the gaps between event-loop passes while the effect waits (Slicer's responsiveness). Real network
+(CT-SAM3D with the deterministic reference weights), the aorta CT of ../shared/data, cross-patch off.
+
+    python bench/bench_slicer_effect.py --repeats 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "Testing" / "Python")]
+
+import slicer  # noqa: E402
+import slicer_standins  # noqa: E402
+from slicer_standins import effects, qt, scenes  # noqa: E402
+from slicer_standins.application import makeModuleParent  # noqa: E402
+from slicer_standins.clicks import timeEffectClicks  # noqa: E402
+
+from CTSAM3DLib.model import build_model  # noqa: E402
+from CTSAM3DLib.reference_weights import deterministic_state_dict  # noqa: E402
+from CTSAM3DLib.session import InteractiveSession  # noqa: E402
+from CTSAM3DLib.world import ras_to_lps  # noqa: E402
+
+CT = REPO_ROOT.parent / "shared" / "data" / "aorta-ct-1.5mm" / "ct.nii.gz"
+POINT_IJK = (60, 63, 82)
+POLL_MSEC = 30
+
+
+def polledSeconds(worker, session, pointsRAS) -> list:
+    """The earlier design: the click runs on the worker, and a 30 ms QTimer polls it from the event loop."""
+    seconds = []
+    poll = qt.QTimer()
+    poll.interval = POLL_MSEC
+    poll.connect("timeout()", lambda: None)
+    for pointRAS in pointsRAS:
+        started = time.perf_counter()
+        job = worker.submit(session.set_clicks, [(ras_to_lps(pointRAS), True)])
+        poll.start()
+        qt.runEventLoop(job.done, timeoutSeconds=600)
+        poll.stop()
+        job.result()
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-polled", action="store_true", help="leave out the slow earlier design")
+    arguments = parser.parse_args()
+    if not CT.is_file():
+        sys.exit(f"missing {CT} (the CTs of ../shared/data)")
+
+    with tempfile.TemporaryDirectory() as temporary:
+        slicer_standins.installModules()
+        slicer_standins.newScene(temporary + "/cache", temporary + "/temp")
+        from CTSAM3DSlicerLib import coordinates
+        from CTSAM3DSlicerLib.logic import CTSAM3DLogic
+        from CTSAM3DSlicerLib.worker import InferenceWorker
+
+        import CTSAM3D
+
+        network = build_model("tiny")
+        network.load_state_dict(deterministic_state_dict(network))
+        CTSAM3D.CTSAM3D(makeModuleParent())
+        slicer.app.emit("startupCompleted()")
+        logic = CTSAM3DLogic.shared()
+        logic.device = "cpu"
+        logic.setNetwork(network)
+        volumeNode = scenes.addVolumeFromFile(CT)
+        ijkToRAS = scenes.volumeIjkToWorld(volumeNode)
+        pointsRAS = [
+            (ijkToRAS @ np.array([*np.add(POINT_IJK, (0, 0, 8 * (n % 3))), 1.0]))[:3]
+            for n in range(arguments.repeats + 1)
+        ]
+        harness = effects.startEditing(volumeNode, "CT-SAM3D")
+        effect = harness.activeEffect.self()
+        effect.crossPatchCheckBox.click()
+
+        image = coordinates.volumeToImage(volumeNode)
+        session = InteractiveSession(network, image, device="cpu", cross_patch=False)
+        polledSession = InteractiveSession(network, image, device="cpu", cross_patch=False)
+        worker = InferenceWorker("bench")
+        plain, inEffect, polled, gaps = [], [], [], []
+        session.set_clicks([(ras_to_lps(pointsRAS[0]), True)])
+        polledSession.set_clicks([(ras_to_lps(pointsRAS[0]), True)])
+        timeEffectClicks(effect, pointsRAS[:1])  # warm-up: builds the effect's session
+        for pointRAS in pointsRAS[1:]:
+            started = time.perf_counter()
+            session.set_clicks([(ras_to_lps(pointRAS), True)])
+            plain.append(time.perf_counter() - started)
+            seconds, clickGaps = timeEffectClicks(effect, [pointRAS])
+            inEffect += seconds
+            gaps += clickGaps
+            if not arguments.skip_polled:
+                polled += polledSeconds(worker, polledSession, [pointRAS])
+        harness.cleanup()
+        worker.shutdown()
+
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+         if line.startswith("model name")),
+        platform.processor(),
+    ) if Path("/proc/cpuinfo").is_file() else platform.processor()
+    base = statistics.median(plain)
+    print(f"machine: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+          f"Python {platform.python_version()}; {arguments.repeats} clicks, medians")
+    print("| path | click (s) | ratio to plain |")
+    print("| --- | --- | --- |")
+    print(f"| plain Python (`InteractiveSession.set_clicks`) | {base:.3f} | 1.00 |")
+    print(f"| effect in Slicer's event loop (GIL held between Python calls) | {statistics.median(inEffect):.3f} | "
+          f"{statistics.median(inEffect) / base:.2f} |")
+    if polled:
+        print(f"| earlier design: worker polled from a 30 ms QTimer | {statistics.median(polled):.3f} | "
+              f"{statistics.median(polled) / base:.2f} |")
+    print(f"event-loop gaps while the effect waits: median {1000 * statistics.median(gaps):.0f} ms, "
+          f"p95 {1000 * np.percentile(gaps, 95):.0f} ms, max {1000 * max(gaps):.0f} ms ({len(gaps)} gaps)")
+
+
+if __name__ == "__main__":
+    main()
