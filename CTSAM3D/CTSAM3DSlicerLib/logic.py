@@ -26,8 +26,6 @@ SessionFactory = Callable[..., Any]
 """(network, image in world LPS, device, cross_patch=..., max_patches=...) -> an object with
 CTSAM3DLib.InteractiveSession's interface (``set_clicks(clicks, progress=...)``, ``clicks``, ...)."""
 
-DEFAULT_MAX_PATCHES = MAX_OPEN_PATCHES
-
 
 class PredictionCancelledError(Exception):
     """The user cancelled the prediction; nothing was written."""
@@ -43,7 +41,7 @@ class Progress(NamedTuple):
 
 
 def defaultSessionFactory(network, image: sitk.Image, device: str, cross_patch: bool = True,
-                          max_patches: int = DEFAULT_MAX_PATCHES):
+                          max_patches: int = MAX_OPEN_PATCHES):
     from CTSAM3DLib.session import InteractiveSession
 
     # Switched on, it runs whenever the network has a cross-patch model (CT-SAM3D always does).
@@ -88,8 +86,9 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         self.lastClickSeconds: Optional[float] = None
         self.lastTiming: dict = {}
         self.progress: Optional[Progress] = None
+        self._loading: Optional[Tuple[str, str, concurrent.futures.Future]] = None
         self.crossPatch = True
-        self.maxPatches = DEFAULT_MAX_PATCHES
+        self.maxPatches = MAX_OPEN_PATCHES
         self._session = None
         self._sessionKey: Optional[tuple] = None
 
@@ -126,6 +125,11 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
             )
         device = device or self.device
 
+        if self._loading is not None and self._loading[:2] == (path, device):
+            # Asked again while it loads (events are processed meanwhile): wait for the same load.
+            waitProcessingEvents(self._loading[2], slicer.app.processEvents, onTick)
+            return
+
         def load():
             self.progress = Progress("Verifying the weights")
             weights.verifyRecordedChecksum(
@@ -136,9 +140,12 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
 
             return CTSAM3DLib.load_checkpoint(path, device=device)
 
+        job = self.worker.submit(load)
+        self._loading = (path, device, job)
         try:
-            network = waitProcessingEvents(self.worker.submit(load), slicer.app.processEvents, onTick)
+            network = waitProcessingEvents(job, slicer.app.processEvents, onTick)
         finally:
+            self._loading = None
             self.progress = None
         self.network = network
         self.device = device
@@ -149,7 +156,7 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         if self.network is None:
             self.loadModel(onTick=onTick)
 
-    def setCrossPatch(self, enabled: bool, maxPatches: int = DEFAULT_MAX_PATCHES) -> None:
+    def setCrossPatch(self, enabled: bool, maxPatches: int = MAX_OPEN_PATCHES) -> None:
         """Switch cross-patch prompting (carrying a segmentation into neighbouring patches) and its
         cap on open patches; takes effect at the next prediction (the session is rebuilt)."""
         if (bool(enabled), int(maxPatches)) != (self.crossPatch, self.maxPatches):

@@ -18,8 +18,10 @@ import slicer
 import vtk
 from CTSAM3DSlicerLib import prompts
 from CTSAM3DSlicerLib.coordinates import arrayFromVtkMatrix, nodeToWorldMatrix, writeMaskIntoOrientedImage
-from CTSAM3DSlicerLib.logic import DEFAULT_MAX_PATCHES, CTSAM3DLogic, PredictionCancelledError
+from CTSAM3DSlicerLib.logic import CTSAM3DLogic, PredictionCancelledError
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
+
+from CTSAM3DLib.constants import MAX_OPEN_PATCHES
 
 EFFECT_NAME = "CT-SAM3D"
 POSITIVE_ROLE = "PositivePrompts"
@@ -165,7 +167,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def setMRMLDefaults(self):
         self.scriptedEffect.setParameterDefault("Polarity", "positive")
         self.scriptedEffect.setParameterDefault("CrossPatch", "on")
-        self.scriptedEffect.setParameterDefault("MaxPatches", DEFAULT_MAX_PATCHES)
+        self.scriptedEffect.setParameterDefault("MaxPatches", MAX_OPEN_PATCHES)
 
     def updateGUIFromMRML(self):
         self.positivePolarity = self.scriptedEffect.parameter("Polarity") != "negative"

@@ -9,6 +9,7 @@ import json
 import sys
 import threading
 import time
+import types
 import urllib.request
 from pathlib import Path
 
@@ -417,3 +418,28 @@ def test_weights_are_verified_once_per_file_version_on_the_worker_with_progress(
         stream.write(b"corrupt")
     with pytest.raises(weights.ChecksumMismatchError, match="download it again"):
         logic.loadModel(str(checkpoint), "cpu")
+
+
+def test_a_load_asked_for_while_one_runs_waits_for_it(tmp_path, monkeypatch):
+    """Events are processed while the weights load, so a click (the effect's first) or the panel's Load
+    button can ask again meanwhile: the checkpoint is read once."""
+    from CTSAM3DSlicerLib.logic import CTSAM3DLogic
+
+    import CTSAM3DLib
+
+    path = tmp_path / "weights.pth"
+    path.write_bytes(b"not read: the loader is a stand-in")
+    loads = []
+
+    def slowLoad(checkpointPath, device):
+        loads.append(checkpointPath)
+        time.sleep(0.3)
+        return types.SimpleNamespace(name="network")
+
+    monkeypatch.setattr(CTSAM3DLib, "load_checkpoint", slowLoad)
+    logic = CTSAM3DLogic()
+    nested = []
+    qt.QTimer.singleShot(50, lambda: nested.append(logic.loadModel(str(path), "cpu")))
+    logic.loadModel(str(path), "cpu")
+    assert loads == [str(path)] and nested == [None]
+    assert logic.network.name == "network" and logic.loadedCheckpoint == str(path)
