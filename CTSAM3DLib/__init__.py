@@ -10,6 +10,9 @@ load without torch (3D Slicer imports every module at start-up, before torch may
 from importlib import import_module
 from typing import Any
 
+__version__ = "0.1.0"
+"""The one place the version is written (pyproject.toml reads it from here)."""
+
 _EXPORTS = {
     "CheckpointError": "checkpoint",
     "load_checkpoint": "checkpoint",

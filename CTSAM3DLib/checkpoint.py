@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from .device import resolve_device
+from .files import atomic_output
 from .model import CTSAM3D, build_model
 from .model.encoder import ENCODER_VARIANTS
 
@@ -197,16 +197,8 @@ def save_checkpoint(
         if "model_state_dict" in extra:
             raise ValueError("extra may not replace 'model_state_dict'")
         content.update(extra)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            torch.save(content, stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    with atomic_output(path) as temporary, open(temporary, "wb") as stream:
+        torch.save(content, stream)
+        stream.flush()
+        os.fsync(stream.fileno())
     return path

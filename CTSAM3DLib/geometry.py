@@ -183,6 +183,13 @@ class SourceGrid:
         index = self.continuous_index(point_lps)
         return bool(np.all(index >= -0.5) and np.all(index <= np.array(self.size) - 0.5))
 
+    def bounds_lps(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(lowest, highest) LPS coordinates of the image's voxels (their outer faces), per axis."""
+        corners = np.array([[i, j, k] for i in (-0.5, self.size[0] - 0.5) for j in (-0.5, self.size[1] - 0.5)
+                            for k in (-0.5, self.size[2] - 0.5)])
+        world = corners @ self.index_to_world.T + self.origin_lps
+        return world.min(axis=0), world.max(axis=0)
+
     def region_of(self, patch: PatchGeometry) -> Optional[SourceRegion]:
         """The smallest box of source voxels holding every voxel whose centre lies within the
         patch's extent; None when the patch misses the image."""

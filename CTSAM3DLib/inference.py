@@ -30,6 +30,7 @@ from typing import Any, ContextManager, List, Optional, Tuple
 import torch
 
 from .constants import MAX_CLICKS, PATCH_SIZE
+from .model import CTSAM3D
 from .model.fast_decoder import Int8SpadeDecoder
 from .model.int8_conv import int8_convolution_available
 
@@ -92,27 +93,46 @@ def choose_precision(device: torch.device) -> str:
     return "float32"
 
 
-def prepare_network(net: Any, device: torch.device, precision: str = "auto", compile: Optional[bool] = None) -> Any:
-    """The network ready for ``device`` at ``precision`` (one of ``PRECISIONS``).
+def resolve_precision(net: Any, device: torch.device, precision: str = "auto") -> str:
+    """The precision ``net`` will actually run at on ``device`` when asked for ``precision``.
 
-    A ``torch.nn.Module`` is moved there in eval mode; at "float32" it is returned itself, else
-    wrapped in a ``PreparedNetwork`` with the same ``encode``/``decode``/``cross_patch``. Any other
-    object with ``encode``/``decode`` (a stand-in) is used as it is. A precision this device cannot
-    run is refused with the list of those it can.
+    The optimised paths are built for the CT-SAM3D network (``CTSAM3DLib.model.CTSAM3D``) alone: any
+    other network (a user's module, a stand-in) runs as it is, "float32", and asking it for another
+    precision is refused. A precision this device cannot run is refused with the list of those it can.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     device = torch.device(device)
-    if not isinstance(net, torch.nn.Module):
-        return net
-    net.to(device).eval()
+    if not isinstance(net, CTSAM3D):
+        if precision not in ("auto", "float32"):
+            raise ValueError(
+                f"precision {precision!r} is built for the CT-SAM3D network; a {type(net).__name__} runs as it "
+                "is (float32)"
+            )
+        return "float32"
     if precision == "auto":
-        precision = choose_precision(device)
-    elif precision not in available_precisions(device):
+        return choose_precision(device)
+    if precision not in available_precisions(device):
         raise ValueError(
             f"precision {precision!r} is not available on {device} with this torch build; "
             f"choose one of {', '.join(available_precisions(device))}"
         )
+    return precision
+
+
+def prepare_network(net: Any, device: torch.device, precision: str = "auto", compile: Optional[bool] = None) -> Any:
+    """The network ready for ``device`` at ``precision`` (one of ``PRECISIONS``; see ``resolve_precision``).
+
+    A ``torch.nn.Module`` is moved there in eval mode; the CT-SAM3D network at "float32" is returned
+    itself, at another precision wrapped in a ``PreparedNetwork`` with the same
+    ``encode``/``decode``/``cross_patch``. Any other network runs as it is.
+    """
+    precision = resolve_precision(net, device, precision)
+    device = torch.device(device)
+    if isinstance(net, torch.nn.Module):
+        net.to(device).eval()
+    if not isinstance(net, CTSAM3D):
+        return net
     if compile is None:
         compile = os.environ.get("CTSAM3D_COMPILE", "") == "1"
     if precision == "float32" and not (compile and device.type == "cuda"):

@@ -2,60 +2,121 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import gzip
 import json
-import os
-import tempfile
+import struct
 from pathlib import Path
-from typing import List, Tuple
+from typing import Iterator, List, Optional, Tuple
 
+import numpy as np
 import SimpleITK as sitk
+
+from .dicom import read_dicom_series
+from .files import atomic_output, image_suffix
 
 Point = Tuple[float, float, float]
 
 
-def read_image(path: Path) -> sitk.Image:
-    """A scan from any file SimpleITK reads, or from a folder holding one DICOM series."""
-    path = Path(path)
-    if path.is_dir():
-        series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-        if not series:
-            raise ValueError(f"{path}: the folder holds no DICOM series")
-        if len(series) > 1:
-            raise ValueError(f"{path}: the folder holds {len(series)} DICOM series ({', '.join(series)}); "
-                             "give a folder with one series")
-        reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0]))
-        return reader.Execute()
-    if not path.is_file():
-        raise FileNotFoundError(f"image not found: {path}")
+@contextlib.contextmanager
+def itk_warnings_silenced() -> Iterator[None]:
+    """ITK prints its warnings raw (``WARNING: In /tmp/SimpleITK-build/...``); what matters in them is
+    checked and said by the caller instead."""
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
-        return sitk.ReadImage(str(path))
-    except RuntimeError as error:
-        raise ValueError(f"{path}: SimpleITK cannot read this image: {str(error).strip().splitlines()[-1]}") from error
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
+
+
+def read_image(path: Path) -> sitk.Image:
+    """A scan from any file SimpleITK reads, or from a folder holding one DICOM series (with its slices
+    where the scanner put them: see ``CTSAM3DLib.dicom``)."""
+    path = Path(path)
+    with itk_warnings_silenced():
+        if path.is_dir():
+            series = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise ValueError(f"{path}: the folder holds no DICOM series")
+            if len(series) > 1:
+                raise ValueError(f"{path}: the folder holds {len(series)} DICOM series ({', '.join(series)}); "
+                                 "give a folder with one series")
+            return read_dicom_series(path, list(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])))
+        if not path.is_file():
+            raise FileNotFoundError(f"image not found: {path}")
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as error:
+            reason = str(error).strip().splitlines()[-1]
+            raise ValueError(f"{path}: SimpleITK cannot read this image: {reason}") from error
+    return _with_nifti_nans(path, image)
+
+
+_NIFTI_FLOATS = {16: np.float32, 64: np.float64}
+"""NIfTI datatype codes of the floating-point voxels that can hold NaN."""
+
+
+def _nifti_nan_mask(path: Path) -> Optional[np.ndarray]:
+    """Where a floating-point 3D NIfTI file stores NaN, as a (z, y, x) mask; None for any other file.
+    ITK's NIfTI reader turns NaN into 0, so the file's own bytes are read to find them."""
+    name = path.name.lower()
+    if not (name.endswith(".nii") or name.endswith(".nii.gz")):
+        return None
+    opener = gzip.open if name.endswith(".gz") else open
+    with opener(path, "rb") as stream:
+        header = stream.read(540)
+        for order in "<>":
+            size = struct.unpack(order + "i", header[:4])[0]
+            if size in (348, 540):
+                break
+        else:
+            return None
+        if size == 348:
+            dims = struct.unpack(order + "8h", header[40:56])
+            datatype = struct.unpack(order + "h", header[70:72])[0]
+            offset = int(struct.unpack(order + "f", header[108:112])[0])
+        else:
+            datatype = struct.unpack(order + "h", header[12:14])[0]
+            dims = struct.unpack(order + "8q", header[16:80])
+            offset = struct.unpack(order + "q", header[168:176])[0]
+        if datatype not in _NIFTI_FLOATS or dims[0] < 3:
+            return None
+        shape = tuple(int(n) for n in dims[1:4])
+        stream.seek(offset)
+        dtype = np.dtype(_NIFTI_FLOATS[datatype]).newbyteorder(order)
+        voxels = np.frombuffer(stream.read(int(np.prod(shape)) * dtype.itemsize), dtype=dtype)
+    if voxels.size != np.prod(shape):
+        return None
+    return np.isnan(voxels).reshape(shape[::-1])
+
+
+def _with_nifti_nans(path: Path, image: sitk.Image) -> sitk.Image:
+    """``image`` with the NaN voxels its NIfTI file holds put back (they are then reported and treated
+    as outside the scan by the session, instead of silently read as 0)."""
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 1:
+        return image
+    mask = _nifti_nan_mask(path)
+    if mask is None or not mask.any() or mask.shape != sitk.GetArrayViewFromImage(image).shape:
+        return image
+    array = sitk.GetArrayFromImage(image)
+    array[mask] = np.nan
+    restored = sitk.GetImageFromArray(array)
+    restored.CopyInformation(image)
+    return restored
 
 
 def write_image_atomically(image: sitk.Image, path: Path) -> None:
-    """Writes ``image`` so that ``path`` appears complete or not at all."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = "".join(path.suffixes) or ".nrrd"
-    handle, temporary = tempfile.mkstemp(prefix=".partial-", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        sitk.WriteImage(image, temporary, True)
-        os.replace(temporary, path)
-    except RuntimeError as error:
-        raise ValueError(f"{path}: SimpleITK cannot write this format: {str(error).strip().splitlines()[-1]}") \
-            from error
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
-def ras_to_lps(point: Point) -> Point:
-    """3D Slicer's RAS world coordinates to ITK's LPS (x and y negated); its own inverse."""
-    return (-point[0], -point[1], point[2])
+    """Writes ``image`` (compressed where the format allows) so that ``path`` appears complete, with the
+    usual permissions, or not at all. The format comes from the extension (``files.IMAGE_SUFFIXES``)."""
+    image_suffix(path)
+    with atomic_output(path) as temporary:
+        try:
+            sitk.WriteImage(image, str(temporary), True)
+        except RuntimeError as error:
+            reason = str(error).strip().splitlines()[-1].replace(str(temporary), str(path))
+            raise ValueError(f"{path}: SimpleITK could not write it ({reason})") from error
 
 
 def parse_point(text: str) -> Point:

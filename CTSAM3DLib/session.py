@@ -33,12 +33,15 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .constants import MASK_THRESHOLD, MAX_OPEN_PATCHES, PATCH_SIZE
+from .constants import MASK_THRESHOLD, MAX_OPEN_PATCHES, OUTSIDE_HU, PATCH_SIZE
 from .device import resolve_device
 from .geometry import Lattice, PatchGeometry, SourceGrid, SourceRegion
-from .inference import prepare_network
+from .inference import prepare_network, resolve_precision
 from .preprocess import normalize_hu
 from .propagation import Offset, heatmap_peaks, touched_offsets
+
+_NESTED_STEPS = ("sample", "encode", "decode")
+"""Timed steps that cross-patch prompting runs inside its own time."""
 
 
 class Click(NamedTuple):
@@ -81,7 +84,10 @@ class _HistoryEntry:
 
 
 def validate_image(image: sitk.Image) -> None:
-    """Refuses images the session cannot segment; warns when the intensities do not look like CT."""
+    """Refuses images the session cannot segment; warns when the intensities do not look like CT.
+
+    NaN or infinite voxels are allowed where some voxels are finite: the session treats them as outside
+    the scan (``readable_image`` says how many)."""
     if not isinstance(image, sitk.Image):
         raise SessionInputError(f"expected a SimpleITK.Image, got {type(image).__name__}")
     if image.GetDimension() != 3:
@@ -94,9 +100,11 @@ def validate_image(image: sitk.Image) -> None:
     if min(image.GetSize()) < 1:
         raise SessionInputError(f"the image is empty (size {image.GetSize()})")
     values = sitk.GetArrayViewFromImage(image)
-    low, high = float(values.min()), float(values.max())
-    if not (np.isfinite(low) and np.isfinite(high)):
-        raise SessionInputError("the image holds NaN or infinite values")
+    finite = np.isfinite(values)
+    if not finite.any():
+        raise SessionInputError("every voxel of the image is NaN or infinite: nothing to segment")
+    finite_values = values if finite.all() else values[finite]
+    low, high = float(finite_values.min()), float(finite_values.max())
     if low == high:
         raise SessionInputError(f"the image is constant (every voxel is {low:g}): nothing to segment")
     if low > -500:
@@ -105,6 +113,26 @@ def validate_image(image: sitk.Image) -> None:
             "units (e.g. MR), and CT-SAM3D's results will likely be poor",
             stacklevel=3,
         )
+
+
+def readable_image(image: sitk.Image) -> sitk.Image:
+    """``image`` itself, or, when it holds NaN or infinite voxels, a copy in which they are set to the
+    value of the space outside the scan (-1024 HU), with a warning that names how many there are."""
+    values = sitk.GetArrayViewFromImage(image)
+    bad = ~np.isfinite(values)
+    count = int(np.count_nonzero(bad))
+    if count == 0:
+        return image
+    slices = np.flatnonzero(bad.any(axis=(1, 2)))
+    warnings.warn(
+        f"the image holds {count} NaN or infinite voxels ({100 * count / bad.size:.2g}% of it, in "
+        f"{len(slices)} of its {bad.shape[0]} slices, z index {slices[0]} to {slices[-1]}): they are treated "
+        f"as outside the scan ({OUTSIDE_HU:g} HU)",
+        stacklevel=3,
+    )
+    filled = sitk.GetImageFromArray(np.where(bad, OUTSIDE_HU, values).astype(values.dtype))
+    filled.CopyInformation(image)
+    return filled
 
 
 class InteractiveSession:
@@ -133,6 +161,7 @@ class InteractiveSession:
         cross_patch_box_lps: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
     ) -> None:
         validate_image(image)
+        image = readable_image(image)
         if max_patches < 1:
             raise ValueError(f"max_patches must be at least 1, got {max_patches}")
         has_cross_patch = callable(getattr(net, "cross_patch", None))
@@ -140,7 +169,9 @@ class InteractiveSession:
             raise ValueError("cross-patch prompting needs a network with a cross_patch method")
         self.image = image
         self.device = resolve_device(device)
-        self.net = prepare_network(net, self.device, precision)
+        self.precision = resolve_precision(net, self.device, precision)
+        """The precision the network runs at ("auto" resolved; see ``CTSAM3DLib.inference``)."""
+        self.net = prepare_network(net, self.device, self.precision)
         self.cross_patch = has_cross_patch if cross_patch is None else cross_patch
         self.max_patches = max_patches
         self.cross_patch_box_lps = None
@@ -268,9 +299,16 @@ class InteractiveSession:
         if point.shape != (3,):
             raise SessionInputError(f"a click needs 3 coordinates (LPS mm), got {point.size}")
         if not np.all(np.isfinite(point)):
-            raise SessionInputError(f"click coordinates must be finite numbers, got {tuple(point)}")
+            raise SessionInputError(
+                f"click coordinates must be finite numbers, got ({', '.join(f'{v:g}' for v in point)})"
+            )
         if not self.grid.contains(point):
-            raise SessionInputError(f"click at LPS {tuple(np.round(point, 2))} mm lies outside the image")
+            low, high = self.grid.bounds_lps()
+            spans = ", ".join(f"{axis} {a:.1f} to {b:.1f}" for axis, a, b in zip("xyz", low, high))
+            raise SessionInputError(
+                f"click at LPS ({', '.join(f'{v:.1f}' for v in point)}) mm lies outside the image, which spans "
+                f"LPS {spans} mm"
+            )
         return tuple(float(v) for v in point)
 
     def _report_progress(self, timing: Dict[str, float], pending: int) -> None:
@@ -356,8 +394,11 @@ class InteractiveSession:
             patch.probability = probability[row : row + 1].to(torch.float32)
 
     def _propagate(self, frontier: List[int], entry: _HistoryEntry, timing: Dict[str, float]) -> None:
-        """Cross-patch prompting, breadth-first from the patches a click changed."""
+        """Cross-patch prompting, breadth-first from the patches a click changed. Its time in ``timing``
+        ("cross_patch") leaves out the sampling, encoding and decoding of the neighbours, which are
+        added to those steps, so that the steps add up to the click's total."""
         started = time.perf_counter()
+        nested_before = sum(timing.get(step, 0.0) for step in _NESTED_STEPS)
         while frontier:
             jobs: List[Tuple[int, Offset, Optional[int], PatchGeometry]] = []
             for pid in frontier:
@@ -378,7 +419,8 @@ class InteractiveSession:
             self._report_progress(timing, pending=len(jobs))
             frontier = self._prompt_neighbours(jobs, entry, timing)
             self._report_progress(timing, pending=0)
-        timing["cross_patch"] = time.perf_counter() - started
+        nested = sum(timing.get(step, 0.0) for step in _NESTED_STEPS) - nested_before
+        timing["cross_patch"] = time.perf_counter() - started - nested
 
     def _may_open(self, geometry: PatchGeometry, pending: int) -> bool:
         """Whether cross-patch prompting may open a patch here: under the cap, inside the image and

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-from ..cli import CommandError
+from ..cli import CommandError, HelpFormatter
 from ..constants import MAX_OPEN_PATCHES
 from ..datasets import find_cases
 from ..evaluation.baseline import RegionGrowingSession
@@ -36,8 +36,13 @@ def add_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "evaluate",
         help="measure a model and a region-growing baseline with simulated clicks",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run the network and a classical baseline (region growing) with the same simulated clicks\n"
+        "on every scan and structure of --data. Written into --output: clicks.csv (every click),\n"
+        "structures.csv (status of every structure), report.md (tables), summary.csv (per structure),\n"
+        "dice_vs_clicks.png and gallery.png (with matplotlib), and each final mask under masks/.\n"
+        "A rerun with the same --output skips what is finished.",
+        epilog="example:\n  ctsam3d evaluate --weights params.pth --data ../shared/data --clicks 5 --output eval",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--weights", type=Path, help="CT-SAM3D checkpoint (needed unless --methods baseline)")
     parser.add_argument(
@@ -47,45 +52,45 @@ def add_parser(subparsers) -> None:
         help="a case folder or a folder of cases (TotalSegmentator, label map + labels.csv, "
         "or <structure>.nii.gz masks beside ct.nii.gz)",
     )
-    parser.add_argument("--clicks", type=int, default=10, help="simulated clicks per structure (default 10)")
-    parser.add_argument("--structures", nargs="+", metavar="NAME", help="only these structures (default all)")
+    parser.add_argument("--clicks", type=int, default=10, help="simulated clicks per structure")
+    parser.add_argument("--structures", nargs="+", metavar="NAME", help="only these structures (default: all)")
     parser.add_argument("--cases", nargs="+", metavar="NAME", help="only these scans (folder names)")
     parser.add_argument(
         "--cross-patch",
         choices=("on", "off"),
         default="on",
-        help="let the model open more patches for structures larger than one (default on)",
+        help="let the model open more patches for structures larger than one",
     )
     parser.add_argument(
         "--max-patches", type=int, default=MAX_OPEN_PATCHES,
-        help=f"patch cap with --cross-patch on (default {MAX_OPEN_PATCHES})"
+        help="patch cap with --cross-patch on"
     )
     parser.add_argument(
         "--methods",
         nargs="+",
         choices=(MODEL, BASELINE),
         default=[MODEL, BASELINE],
-        help="what to evaluate (default both)",
+        help="what to evaluate",
     )
     parser.add_argument(
         "--tolerance-mm",
         type=float,
         default=SURFACE_TOLERANCE_MM,
-        help=f"surface Dice tolerance (default {SURFACE_TOLERANCE_MM} mm)",
+        help="surface Dice tolerance (mm)",
     )
     parser.add_argument(
         "--output",
         type=Path,
         default=Path("ctsam3d-evaluation"),
-        help="results folder; rerunning into it resumes (default ./ctsam3d-evaluation)",
+        help="results folder; rerunning into it resumes",
     )
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default auto)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     parser.add_argument(
         "--gallery",
         type=int,
         default=3,
         metavar="N",
-        help="best and worst N structures in gallery.png (default 3)",
+        help="best and worst N structures in gallery.png",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(func=run)
@@ -155,21 +160,24 @@ def run(args: argparse.Namespace) -> int:
         settings[BASELINE] = BASELINE_SETTINGS
         chosen.append(_baseline_method())
     store = ResultStore(args.output, settings)
-    counts = evaluate(
-        cases,
-        chosen,
-        store,
-        args.clicks,
-        cap,
-        args.structures,
-        args.tolerance_mm,
-        show_progress=not args.no_progress,
-    )
-    print(
-        f"evaluated {counts['done']}, skipped {counts['skipped']} (size), errors {counts['error']}, "
-        f"already done {counts['already']} structure(s); results in {args.output}"
-    )
-    write_outputs(store, cases, methods, args.clicks, args.gallery)
+    try:
+        counts = evaluate(
+            cases,
+            chosen,
+            store,
+            args.clicks,
+            cap,
+            args.structures,
+            args.tolerance_mm,
+            show_progress=not args.no_progress,
+        )
+        print(
+            f"(structure, method) pairs: evaluated {counts['done']}, skipped {counts['skipped']} (size), "
+            f"errors {counts['error']}, already done {counts['already']}; results in {args.output}"
+        )
+        write_outputs(store, cases, methods, args.clicks, args.gallery)
+    finally:
+        store.close()
     return 1 if counts["error"] else 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..cli import HelpFormatter
+
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -13,6 +15,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description="Writes a checkpoint in the authors' layout whose values follow the deterministic rule of "
         "the parity fixture. The network runs and is exact, but these weights are NOT trained: masks made with "
         "them are meaningless. Use the authors' params.pth for real segmentations.",
+        epilog="example:\n  ctsam3d reference-weights --output weights.pth",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--output", required=True, type=Path, help="checkpoint file to write (.pth)")
     parser.add_argument("--variant", default="tiny", help="encoder size: tiny (the authors' checkpoint), small, "

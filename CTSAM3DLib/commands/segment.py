@@ -7,9 +7,12 @@ import time
 from pathlib import Path
 from typing import List, Tuple
 
+from ..cli import HelpFormatter
 from ..constants import MAX_OPEN_PATCHES
+from ..files import check_output_path, image_suffix
 from ..inference import PRECISIONS
-from ..io import parse_point, ras_to_lps, read_image, read_points_file, write_image_atomically
+from ..io import parse_point, read_image, read_points_file, write_image_atomically
+from ..world import ras_to_lps
 
 Click = Tuple[Tuple[float, float, float], bool, bool]
 
@@ -27,8 +30,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "segment",
         help="segment a structure from clicks",
-        description="Segment one structure of a CT from positive and negative clicks. Points are LPS "
+        description="Segment one structure of a CT from positive and negative clicks. Points are LPS\n"
         "millimetres (as ITK and SimpleITK) unless --ras is given (as 3D Slicer shows them).",
+        epilog="example (a liver from one click; negative coordinates are typed as they are):\n"
+        "  ctsam3d segment --image ct.nii.gz --weights params.pth --point -71.1,-25.4,-245.0 \\\n"
+        "      --negative -30.0,-20.0,-250.0 --output liver.nii.gz",
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--image", required=True, type=Path, help="CT file (any format SimpleITK reads) or "
                         "a folder with one DICOM series")
@@ -49,9 +56,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="how the network runs: auto (fastest measured path for the device), float32 "
                         "(the reference path), int8, bfloat16, float16")
     parser.add_argument("--cross-patch", choices=("on", "off"), default="on",
-                        help="carry the segmentation into neighbouring patches (default on)")
+                        help="carry the segmentation into neighbouring patches")
     parser.add_argument("--max-patches", type=int, default=MAX_OPEN_PATCHES,
-                        help=f"most patches cross-patch prompting may open (default {MAX_OPEN_PATCHES})")
+                        help="most patches cross-patch prompting may open")
     parser.add_argument("--probability", type=Path, help="also write the probability map (float32)")
     parser.set_defaults(func=run, click_sources=[])
 
@@ -74,21 +81,34 @@ def collect_clicks(args: argparse.Namespace) -> List[Tuple[Tuple[float, float, f
 
 def run(args: argparse.Namespace) -> int:
     from .. import InteractiveSession, load_checkpoint
+    from ..session import validate_image
 
+    # Everything the user can get wrong is checked before the ~300 MB of weights load.
+    for output in (args.output, args.probability):
+        if output is not None:
+            image_suffix(output)
+            check_output_path(output)
+    if args.max_patches < 1:
+        raise ValueError(f"--max-patches must be at least 1, got {args.max_patches}")
     clicks = collect_clicks(args)
+    if not Path(args.weights).is_file():
+        raise FileNotFoundError(f"weights not found: {args.weights}")
     started = time.perf_counter()
     image = read_image(args.image)
+    validate_image(image)
     print(f"read {args.image} {image.GetSize()} in {time.perf_counter() - started:.2f} s")
     started = time.perf_counter()
     net = load_checkpoint(args.weights, device=args.device)
     print(f"loaded {args.weights} in {time.perf_counter() - started:.2f} s")
     session = InteractiveSession(net, image, device=args.device, precision=args.precision,
                                  cross_patch=args.cross_patch == "on", max_patches=args.max_patches)
-    print(f"device: {session.device}, precision: {args.precision}")
+    chosen = " (auto)" if args.precision == "auto" else ""
+    print(f"device: {session.device}, precision: {session.precision}{chosen}")
     for number, (point_lps, positive) in enumerate(clicks, start=1):
         session.add_click(point_lps, positive)
         steps = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in session.last_timing.items()
-                          if not name.startswith("patches_"))
+                          if not name.startswith("patches_") and name != "total")
+        steps += f"; total {session.last_timing['total'] * 1000:.0f} ms"
         sign = "+" if positive else "-"
         coordinates = ", ".join(f"{v:.1f}" for v in point_lps)
         decoded = int(session.last_timing["patches_decoded"])

@@ -1,4 +1,4 @@
-"""PNG plots of an evaluation run (matplotlib, imported only here: ``pip install ctsam3d[plots]``).
+"""PNG plots of an evaluation run (matplotlib, imported only here: ``pip install matplotlib``).
 
 - ``dice_vs_clicks.png``: mean Dice after each click, one line per method, with the interquartile
   range shaded, over the structures every method finished.
@@ -32,7 +32,7 @@ def _pyplot():
         import matplotlib
     except ImportError as error:
         raise PlotsUnavailableError(
-            "plots need matplotlib: pip install 'ctsam3d[plots]' (the tables and CSVs are written anyway)"
+            "plots need matplotlib: pip install matplotlib (the tables and CSVs are written anyway)"
         ) from error
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -82,12 +82,24 @@ def _radiological(slice_yx: np.ndarray, direction: np.ndarray) -> np.ndarray:
     return slice_yx
 
 
-def _panel(axes, ct, reference, prediction, click_rows, spacing_xy, direction, title, show_clicks=True):
+MASK_COLOUR = "#2f7bff"
+"""The final mask's colour in the gallery (red is the negative clicks')."""
+
+
+def crop_box(masks_yx: Sequence[np.ndarray], margin: int = 12) -> Tuple[int, int, int, int]:
+    """(top, bottom, left, right) around everything in ``masks_yx`` plus ``margin`` pixels: one box for a
+    row of panels, so every method's panel shows the same region at the same scale."""
+    rows, cols = np.nonzero(np.logical_or.reduce(masks_yx))
+    shape = masks_yx[0].shape
+    return (max(rows.min() - margin, 0), min(rows.max() + margin + 1, shape[0]),
+            max(cols.min() - margin, 0), min(cols.max() + margin + 1, shape[1]))
+
+
+def _panel(axes, ct, reference, prediction, click_rows, spacing_xy, direction, title, box, show_clicks=True):
     shape = ct.shape
-    rows, cols = np.nonzero(reference | prediction)
-    margin = 12
-    top, bottom = max(rows.min() - margin, 0), min(rows.max() + margin + 1, shape[0])
-    left, right = max(cols.min() - margin, 0), min(cols.max() + margin + 1, shape[1])
+    from matplotlib.colors import ListedColormap
+
+    top, bottom, left, right = box
     marks = np.zeros(shape, np.int8)
     for row in click_rows:
         marks[int(row["index_y"]), int(row["index_x"])] = 1 if row["positive"] == "1" else -1
@@ -105,7 +117,7 @@ def _panel(axes, ct, reference, prediction, click_rows, spacing_xy, direction, t
     )
     axes.imshow(
         np.ma.masked_where(~view(prediction), view(prediction)),
-        cmap="autumn",
+        cmap=ListedColormap([MASK_COLOUR]),
         alpha=0.45,
         aspect=spacing_xy[1] / spacing_xy[0],
         interpolation="nearest",
@@ -149,23 +161,28 @@ def plot_gallery(
         reference = sitk.GetArrayFromImage(case.load_structure(structure)) != 0
         direction = np.asarray(image.GetDirection()).reshape(3, 3)
         ct = sitk.GetArrayViewFromImage(image)
+        rows_by_method = {method: [] for method in methods}
+        for row in click_rows:
+            if (row["case"], row["structure"]) == (case_name, structure) and row["method"] in rows_by_method:
+                rows_by_method[row["method"]].append(row)
+        # The first click of the protocol is the structure's most interior voxel, the same for every method.
+        z = int(rows_by_method[methods[0]][0]["index_z"])
+        predictions = {
+            method: sitk.GetArrayFromImage(sitk.ReadImage(str(store.mask_path((method, case_name, structure))))) != 0
+            for method in methods
+        }
+        box = crop_box([reference[z]] + [prediction[z] for prediction in predictions.values()])
         for axes, method in zip(row_axes, methods):
-            rows = [
-                r
-                for r in click_rows
-                if (r["method"], r["case"], r["structure"]) == (method,) + (case_name, structure)
-            ]
-            z = int(rows[0]["index_z"])  # the first click: the structure's most interior voxel
-            mask_path = store.mask_path((method, case_name, structure))
-            prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(mask_path))) != 0
+            rows = rows_by_method[method]
             on_slice = [r for r in rows if int(r["index_z"]) == z]
             dice = curves[(method, case_name, structure)].dice[-1]
             title = f"{rank}: {case_name}/{structure}\n{method}, Dice {dice:.2f} after {len(rows)} clicks"
             _panel(
-                axes, ct[z], reference[z], prediction[z], on_slice, image.GetSpacing()[:2], direction, title
+                axes, ct[z], reference[z], predictions[method][z], on_slice, image.GetSpacing()[:2], direction,
+                title, box,
             )
     figure.suptitle(
-        "green: reference outline, red: final mask,\ncyan +: positive, red x: negative clicks on this slice",
+        "green: reference outline, blue: final mask,\ncyan +: positive, red x: negative clicks on this slice",
         fontsize=7,
     )
     figure.tight_layout(rect=(0, 0, 1, 0.97))

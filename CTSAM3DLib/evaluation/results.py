@@ -19,6 +19,7 @@ and a rerun drops click rows that have no finished structure row and skips every
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -144,8 +145,11 @@ class ResultStore:
         self._drop_unfinished_clicks()
 
     def close(self) -> None:
-        """Release the folder's lock (also released when the process ends)."""
+        """Release the folder's lock and remove its file (the lock is also released when the process
+        ends; the file is removed first, so no run can hold a lock on a file that is going away)."""
         if self._lock is not None:
+            with contextlib.suppress(OSError):
+                (self.folder / ".lock").unlink()
             self._lock.close()
             self._lock = None
 

@@ -50,7 +50,8 @@ def evaluate(
 
     Structures outside the size range (`size_problem`, with ``max_patches`` the model's patch cap)
     are recorded as skipped for every method, so all methods cover the same structures. An error
-    of one method on one structure is recorded and the run goes on. Returns counts by status.
+    of one method on one structure is recorded and the run goes on. Returns counts by status, each
+    of (method, structure) pairs ("already": pairs the store held before this run).
     """
     selection = select_structures(cases, structures)
     total = sum(len(names) for names in selection.values())
@@ -59,7 +60,7 @@ def evaluate(
     for case in cases:
         names = selection[case.name]
         pending = [n for n in names if not all(store.is_done((m.name, case.name, n)) for m in methods)]
-        counts["already"] += len(names) - len(pending)
+        counts["already"] += sum(store.is_done((m.name, case.name, n)) for n in names for m in methods)
         if bar:
             bar.update(len(names) - len(pending), status=case.name)
         if not pending:

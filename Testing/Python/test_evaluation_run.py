@@ -82,7 +82,7 @@ def test_short_run_on_shared_data_with_model_and_baseline(data_dir, tmp_path):
         wanted,
         show_progress=False,
     )
-    assert again["already"] == 3 and again["done"] == 0
+    assert again["already"] == 6 and again["done"] == 0, "3 structures, 2 methods"
     assert (tmp_path / "clicks.csv").read_text() == before
 
 
@@ -123,6 +123,8 @@ def test_cli_baseline_run_writes_tables_and_plots(data_dir, tmp_path, capsys):
     assert statuses == {"kidney_left": "done", "adrenal_gland_right": "done"}
     summary = capsys.readouterr().out
     assert "| baseline |" in summary
+    assert "(structure, method) pairs: evaluated 2, skipped 0 (size), errors 0, already done 0" in summary
+    assert not (output / ".lock").exists(), "the lock file stays behind"
     # Rerun with other settings into the same folder: refused, nothing mixed.
     with pytest.raises(ResultsError, match="clicks"):
         run_subcommand(
@@ -142,6 +144,34 @@ def test_cli_baseline_run_writes_tables_and_plots(data_dir, tmp_path, capsys):
                 str(output),
             ]
         )
+
+
+def test_gallery_rows_share_one_crop_and_the_mask_is_not_red(tmp_path, monkeypatch):
+    """Each method's panel in a row shows the same region at the same scale, and the mask's colour is not
+    the negative clicks' red."""
+    from CTSAM3DLib.evaluation import plots
+    from CTSAM3DLib.evaluation.report import build_curves
+
+    synthetic_case(tmp_path / "data" / "case1")
+    cases = find_cases(tmp_path / "data")
+    store = ResultStore(tmp_path / "out", SETTINGS)
+    evaluate(cases, [threshold_model(), baseline()], store, 2, None, None, show_progress=False)
+    boxes = []
+    real_panel = plots._panel
+
+    def record(axes, ct, reference, prediction, click_rows, spacing, direction, title, box, **kwargs):
+        boxes.append((title.split("\n")[0], box, prediction.sum()))
+        return real_panel(axes, ct, reference, prediction, click_rows, spacing, direction, title, box, **kwargs)
+
+    monkeypatch.setattr(plots, "_panel", record)
+    curves = build_curves(store.click_rows(), 2)
+    plots.plot_gallery(store, cases, curves, ["model", "baseline"], tmp_path / "gallery.png", 1)
+    rows = {}
+    for row_title, box, _ in boxes:
+        rows.setdefault(row_title, set()).add(box)
+    assert rows and all(len(row_boxes) == 1 for row_boxes in rows.values()), rows
+    red, green, blue = (int(plots.MASK_COLOUR[i:i + 2], 16) for i in (1, 3, 5))
+    assert blue > red and blue > green, "the mask must not share the negative clicks' red"
 
 
 def test_cli_refuses_bad_requests(data_dir, tmp_path):

@@ -14,7 +14,7 @@ def python_blocks(markdown):
 
 
 def test_the_python_api_example_runs(tmp_path, data_dir, monkeypatch):
-    block = python_blocks((REPO_ROOT / "README.md").read_text())[0]
+    block = python_blocks((REPO_ROOT / "README.md").read_text(encoding="utf-8"))[0]
     torch.manual_seed(0)
     save_checkpoint(tmp_path / "weights.pth", build_model("tiny"))
     monkeypatch.chdir(tmp_path)

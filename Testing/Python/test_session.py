@@ -286,7 +286,7 @@ def make_image(array, spacing=(1.0, 1.0, 1.0)):
         (sitk.Image([8, 8, 8, 2], sitk.sitkInt16), "expected a 3D image, got a 4D image"),
         (sitk.Image([8, 8, 8], sitk.sitkVectorUInt8, 3), "3 components per voxel"),
         (sitk.Image([8, 8, 8], sitk.sitkInt16) + 40, "the image is constant (every voxel is 40)"),
-        (make_image(np.array([[[np.nan, 0.0], [1.0, 2.0]]] * 2, dtype=np.float32)), "NaN or infinite"),
+        (make_image(np.full((2, 2, 2), np.nan, dtype=np.float32)), "every voxel of the image is NaN or infinite"),
     ],
 )
 def test_bad_images_are_refused(image, message):
