@@ -44,3 +44,16 @@ def reference_fixture():
 @pytest.fixture(scope="session")
 def reference_layout_path() -> Path:
     return require(REFERENCE_LAYOUT)
+
+
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory) -> Path:
+    """A full-size CT-SAM3D checkpoint with seeded random weights (the reference rule is tested elsewhere)."""
+    import torch
+
+    from CTSAM3DLib import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "weights.pth"
+    save_checkpoint(path, build_model("tiny"))
+    return path

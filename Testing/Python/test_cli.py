@@ -5,20 +5,14 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
-import torch
 
-from CTSAM3DLib import build_model, save_checkpoint
 from CTSAM3DLib.cli import build_parser, main
 from CTSAM3DLib.commands.segment import collect_clicks
 
 
-@pytest.fixture(scope="module")
-def small_weights(tmp_path_factory):
-    """A full-size network with random weights (the reference rule is tested elsewhere)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "weights.pth"
-    save_checkpoint(path, build_model("tiny"))
-    return path
+@pytest.fixture
+def small_weights(random_weights):
+    return random_weights
 
 
 def test_segment_writes_a_mask_in_the_ct_geometry(tmp_path, data_dir, small_weights, capsys):

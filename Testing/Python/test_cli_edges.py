@@ -15,7 +15,7 @@ import torch
 from dicom_series import write_ct_series
 from standins import CrossPatchThresholdNet, ThresholdNet
 
-from CTSAM3DLib import __version__, build_model, save_checkpoint
+from CTSAM3DLib import __version__
 from CTSAM3DLib.cli import attach_negative_values, build_parser, main
 from CTSAM3DLib.commands.segment import collect_clicks
 from CTSAM3DLib.inference import choose_precision
@@ -23,12 +23,9 @@ from CTSAM3DLib.io import read_image
 from CTSAM3DLib.session import InteractiveSession, SessionInputError
 
 
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "weights.pth"
-    save_checkpoint(path, build_model("tiny"))
-    return path
+@pytest.fixture
+def weights(random_weights):
+    return random_weights
 
 
 @pytest.fixture
