@@ -125,11 +125,6 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
             )
         device = device or self.device
 
-        if self._loading is not None and self._loading[:2] == (path, device):
-            # Asked again while it loads (events are processed meanwhile): wait for the same load.
-            waitProcessingEvents(self._loading[2], slicer.app.processEvents, onTick)
-            return
-
         def load():
             self.progress = Progress("Verifying the weights")
             weights.verifyRecordedChecksum(
@@ -140,13 +135,17 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
 
             return CTSAM3DLib.load_checkpoint(path, device=device)
 
-        job = self.worker.submit(load)
-        self._loading = (path, device, job)
+        # Asked again while it loads (events are processed meanwhile): wait for that same load.
+        joining = self._loading is not None and self._loading[:2] == (path, device)
+        job = self._loading[2] if joining else self.worker.submit(load)
+        if not joining:
+            self._loading = (path, device, job)
         try:
             network = waitProcessingEvents(job, slicer.app.processEvents, onTick)
         finally:
-            self._loading = None
-            self.progress = None
+            if not joining:
+                self._loading = None
+                self.progress = None
         self.network = network
         self.device = device
         self.loadedCheckpoint = path

@@ -439,7 +439,12 @@ def test_a_load_asked_for_while_one_runs_waits_for_it(tmp_path, monkeypatch):
     monkeypatch.setattr(CTSAM3DLib, "load_checkpoint", slowLoad)
     logic = CTSAM3DLogic()
     nested = []
-    qt.QTimer.singleShot(50, lambda: nested.append(logic.loadModel(str(path), "cpu")))
+
+    def loadAgain():
+        logic.loadModel(str(path), "cpu")
+        nested.append(logic.network)  # as the effect's first click goes on to segment
+
+    qt.QTimer.singleShot(50, loadAgain)
     logic.loadModel(str(path), "cpu")
-    assert loads == [str(path)] and nested == [None]
+    assert loads == [str(path)] and len(nested) == 1 and nested[0] is logic.network
     assert logic.network.name == "network" and logic.loadedCheckpoint == str(path)
