@@ -18,6 +18,8 @@ from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModuleWidget,
 )
 
+from CTSAM3DLib.download import DEFAULT_ENDPOINT, MODEL_PAGE, DownloadCancelledError
+
 __all__ = ["CTSAM3D", "CTSAM3DLogic", "CTSAM3DTest", "CTSAM3DWidget"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -74,7 +76,10 @@ class CTSAM3DWidget(ScriptedLoadableModuleWidget):
         self.weightsPathEdit.connect("currentPathChanged(QString)", self.onWeightsPathChanged)
         weightsForm.addRow("Weights file:", self.weightsPathEdit)
         self.downloadButton = qt.QPushButton("Download the authors' weights")
-        self.downloadButton.toolTip = f"Streams {weights.AUTHORS_WEIGHTS_URL} into Slicer's cache folder"
+        self.downloadButton.toolTip = (
+            f"Downloads the authors' checkpoint from {MODEL_PAGE} into your cache folder "
+            "(the one 'ctsam3d download-weights' uses), verified against the checksum ModelScope publishes"
+        )
         self.downloadButton.connect("clicked()", self.onDownload)
         self.cancelButton = qt.QPushButton("Cancel")
         self.cancelButton.enabled = False
@@ -140,8 +145,8 @@ class CTSAM3DWidget(ScriptedLoadableModuleWidget):
         self.dependenciesLabel.text = "all present" if not missing else "missing: " + ", ".join(missing)
         self.installButton.enabled = bool(missing)
         path = self.weightsPathEdit.currentPath
-        recorded = weights.recordedChecksum(path) if path and os.path.isfile(path) else None
-        self.checksumLabel.text = recorded or ("not recorded" if path else "no weights chosen")
+        self.checksumLabel.text = weights.checksumDescription(path) if path and os.path.isfile(path) else (
+            "no weights chosen")
         self.modelStateLabel.text = self.logic.modelState()
         seconds = self.logic.lastClickSeconds
         self.lastClickLabel.text = "-" if seconds is None else f"{seconds:.2f} s"
@@ -153,21 +158,21 @@ class CTSAM3DWidget(ScriptedLoadableModuleWidget):
         if path and os.path.isfile(path) and weights.recordedChecksum(path) is None:
             with slicer.util.tryWithErrorDisplay("Could not read the weights file."):
                 sha256 = self.runWithProgress(weights.computeSha256, path, label="Computing the SHA-256")
-                weights.recordChecksum(path, sha256, "local file")
+                weights.recordChecksum(path, sha256, "local file", verifiedByHost=False)
         self.updateStatus()
 
     def onDownload(self):
         message = (
-            f"Download the CT-SAM3D weights from\n{weights.AUTHORS_WEIGHTS_URL}\ninto "
+            f"Download the CT-SAM3D weights (about 300 MB) from\n{MODEL_PAGE}\ninto "
             f"{weights.defaultWeightsPath()}?\n\n{weights.LICENCE_NOTE}"
         )
         if not slicer.util.confirmOkCancelDisplay(message, windowTitle="CT-SAM3D weights"):
             return
-        self.startDownload(weights.AUTHORS_WEIGHTS_URL, weights.defaultWeightsPath())
+        self.startDownload(weights.defaultWeightsPath())
 
-    def runWithProgress(self, function, *arguments, label="", cancellable=False):
-        """Run ``function(*arguments, progress[, isCancelled])`` on the worker while Slicer stays
-        responsive, showing ``progress(done, total)`` in the progress bar; returns its result."""
+    def runWithProgress(self, function, *arguments, label="", cancellable=False, **keywords):
+        """Run ``function(*arguments, progress[, isCancelled], **keywords)`` on the worker while Slicer
+        stays responsive, showing ``progress(done, total)`` in the progress bar; returns its result."""
         if self._busy:
             raise RuntimeError("another CT-SAM3D file operation is running")
         self._busy = True
@@ -178,7 +183,7 @@ class CTSAM3DWidget(ScriptedLoadableModuleWidget):
             self._progress = (done, total)
 
         extra = (self._cancelDownload.is_set,) if cancellable else ()
-        job = self._fileWorker.submit(function, *arguments, progress, *extra)
+        job = self._fileWorker.submit(lambda: function(*arguments, progress, *extra, **keywords))
         self.progressBar.visible = True
         self.progressBar.value = 0
         self.downloadButton.enabled = False
@@ -201,19 +206,22 @@ class CTSAM3DWidget(ScriptedLoadableModuleWidget):
             self.progressBar.maximum = 0
         self.progressBar.format = f"{label}: {done / 1e6:.1f} MB"
 
-    def startDownload(self, url, destination):
-        """Stream ``url`` to ``destination`` on the worker, with progress and cancel, keeping Slicer
-        responsive; returns when it ends (the outcome is shown, never raised)."""
+    def startDownload(self, destination, endpoint=DEFAULT_ENDPOINT):
+        """Download the authors' checkpoint into ``destination`` on the worker (from ``endpoint``, ModelScope
+        or a mirror), with progress and cancel, keeping Slicer responsive; returns when it ends (the outcome
+        is shown, never raised)."""
         try:
-            result = self.runWithProgress(weights.download, url, destination, label="Downloading", cancellable=True)
-        except weights.DownloadCancelledError:
+            result = self.runWithProgress(weights.downloadAuthorsWeights, destination, label="Downloading",
+                                          cancellable=True, endpoint=endpoint)
+        except DownloadCancelledError:
             slicer.util.showStatusMessage("CT-SAM3D weights download cancelled", 3000)
         except Exception as error:
             slicer.util.errorDisplay(f"Download of the CT-SAM3D weights failed: {error}")
         else:
             self.weightsPathEdit.currentPath = result.path
             weights.setSettingsValue("WeightsPath", result.path)
-            slicer.util.showStatusMessage(f"CT-SAM3D weights downloaded (SHA-256 {result.sha256})", 5000)
+            checked = "verified against ModelScope's checksum" if result.verified else "the host gave no checksum"
+            slicer.util.showStatusMessage(f"CT-SAM3D weights downloaded (SHA-256 {result.sha256}, {checked})", 5000)
         self.updateStatus()
 
     def onCancelDownload(self):

@@ -12,6 +12,7 @@ from typing import Iterator, List, Optional
 
 SUBCOMMAND_MODULES = [
     "CTSAM3DLib.commands.segment",
+    "CTSAM3DLib.commands.download_weights",
     "CTSAM3DLib.commands.reference_weights",
     "CTSAM3DLib.commands.evaluate",
     "CTSAM3DLib.commands.train",

@@ -1,10 +1,11 @@
-"""The network weights: where they come from, where they are cached, and how they are checked.
+"""The network weights: where they are kept, how they arrive, and how they are checked.
 
-Nothing here runs at import time. The download streams into a temporary file beside the target,
-computes SHA-256 on the way, and renames atomically only when complete, so an interrupted or
-cancelled download never leaves a file that looks like weights. The checksum is recorded beside the
-file with the file's size and modification time; a load re-hashes the file (about 300 MB) only when
-these changed, so each version of the file is verified once, on the worker thread, with progress.
+Nothing here runs at import time. The download is CTSAM3DLib.download's (the same as ``ctsam3d
+download-weights``, into the same per-user folder): the authors' checkpoint is chosen from ModelScope's file
+list, streamed with resume, verified against the SHA-256 the host publishes and renamed into place only
+when complete. The checksum is recorded beside the file with the file's size and modification time, and
+whether the host confirmed it; a load re-hashes the file (about 300 MB) only when these changed, so each
+version of the file is verified once, on the worker thread, with progress.
 """
 
 from __future__ import annotations
@@ -14,16 +15,13 @@ import hashlib
 import json
 import os
 import time
-import urllib.request
 from pathlib import Path
-from typing import Callable, Dict, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import slicer
 
-AUTHORS_WEIGHTS_URL = "https://modelscope.cn/models/xiuan123/CT-SAM3D/resolve/master/params.pth"
-"""The authors' checkpoint on ModelScope (model xiuan123/CT-SAM3D, file params.pth)."""
+from CTSAM3DLib.download import DEFAULT_ENDPOINT, DownloadResult, default_weights_path, download_weights
 
-WEIGHTS_FILE_NAME = "params.pth"
 SETTINGS_GROUP = "CTSAM3D"
 CHUNK_BYTES = 1 << 20
 
@@ -36,22 +34,12 @@ LICENCE_NOTE = (
 )
 
 
-class DownloadCancelledError(Exception):
-    """The user cancelled the download; nothing was left behind."""
-
-
 class ChecksumMismatchError(Exception):
     """The weights file differs from the checksum recorded when it was obtained."""
 
 
 ProgressCallback = Callable[[int, Optional[int]], None]
 """``progress(bytesDone, bytesTotal or None)``."""
-
-
-class DownloadResult(NamedTuple):
-    path: str
-    sha256: str
-    size: int
 
 
 # ---------------------------------------------------------------- settings
@@ -65,8 +53,9 @@ def setSettingsValue(name: str, value: str) -> None:
 
 
 def defaultWeightsPath() -> str:
-    """Cache location of the downloaded checkpoint, under Slicer's cache folder."""
-    return str(Path(slicer.app.cachePath) / "CTSAM3D" / WEIGHTS_FILE_NAME)
+    """Where the downloaded checkpoint is kept: the user's cache folder that ``ctsam3d download-weights``
+    uses too (CTSAM3DLib.download.default_weights_path), so both find one copy."""
+    return str(default_weights_path())
 
 
 def configuredWeightsPath() -> str:
@@ -114,7 +103,7 @@ def _writeRecord(weightsPath: str, record: Dict) -> None:
     os.replace(temporary, target)
 
 
-def recordChecksum(weightsPath: str, sha256: str, source: str) -> None:
+def recordChecksum(weightsPath: str, sha256: str, source: str, verifiedByHost: bool = False) -> None:
     """Write the record beside the weights (atomically), for the file as it is now."""
     size, modified = _fileVersion(weightsPath)
     _writeRecord(weightsPath, {
@@ -123,6 +112,7 @@ def recordChecksum(weightsPath: str, sha256: str, source: str) -> None:
         "size": size,
         "mtime_ns": modified,
         "source": source,
+        "verified_by_host": bool(verifiedByHost),
         "recorded": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     })
 
@@ -130,6 +120,16 @@ def recordChecksum(weightsPath: str, sha256: str, source: str) -> None:
 def recordedChecksum(weightsPath: str) -> Optional[str]:
     record = _readRecord(weightsPath)
     return None if record is None else record["sha256"]
+
+
+def checksumDescription(weightsPath: str) -> str:
+    """The recorded SHA-256 and where it comes from, for the module panel."""
+    record = _readRecord(weightsPath)
+    if record is None:
+        return "not recorded"
+    if record.get("verified_by_host"):
+        return f"{record['sha256']} (verified against ModelScope's checksum)"
+    return f"{record['sha256']} (computed here; not confirmed by the host)"
 
 
 _verifiedVersions: Dict[str, Tuple[int, int]] = {}
@@ -165,46 +165,15 @@ def verifyRecordedChecksum(weightsPath: str, progress: Optional[ProgressCallback
 
 
 # ---------------------------------------------------------------- download
-def download(
-    url: str,
+def downloadAuthorsWeights(
     destination: str,
     progress: Optional[ProgressCallback] = None,
     isCancelled: Optional[Callable[[], bool]] = None,
-    expectedSha256: Optional[str] = None,
-    timeoutSeconds: float = 60.0,
+    endpoint: str = DEFAULT_ENDPOINT,
+    report: Callable[[str], None] = lambda message: None,
 ) -> DownloadResult:
-    """Stream ``url`` (https, http or file) into ``destination``; returns its path, SHA-256 and size.
-
-    ``progress(bytesDone, bytesTotal or None)`` is called after every chunk; ``isCancelled()`` is polled
-    as often and aborts with DownloadCancelledError. Safe to run on a background thread (no Slicer calls).
-    """
-    target = Path(destination)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(target.name + ".part")
-    digest = hashlib.sha256()
-    done = 0
-    try:
-        with urllib.request.urlopen(url, timeout=timeoutSeconds) as response, open(temporary, "wb") as out:
-            length = response.headers.get("Content-Length")
-            total = int(length) if length else None
-            for chunk in iter(lambda: response.read(CHUNK_BYTES), b""):
-                if isCancelled is not None and isCancelled():
-                    raise DownloadCancelledError(f"download of {url} cancelled")
-                out.write(chunk)
-                digest.update(chunk)
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, total)
-            out.flush()
-            os.fsync(out.fileno())
-        if total is not None and done != total:
-            raise OSError(f"download of {url} stopped after {done} of {total} bytes")
-        sha256 = digest.hexdigest()
-        if expectedSha256 and sha256 != expectedSha256.lower():
-            raise ChecksumMismatchError(f"{url} has SHA-256 {sha256}, expected {expectedSha256}")
-        os.replace(temporary, target)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    recordChecksum(str(target), sha256, url)
-    return DownloadResult(str(target), sha256, done)
+    """Download and verify the authors' checkpoint into ``destination``, and record its checksum (whether
+    the host confirmed it or not). No Slicer calls: safe on a worker thread."""
+    result = download_weights(Path(destination), endpoint, progress=progress, is_cancelled=isCancelled, report=report)
+    recordChecksum(result.path, result.sha256, result.source, result.verified)
+    return result

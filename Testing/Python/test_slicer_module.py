@@ -1,9 +1,8 @@
-"""The CT-SAM3D module panel and its helpers: weights download (local HTTP server and file:// only;
+"""The CT-SAM3D module panel and its helpers: weights download (from a ModelScope hub on loopback;
 nothing leaves this machine), checksum records, cache location, consent-gated dependency install,
-model loading from a tiny checkpoint made here, and the self-test's own building blocks."""
+model loading from a tiny checkpoint made here, and the self-test."""
 
 import hashlib
-import http.server
 import importlib
 import json
 import sys
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import slicer
+from modelscope_server import ModelScopeServer
 from slicer_standins import pytorchutils, qt
 from slicer_standins.application import makeModuleParent
 from slicer_standins.fixtures import pumpUntil, slicerEnv  # noqa: F401  (used by pytestmark)
@@ -24,125 +24,46 @@ pytestmark = pytest.mark.usefixtures("slicerEnv")
 PAYLOAD = bytes(range(256)) * 9000  # 2.3 MB: several download chunks
 
 
-class Server:
-    """A throw-away HTTP server on 127.0.0.1 serving PAYLOAD at /params.pth (optionally truncated or slow)."""
-
-    def __init__(self, truncate=False, delay=0.0):
-        payload = PAYLOAD
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                body = payload[: len(payload) // 2] if truncate else payload
-                for start in range(0, len(body), 1 << 18):
-                    self.wfile.write(body[start : start + (1 << 18)])
-                    time.sleep(delay)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/params.pth"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def server():
-    running = Server()
-    yield running
-    running.close()
+def hub():
+    server = ModelScopeServer({"ckpt_1000/params.pth": PAYLOAD})
+    yield server
+    server.close()
 
 
-def test_download_streams_checksums_records_and_renames(server, tmp_path):
-    from CTSAM3DSlicerLib import weights
-
-    target = tmp_path / "cache" / "CTSAM3D" / "params.pth"
-    seen = []
-    result = weights.download(
-        server.url, str(target), progress=lambda done, total: seen.append((done, total))
-    )
-    assert target.read_bytes() == PAYLOAD
-    assert result.sha256 == hashlib.sha256(PAYLOAD).hexdigest() and result.size == len(PAYLOAD)
-    assert len(seen) > 1 and seen[-1] == (len(PAYLOAD), len(PAYLOAD))
-    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
-    assert not list(target.parent.glob("*.part"))
-    record = json.loads(weights.checksumRecordPath(str(target)).read_text())
-    assert (
-        record["sha256"] == result.sha256
-        and record["source"] == server.url
-        and record["size"] == len(PAYLOAD)
-    )
-    assert weights.verifyRecordedChecksum(str(target)) == result.sha256
-
-
-def test_download_from_a_file_url(tmp_path):
-    from CTSAM3DSlicerLib import weights
-
-    source = tmp_path / "source.pth"
-    source.write_bytes(PAYLOAD)
-    result = weights.download(source.as_uri(), str(tmp_path / "copy.pth"))
-    assert result.sha256 == hashlib.sha256(PAYLOAD).hexdigest()
-
-
-def test_cancel_leaves_the_previous_file_and_no_partial_file(server, tmp_path):
-    from CTSAM3DSlicerLib import weights
-
-    target = tmp_path / "params.pth"
-    target.write_bytes(b"previous weights")
-    calls = []
-    with pytest.raises(weights.DownloadCancelledError):
-        weights.download(
-            server.url, str(target), progress=lambda d, t: calls.append(d), isCancelled=lambda: bool(calls)
-        )
-    assert target.read_bytes() == b"previous weights"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.pth"]
-
-
-def test_truncated_or_wrong_downloads_leave_nothing(tmp_path):
-    from CTSAM3DSlicerLib import weights
-
-    truncated = Server(truncate=True)
-    try:
-        with pytest.raises(OSError):
-            weights.download(truncated.url, str(tmp_path / "a.pth"))
-    finally:
-        truncated.close()
-    good = Server()
-    try:
-        with pytest.raises(weights.ChecksumMismatchError):
-            weights.download(good.url, str(tmp_path / "b.pth"), expectedSha256="0" * 64)
-    finally:
-        good.close()
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_changed_weights_are_refused_before_loading(server, tmp_path):
+def test_downloaded_weights_record_the_hosts_checksum_and_changes_are_refused(hub, tmp_path):
     from CTSAM3DSlicerLib import weights
     from CTSAM3DSlicerLib.logic import CTSAM3DLogic
 
     target = tmp_path / "params.pth"
-    weights.download(server.url, str(target))
+    result = weights.downloadAuthorsWeights(str(target), endpoint=hub.endpoint)
+    sha256 = hashlib.sha256(PAYLOAD).hexdigest()
+    assert result.verified and result.sha256 == sha256 and target.read_bytes() == PAYLOAD
+    record = json.loads(weights.checksumRecordPath(str(target)).read_text())
+    assert record["sha256"] == sha256 and record["verified_by_host"] is True and record["size"] == len(PAYLOAD)
+    assert weights.checksumDescription(str(target)) == f"{sha256} (verified against ModelScope's checksum)"
     with open(target, "r+b") as stream:
         stream.write(b"corrupt")
     with pytest.raises(weights.ChecksumMismatchError, match="download it again"):
         CTSAM3DLogic().loadModel(str(target))
 
 
+def test_a_download_the_host_could_not_confirm_says_so(hub, tmp_path):
+    from CTSAM3DSlicerLib import weights
+
+    hub.listing_status = 500
+    target = tmp_path / "params.pth"
+    assert not weights.downloadAuthorsWeights(str(target), endpoint=hub.endpoint).verified
+    assert weights.checksumDescription(str(target)).endswith("(computed here; not confirmed by the host)")
+
+
 def test_cache_location_and_settings(tmp_path):
     from CTSAM3DSlicerLib import weights
 
-    assert weights.defaultWeightsPath().startswith(slicer.app.cachePath)
-    assert weights.AUTHORS_WEIGHTS_URL.startswith("https://modelscope.cn/")
-    assert "xiuan123/CT-SAM3D" in weights.AUTHORS_WEIGHTS_URL and weights.AUTHORS_WEIGHTS_URL.endswith(
-        "params.pth"
-    )
+    from CTSAM3DLib.download import default_weights_path
+
+    assert weights.defaultWeightsPath() == str(default_weights_path()), "one folder for Slicer and ctsam3d"
+    assert weights.defaultWeightsPath().startswith(str(tmp_path)), "the tests' CTSAM3D_CACHE is honoured"
     assert weights.configuredWeightsPath() == ""
     chosen = tmp_path / "mine.pth"
     chosen.write_bytes(b"x")
@@ -155,6 +76,7 @@ def test_nothing_is_downloaded_at_import(monkeypatch):
         raise AssertionError("network access at import time")
 
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(urllib.request, "build_opener", refuse)
     import CTSAM3DSlicerLib.weights
 
     import CTSAM3D
@@ -268,9 +190,11 @@ def test_panel_downloads_with_progress_then_loads_the_model(tmp_path, monkeypatc
     widget.downloadButton.click()
     assert not widget._busy and not widget.progressBar.visible
 
-    source = tmp_path / "served.pth"
-    source.write_bytes(Path(tinyCheckpoint(tmp_path)).read_bytes())
-    destination = tmp_path / "cache" / "CTSAM3D" / "params.pth"
+    source = Path(tinyCheckpoint(tmp_path))
+    hub = ModelScopeServer({"ckpt_1000/params.pth": source})
+    from CTSAM3DSlicerLib import weights
+
+    destination = Path(weights.defaultWeightsPath())
     seenDuringDownload = []
 
     def lookAtThePanel():
@@ -280,10 +204,14 @@ def test_panel_downloads_with_progress_then_loads_the_model(tmp_path, monkeypatc
         )
 
     qt.QTimer.singleShot(0, lookAtThePanel)
-    widget.startDownload(source.as_uri(), str(destination))
+    try:
+        widget.startDownload(str(destination), endpoint=hub.endpoint)
+    finally:
+        hub.close()
     assert seenDuringDownload == [(True, False, True, True)]
     assert widget.weightsPathEdit.currentPath == str(destination)
-    assert widget.checksumLabel.text == hashlib.sha256(source.read_bytes()).hexdigest()
+    sha256 = hashlib.sha256(source.read_bytes()).hexdigest()
+    assert widget.checksumLabel.text == f"{sha256} (verified against ModelScope's checksum)"
     assert not widget.progressBar.visible and widget.downloadButton.enabled
 
     widget.deviceCombo.currentText = "cpu"
@@ -296,7 +224,8 @@ def test_panel_downloads_with_progress_then_loads_the_model(tmp_path, monkeypatc
 
 def test_panel_cancel_stops_a_slow_download(tmp_path):
     widget = makeWidget()
-    slow = Server(delay=0.2)
+    slow = ModelScopeServer({"params.pth": PAYLOAD})
+    slow.chunk_delay = 0.5
     try:
         destination = tmp_path / "params.pth"
         progressWhenCancelled = []
@@ -310,9 +239,9 @@ def test_panel_cancel_stops_a_slow_download(tmp_path):
 
         qt.QTimer.singleShot(20, cancelOnceBytesArrive)
         started = time.monotonic()
-        widget.startDownload(slow.url, str(destination))
+        widget.startDownload(str(destination), endpoint=slow.endpoint)
         assert progressWhenCancelled and progressWhenCancelled[0] < len(PAYLOAD)
-        assert time.monotonic() - started < 9 * 0.2, "the download ran to its end"
+        assert time.monotonic() - started < 1.4, "the download ran to its end"
         assert not widget._busy and not widget.progressBar.visible
         assert not destination.exists() and not list(tmp_path.glob("*.part"))
         assert widget.weightsPathEdit.currentPath == ""
@@ -383,7 +312,6 @@ def test_module_loads_and_self_test_explains_itself_without_torch(tmp_path):
 
 def test_weights_are_verified_once_per_file_version_on_the_worker_with_progress(tmp_path, monkeypatch):
     import os
-    import threading
 
     from CTSAM3DSlicerLib import weights
     from CTSAM3DSlicerLib.logic import CTSAM3DLogic

@@ -13,8 +13,10 @@ from slicer_standins import installModules, newScene, qt, resetEffectFactory  # 
 
 
 @pytest.fixture
-def slicerEnv(tmp_path):
-    """A fresh scene, slicer.app with cache/temporary folders under tmp_path, shared logic reset."""
+def slicerEnv(tmp_path, monkeypatch):
+    """A fresh scene, slicer.app with cache/temporary folders under tmp_path, the weights' cache folder
+    (CTSAM3D_CACHE) there too, shared logic reset."""
+    monkeypatch.setenv("CTSAM3D_CACHE", str(tmp_path / "weights-cache"))
     installModules()
     environment = newScene(str(tmp_path / "cache"), str(tmp_path / "temp"))
     from CTSAM3DSlicerLib.logic import CTSAM3DLogic
