@@ -95,6 +95,19 @@ class Lattice:
         block[inner] = rows[:, :, row_start[0]:row_stop[0]]
         return block
 
+    def sample_mask(self, mask: sitk.Image, patch: PatchGeometry) -> np.ndarray:
+        """A 0/1 float mask on the patch (size^3, float32, (z, y, x)), linearly interpolated (fractions at its
+        border, as a probability would have), 0 outside the mask's extent."""
+        resampler = sitk.ResampleImageFilter()
+        resampler.SetSize([patch.size] * 3)
+        resampler.SetOutputSpacing([patch.spacing] * 3)
+        resampler.SetOutputOrigin(list(patch.origin_lps))
+        resampler.SetOutputDirection([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])
+        resampler.SetInterpolator(sitk.sitkLinear)
+        resampler.SetDefaultPixelValue(0.0)
+        resampler.SetOutputPixelType(sitk.sitkFloat32)
+        return sitk.GetArrayFromImage(resampler.Execute(mask))
+
     def patch_centred_on(self, index_xyz: Sequence[int]) -> PatchGeometry:
         start = np.asarray(index_xyz, dtype=np.int64) - PATCH_CENTRE_VOXEL
         origin = np.array(self.origin_lps) + start * self.spacing
@@ -182,6 +195,21 @@ class SourceGrid:
         """Whether a world point lies within the image's voxels."""
         index = self.continuous_index(point_lps)
         return bool(np.all(index >= -0.5) and np.all(index <= np.array(self.size) - 0.5))
+
+    def world_points(self, region: SourceRegion) -> np.ndarray:
+        """LPS positions (nz, ny, nx, 3) of the centres of ``region``'s voxels."""
+        z, y, x = np.meshgrid(*(np.arange(s, s + n) for s, n in zip(region.start[::-1], region.size[::-1])),
+                              indexing="ij")
+        return np.stack([x, y, z], axis=-1) @ self.index_to_world.T + self.origin_lps
+
+    def same_grid(self, image: sitk.Image, tolerance_mm: float = 1e-4) -> bool:
+        """Whether ``image`` has this grid: its size, and every voxel within ``tolerance_mm`` of the same
+        world position (each axis compared over the grid's whole extent)."""
+        matrix, origin = index_to_world_matrix(image)
+        corner = np.array(self.size, dtype=np.float64)
+        return (tuple(int(v) for v in image.GetSize()) == self.size
+                and np.allclose(origin, self.origin_lps, atol=tolerance_mm)
+                and np.allclose(matrix * corner, self.index_to_world * corner, atol=tolerance_mm))
 
     def bounds_lps(self) -> Tuple[np.ndarray, np.ndarray]:
         """(lowest, highest) LPS coordinates of the image's voxels (their outer faces), per axis."""

@@ -62,14 +62,16 @@ raised from it abandons the click (how a GUI cancels), leaving the session as it
 @dataclass
 class Patch:
     """An open patch: its place on the lattice, its input (1,1,64^3), cached encoder features,
-    latest probability (1,1,64^3) and, when it was opened by cross-patch prompting, its parent,
-    the step from the parent, and the clicks the heatmap gave it (LPS)."""
+    latest probability (1,1,64^3), the session's initial mask on it (1,1,64^3; None without one)
+    and, when it was opened by cross-patch prompting, its parent, the step from the parent, and the
+    clicks the heatmap gave it (LPS)."""
 
     geometry: PatchGeometry
     region: SourceRegion
     image: torch.Tensor
     features: List[torch.Tensor]
     probability: Optional[torch.Tensor] = None
+    initial: Optional[torch.Tensor] = None
     parent: Optional[int] = None
     offset: Optional[Offset] = None
     propagated_points_lps: Tuple[Tuple[float, float, float], ...] = ()
@@ -77,10 +79,27 @@ class Patch:
 
 @dataclass
 class _HistoryEntry:
-    """What one click changed: each touched patch as it was before (None: opened by the click)."""
+    """What one click changed: each touched patch as it was before (None: opened by the click), and
+    for a box's click the box it replaced."""
 
     click: Click
     before: Dict[int, Optional[Patch]] = field(default_factory=dict)
+    box_before: Optional[Tuple[Optional[Box], ...]] = None
+
+
+Box = Tuple[np.ndarray, np.ndarray]
+"""(lowest, highest) LPS corners of an axis-aligned box."""
+
+
+def as_box(corner_a_lps: Sequence[float], corner_b_lps: Sequence[float]) -> Box:
+    """The axis-aligned box spanned by two opposite LPS corners; SessionInputError for bad corners."""
+    corners = [np.asarray(corner, dtype=np.float64).reshape(-1) for corner in (corner_a_lps, corner_b_lps)]
+    if any(corner.shape != (3,) or not np.all(np.isfinite(corner)) for corner in corners):
+        raise SessionInputError("a box needs two corners of 3 finite coordinates (LPS mm)")
+    low, high = np.minimum(*corners), np.maximum(*corners)
+    if np.any(high - low <= 0):
+        raise SessionInputError("the box is flat: its corners must differ in x, y and z")
+    return low, high
 
 
 def validate_image(image: sitk.Image) -> None:
@@ -159,6 +178,7 @@ class InteractiveSession:
         cross_patch: Optional[bool] = None,
         max_patches: int = MAX_OPEN_PATCHES,
         cross_patch_box_lps: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
+        initial_mask: Optional[sitk.Image] = None,
     ) -> None:
         validate_image(image)
         image = readable_image(image)
@@ -174,18 +194,21 @@ class InteractiveSession:
         self.net = prepare_network(net, self.device, self.precision)
         self.cross_patch = has_cross_patch if cross_patch is None else cross_patch
         self.max_patches = max_patches
-        self.cross_patch_box_lps = None
-        if cross_patch_box_lps is not None:
-            low, high = (np.asarray(corner, dtype=np.float64).reshape(3) for corner in cross_patch_box_lps)
-            self.cross_patch_box_lps = (np.minimum(low, high), np.maximum(low, high))
+        self.cross_patch_box_lps = None if cross_patch_box_lps is None else as_box(*cross_patch_box_lps)
+        self.box_lps: Optional[Box] = None
+        """The box of ``add_box`` (results are clipped to it), or None."""
         self.lattice = Lattice.of_image(image)
         self.grid = SourceGrid(image)
         self.last_timing: Dict[str, float] = {}
-        self._mask = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
+        self._initial = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
+        self._initial_image: Optional[sitk.Image] = None
+        self._mask = self._initial.copy()
         self._patches: Dict[int, Patch] = {}
         self._next_patch_id = 0
         self._history: List[_HistoryEntry] = []
         self._progress: Optional[ProgressCallback] = None
+        if initial_mask is not None:
+            self.reset(initial_mask)
 
     # ----------------------------------------------------------------- state
     @property
@@ -211,14 +234,16 @@ class InteractiveSession:
         return self._mask.copy()
 
     def probability(self) -> sitk.Image:
-        """The current probability map (float32) on the input's grid; 0 outside every patch."""
-        volume = np.zeros(self._mask.shape, dtype=np.float32)
+        """The current probability map (float32) on the input's grid; outside every patch, the initial
+        mask (0 without one)."""
+        volume = self._initial.astype(np.float32)
         regions = [patch.region for patch in self._patches.values()]
         if regions:
             union = regions[0]
             for region in regions[1:]:
                 union = union.union(region)
-            volume[union.slices] = self._render(union).cpu().numpy()
+            probability, covered = self._render(union)
+            volume[union.slices] = np.where(covered.cpu().numpy(), probability.cpu().numpy(), volume[union.slices])
         return self._as_image(volume)
 
     # ----------------------------------------------------------------- clicks
@@ -259,21 +284,61 @@ class InteractiveSession:
         self.last_timing = timing
         return mask
 
+    def add_box(
+        self, corner_a_lps: Sequence[float], corner_b_lps: Sequence[float],
+        progress: Optional[ProgressCallback] = None,
+    ) -> sitk.Image:
+        """Prompts with a box (two opposite LPS corners): a positive click at its centre, cross-patch
+        prompting only into patches that reach into the box, and every result clipped to the box (outside
+        it the initial mask stays). Undo takes the box back with its click."""
+        box = as_box(corner_a_lps, corner_b_lps)
+        previous, self.box_lps = self.box_lps, box
+        try:
+            mask = self.add_click((box[0] + box[1]) / 2, True, progress)
+        except BaseException:
+            self.box_lps = previous
+            raise
+        self._history[-1].box_before = (previous,)
+        return mask
+
     def undo(self) -> sitk.Image:
-        """Takes back the last click exactly, with everything it opened, changed or dropped."""
+        """Takes back the last click exactly, with everything it opened, changed or dropped (and the box
+        it set)."""
         if not self._history:
             raise IndexError("nothing to undo: the session has no clicks")
         entry = self._history.pop()
         touched = self._regions_touched(entry)
         self._restore(entry)
+        if entry.box_before is not None:
+            self.box_lps = entry.box_before[0]
         self._render_into_mask(touched)
         return self.mask
 
-    def reset(self) -> None:
-        """Forgets every click and patch."""
+    def reset(self, initial_mask: Optional[sitk.Image] = None) -> None:
+        """Forgets every click, patch and box; starts again from ``initial_mask`` (on the image's grid;
+        nonzero is inside), or from nothing."""
+        if initial_mask is not None:
+            if not isinstance(initial_mask, sitk.Image) or initial_mask.GetDimension() != 3:
+                raise SessionInputError("the initial mask must be a 3D SimpleITK.Image")
+            if not self.grid.same_grid(initial_mask):
+                raise SessionInputError(
+                    f"the initial mask's grid (size {initial_mask.GetSize()}, origin "
+                    f"{tuple(round(v, 2) for v in initial_mask.GetOrigin())}) is not the image's (size "
+                    f"{self.grid.size}, origin {tuple(round(float(v), 2) for v in self.grid.origin_lps)}): "
+                    "resample it onto the image first"
+                )
+            self._initial = (sitk.GetArrayFromImage(initial_mask) != 0).astype(np.uint8)
+            self._initial_image = None
+            if self._initial.any():
+                self._initial_image = sitk.GetImageFromArray(self._initial.astype(np.float32))
+                self._initial_image.CopyInformation(self.image)
+        else:
+            self._initial[...] = 0
+            self._initial_image = None
         self._patches.clear()
         self._history.clear()
-        self._mask[...] = 0
+        self._mask = self._initial.copy()
+        self.box_lps = None
         self.last_timing = {}
 
     def set_clicks(
@@ -343,11 +408,19 @@ class InteractiveSession:
         for row, geometry in enumerate(geometries):
             pid = self._next_patch_id
             self._next_patch_id += 1
+            initial = self._initial_on(geometry)
             self._patches[pid] = Patch(geometry, self.grid.region_of(geometry), images[row:row + 1],
-                                       [level[row:row + 1] for level in features])
+                                       [level[row:row + 1] for level in features], probability=initial,
+                                       initial=initial)
             entry.before[pid] = None
             pids.append(pid)
         return pids
+
+    def _initial_on(self, geometry: PatchGeometry) -> Optional[torch.Tensor]:
+        """The initial mask on a patch (1,1,64^3), the patch's first mask prompt; None without one."""
+        if self._initial_image is None:
+            return None
+        return torch.from_numpy(self.lattice.sample_mask(self._initial_image, geometry))[None, None].to(self.device)
 
     def _patch_prompts(self, pid: int) -> Tuple[np.ndarray, np.ndarray]:
         """(x, y, z) voxel points and labels of a patch: its propagated clicks, then every user click
@@ -403,7 +476,10 @@ class InteractiveSession:
             jobs: List[Tuple[int, Offset, Optional[int], PatchGeometry]] = []
             for pid in frontier:
                 patch = self._patches[pid]
-                reached = set(touched_offsets(patch.probability[0, 0] > MASK_THRESHOLD))
+                inside = patch.probability[0, 0] > MASK_THRESHOLD
+                # On an initial mask, only what a click changed is carried on.
+                changed = inside if patch.initial is None else inside != (patch.initial[0, 0] > MASK_THRESHOLD)
+                reached = set(touched_offsets(changed))
                 children = {child.offset: cid for cid, child in self._patches.items() if child.parent == pid}
                 for offset in set(children) - reached:
                     self._drop(children[offset], entry)
@@ -436,6 +512,11 @@ class InteractiveSession:
         if self.cross_patch_box_lps is not None:
             low, high = self.cross_patch_box_lps
             if np.any(centre < low) or np.any(centre > high):
+                return False
+        if self.box_lps is not None:
+            start = np.array(geometry.origin_lps) - geometry.spacing / 2
+            stop = start + geometry.size * geometry.spacing
+            if np.any(stop <= self.box_lps[0]) or np.any(start >= self.box_lps[1]):
                 return False
         return not any(patch.geometry.contains(centre) for patch in self._patches.values())
 
@@ -512,11 +593,20 @@ class InteractiveSession:
         return regions
 
     def _render_into_mask(self, regions: List[SourceRegion]) -> None:
+        """The mask over ``regions`` from the patches; where no patch reaches, or outside the box, the
+        initial mask."""
         for region in regions:
-            self._mask[region.slices] = (self._render(region) > MASK_THRESHOLD).cpu().numpy().astype(np.uint8)
+            probability, covered = self._render(region)
+            decided = covered.cpu().numpy()
+            if self.box_lps is not None:
+                points = self.grid.world_points(region)
+                decided &= np.all((points >= self.box_lps[0]) & (points <= self.box_lps[1]), axis=-1)
+            rendered = (probability > MASK_THRESHOLD).cpu().numpy().astype(np.uint8)
+            self._mask[region.slices] = np.where(decided, rendered, self._initial[region.slices])
 
-    def _render(self, region: SourceRegion) -> torch.Tensor:
-        """The assembled probability (nz, ny, nx) over a source region, by the overlap rule."""
+    def _render(self, region: SourceRegion) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The assembled probability (nz, ny, nx) over a source region, by the overlap rule, and where a
+        patch decided it (bool, same shape)."""
         shape = tuple(region.size[::-1])
         probability = torch.zeros(shape, device=self.device)
         best = torch.full(shape, float("inf"), device=self.device)
@@ -531,7 +621,7 @@ class InteractiveSession:
             take = (distance <= PATCH_SIZE / 2) & (distance < best[window])
             probability[window] = torch.where(take, sampled, probability[window])
             best[window] = torch.where(take, distance, best[window])
-        return probability
+        return probability, torch.isfinite(best)
 
     def _as_image(self, array: np.ndarray) -> sitk.Image:
         image = sitk.GetImageFromArray(array)

@@ -60,6 +60,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-patches", type=int, default=MAX_OPEN_PATCHES,
                         help="most patches cross-patch prompting may open")
     parser.add_argument("--probability", type=Path, help="also write the probability map (float32)")
+    parser.add_argument("--initial-mask", type=Path, metavar="MASK",
+                        help="start from this mask (on the image's grid; nonzero is inside) and correct it with "
+                        "the clicks: outside the patches they touch it stays exactly as it is")
+    parser.add_argument("--box", metavar="X1,Y1,Z1,X2,Y2,Z2",
+                        help="two opposite corners of a box around the structure (LPS, or RAS with --ras): a "
+                        "positive click at its centre, before the clicks, and the result clipped to it")
     parser.set_defaults(func=run, click_sources=[])
 
 
@@ -74,9 +80,24 @@ def collect_clicks(args: argparse.Namespace) -> List[Tuple[Tuple[float, float, f
             if kind == "negative_file":
                 rows = [(point, is_ras, False) for point, is_ras, _ in rows]
         clicks.extend((ras_to_lps(point) if is_ras else point, positive) for point, is_ras, positive in rows)
-    if not clicks:
-        raise ValueError("give at least one click: --point X,Y,Z (or --points-file)")
+    if not clicks and getattr(args, "box", None) is None:
+        raise ValueError("give at least one click: --point X,Y,Z (or --points-file, or a --box)")
     return clicks
+
+
+def parse_box(args: argparse.Namespace):
+    """The --box corners as two LPS points, or None."""
+    if args.box is None:
+        return None
+    values = args.box.replace(" ", "").split(",")
+    try:
+        numbers = [float(value) for value in values]
+    except ValueError:
+        numbers = []
+    if len(numbers) != 6:
+        raise ValueError(f"a box is X1,Y1,Z1,X2,Y2,Z2 in millimetres, got {args.box!r}")
+    corners = (tuple(numbers[:3]), tuple(numbers[3:]))
+    return tuple(ras_to_lps(corner) for corner in corners) if args.ras else corners
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,29 +112,40 @@ def run(args: argparse.Namespace) -> int:
     if args.max_patches < 1:
         raise ValueError(f"--max-patches must be at least 1, got {args.max_patches}")
     clicks = collect_clicks(args)
+    box = parse_box(args)
     if not Path(args.weights).is_file():
         raise FileNotFoundError(f"weights not found: {args.weights}")
     started = time.perf_counter()
     image = read_image(args.image)
     validate_image(image)
+    initial_mask = read_image(args.initial_mask) if args.initial_mask is not None else None
     print(f"read {args.image} {image.GetSize()} in {time.perf_counter() - started:.2f} s")
     started = time.perf_counter()
     net = load_checkpoint(args.weights, device=args.device)
     print(f"loaded {args.weights} in {time.perf_counter() - started:.2f} s")
     session = InteractiveSession(net, image, device=args.device, precision=args.precision,
-                                 cross_patch=args.cross_patch == "on", max_patches=args.max_patches)
+                                 cross_patch=args.cross_patch == "on", max_patches=args.max_patches,
+                                 initial_mask=initial_mask)
     chosen = " (auto)" if args.precision == "auto" else ""
     print(f"device: {session.device}, precision: {session.precision}{chosen}")
-    for number, (point_lps, positive) in enumerate(clicks, start=1):
-        session.add_click(point_lps, positive)
+    if initial_mask is not None:
+        print(f"starting from {args.initial_mask} ({int(session.mask_array().sum())} voxels)")
+    prompts = ([("box", box)] if box is not None else []) + [("click", click) for click in clicks]
+    for number, (kind, prompt) in enumerate(prompts, start=1):
+        if kind == "box":
+            session.add_box(*prompt)
+            point_lps, positive = session.clicks[-1]
+        else:
+            point_lps, positive = prompt
+            session.add_click(point_lps, positive)
         steps = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in session.last_timing.items()
                           if not name.startswith("patches_") and name != "total")
         steps += f"; total {session.last_timing['total'] * 1000:.0f} ms"
         sign = "+" if positive else "-"
         coordinates = ", ".join(f"{v:.1f}" for v in point_lps)
         decoded = int(session.last_timing["patches_decoded"])
-        print(f"click {number} ({sign}) at LPS ({coordinates}): {steps}; patches decoded: {decoded}, "
-              f"open: {session.patch_count}")
+        what = "box, centre" if kind == "box" else f"click {number} ({sign})"
+        print(f"{what} at LPS ({coordinates}): {steps}; patches decoded: {decoded}, open: {session.patch_count}")
     started = time.perf_counter()
     mask = session.mask
     write_image_atomically(mask, args.output)

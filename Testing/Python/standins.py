@@ -136,3 +136,29 @@ class CrossPatchThresholdNet(ThresholdNet):
             squared = ((coordinates - centroid) ** 2).sum(-1)
             heatmaps[row, 0] = torch.exp(-squared / 8.0)
         return heatmaps
+
+
+class PromptFollowingNet(CrossPatchThresholdNet):
+    """Returns its mask prompt (the previous mask) with a ball of ``radius`` voxels added around each
+    positive click and cleared around each negative one, later clicks last: a network that edits what it
+    is given, for tests of starting from an existing mask. Cross-patch: CrossPatchThresholdNet's oracle."""
+
+    def __init__(self, radius: float = 5.0) -> None:
+        super().__init__()
+        self.radius = radius
+        self.prompts: List[Optional[torch.Tensor]] = []
+
+    def decode(self, features, points, labels, mask_prompt=None):
+        self.decode_calls += 1
+        self.prompts.append(None if mask_prompt is None else mask_prompt.clone())
+        image = features[0]
+        probability = torch.zeros_like(image) if mask_prompt is None else mask_prompt.clone().to(image.dtype)
+        size = image.shape[-1]
+        grid = torch.stack(torch.meshgrid(*(torch.arange(size, dtype=torch.float32),) * 3, indexing="ij"), dim=-1)
+        for row in range(points.shape[0]):
+            for point, label in zip(points[row], labels[row]):
+                if int(label) < 0:
+                    continue
+                ball = ((grid - point.flip(-1).to(torch.float32)) ** 2).sum(-1) <= self.radius**2
+                probability[row, 0][ball] = float(int(label) == 1)
+        return probability, torch.zeros(image.shape[0], 1, dtype=image.dtype)
