@@ -179,6 +179,7 @@ class InteractiveSession:
         max_patches: int = MAX_OPEN_PATCHES,
         cross_patch_box_lps: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
         initial_mask: Optional[sitk.Image] = None,
+        box_lps: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
     ) -> None:
         validate_image(image)
         image = readable_image(image)
@@ -195,8 +196,9 @@ class InteractiveSession:
         self.cross_patch = has_cross_patch if cross_patch is None else cross_patch
         self.max_patches = max_patches
         self.cross_patch_box_lps = None if cross_patch_box_lps is None else as_box(*cross_patch_box_lps)
-        self.box_lps: Optional[Box] = None
-        """The box of ``add_box`` (results are clipped to it), or None."""
+        self._fixed_box = None if box_lps is None else as_box(*box_lps)
+        self.box_lps: Optional[Box] = self._fixed_box
+        """The box results are clipped to (``box_lps`` or the last ``add_box``), or None."""
         self.lattice = Lattice.of_image(image)
         self.grid = SourceGrid(image)
         self.last_timing: Dict[str, float] = {}
@@ -315,8 +317,8 @@ class InteractiveSession:
         return self.mask
 
     def reset(self, initial_mask: Optional[sitk.Image] = None) -> None:
-        """Forgets every click, patch and box; starts again from ``initial_mask`` (on the image's grid;
-        nonzero is inside), or from nothing."""
+        """Forgets every click, patch and ``add_box`` box; starts again from ``initial_mask`` (on the
+        image's grid; nonzero is inside), or from nothing."""
         if initial_mask is not None:
             if not isinstance(initial_mask, sitk.Image) or initial_mask.GetDimension() != 3:
                 raise SessionInputError("the initial mask must be a 3D SimpleITK.Image")
@@ -338,7 +340,7 @@ class InteractiveSession:
         self._patches.clear()
         self._history.clear()
         self._mask = self._initial.copy()
-        self.box_lps = None
+        self.box_lps = self._fixed_box
         self.last_timing = {}
 
     def set_clicks(

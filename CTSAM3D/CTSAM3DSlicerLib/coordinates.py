@@ -85,6 +85,16 @@ def volumeToImage(volumeNode) -> sitk.Image:
     return imageFromMatrix(matrix_ras_to_lps(volumeIjkToWorldRas(volumeNode)), voxels.shape[::-1], voxels)
 
 
+def segmentOnVolumeGrid(segmentationNode, segmentId: str, volumeNode) -> Optional[sitk.Image]:
+    """The segment's current content on the volume's voxel grid in world LPS (the grid of
+    ``volumeToImage``), uint8 0/1; None when the segment is empty."""
+    array = slicer.util.arrayFromSegmentBinaryLabelmap(segmentationNode, segmentId, volumeNode)
+    if array is None or not np.any(array):
+        return None
+    values = (np.asarray(array) != 0).astype(np.uint8)
+    return imageFromMatrix(matrix_ras_to_lps(volumeIjkToWorldRas(volumeNode)), values.shape[::-1], values)
+
+
 def orientedImageToWorldLps(orientedImage, nodeToWorldRAS: np.ndarray) -> Tuple[np.ndarray, Tuple[int, ...]]:
     """(extent-start-index-to-LPS 4x4, size (i, j, k)) of a vtkOrientedImageData in a node's frame."""
     imageToNode = vtk.vtkMatrix4x4()

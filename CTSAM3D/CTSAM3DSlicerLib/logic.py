@@ -23,8 +23,8 @@ from . import coordinates, dependencies, weights
 from .worker import InferenceWorker, waitProcessingEvents
 
 SessionFactory = Callable[..., Any]
-"""(network, image in world LPS, device, cross_patch=..., max_patches=...) -> an object with
-CTSAM3DLib.InteractiveSession's interface (``set_clicks(clicks, progress=...)``, ``clicks``, ...)."""
+"""(network, image in world LPS, device, cross_patch=..., max_patches=..., initial_mask=..., box_lps=...) ->
+an object with CTSAM3DLib.InteractiveSession's interface (``set_clicks(clicks, progress=...)``, ...)."""
 
 
 class PredictionCancelledError(Exception):
@@ -41,12 +41,13 @@ class Progress(NamedTuple):
 
 
 def defaultSessionFactory(network, image: sitk.Image, device: str, cross_patch: bool = True,
-                          max_patches: int = MAX_OPEN_PATCHES):
+                          max_patches: int = MAX_OPEN_PATCHES, initial_mask: Optional[sitk.Image] = None,
+                          box_lps=None):
     from CTSAM3DLib.session import InteractiveSession
 
     # Switched on, it runs whenever the network has a cross-patch model (CT-SAM3D always does).
     return InteractiveSession(network, image, device=device, cross_patch=None if cross_patch else False,
-                              max_patches=max_patches)
+                              max_patches=max_patches, initial_mask=initial_mask, box_lps=box_lps)
 
 
 def makeClicks(prompts: Sequence[Tuple[Sequence[float], bool]]) -> List[Tuple[Tuple[float, ...], bool]]:
@@ -181,17 +182,26 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         volumeNode,
         prompts: Sequence[Tuple[Sequence[float], bool]],
         isCancelled: Optional[Callable[[], bool]] = None,
+        initialMask: Optional[sitk.Image] = None,
+        boxRAS: Optional[Sequence[float]] = None,
     ) -> concurrent.futures.Future:
         """Queue the clicks (world RAS, click order) on the worker; the future gives the mask
         (SimpleITK uint8 in the volume's world LPS geometry), or raises PredictionCancelledError once
-        ``isCancelled()`` (polled between batches of patches) turns true. Call on the main thread."""
+        ``isCancelled()`` (polled between batches of patches) turns true. ``initialMask`` (from
+        ``coordinates.segmentOnVolumeGrid``) is where the segmentation starts; ``boxRAS`` (world RAS
+        bounds: xmin, xmax, ymin, ymax, zmin, zmax) clips it. Call on the main thread."""
         if self.network is None:
             raise RuntimeError("no CT-SAM3D network loaded: load it in the CT-SAM3D module or with loadModel")
-        key = self._volumeKey(volumeNode)
+        box = None if boxRAS is None else tuple(ras_to_lps(boxRAS[i::2]) for i in (0, 1))
+        key = (self._volumeKey(volumeNode), id(initialMask) if initialMask is not None else None, box)
         image = coordinates.volumeToImage(volumeNode) if key != self._sessionKey else None
         clicks = makeClicks(prompts)
         network, factory, device = self.network, self.sessionFactory, self.device
         options = {"cross_patch": self.crossPatch, "max_patches": self.maxPatches}
+        if initialMask is not None:
+            options["initial_mask"] = initialMask
+        if box is not None:
+            options["box_lps"] = box
 
         def checkCancelled():
             if isCancelled is not None and isCancelled():
@@ -225,11 +235,14 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         prompts: Sequence[Tuple[Sequence[float], bool]],
         isCancelled: Optional[Callable[[], bool]] = None,
         onTick: Optional[Callable[[], None]] = None,
+        initialMask: Optional[sitk.Image] = None,
+        boxRAS: Optional[Sequence[float]] = None,
     ) -> sitk.Image:
         """Blocking form of startPrediction that keeps Slicer responsive while it waits."""
         try:
             return waitProcessingEvents(
-                self.startPrediction(volumeNode, prompts, isCancelled), slicer.app.processEvents, onTick
+                self.startPrediction(volumeNode, prompts, isCancelled, initialMask, boxRAS),
+                slicer.app.processEvents, onTick,
             )
         finally:
             self.progress = None

@@ -61,6 +61,40 @@ def createPromptList(scene, segmentationNode, segmentId: str, positive: bool):
     return node
 
 
+def findBox(scene, segmentationNode, segmentId: str):
+    """The segment's box (a markups ROI made by ``createBox``), or None."""
+    for index in range(scene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode")):
+        node = scene.GetNthNodeByClass(index, "vtkMRMLMarkupsROINode")
+        if (
+            node.GetNodeReferenceID(SEGMENTATION_REFERENCE_ROLE) == segmentationNode.GetID()
+            and node.GetAttribute(SEGMENT_ATTRIBUTE) == segmentId
+        ):
+            return node
+    return None
+
+
+def createBox(scene, segmentationNode, segmentId: str):
+    """A new, empty markups ROI for that segment's box (placed with the markups tools)."""
+    segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+    segmentName = segment.GetName() if segment is not None else segmentId
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", f"{segmentName} CT-SAM3D box")
+    node.SetNodeReferenceID(SEGMENTATION_REFERENCE_ROLE, segmentationNode.GetID())
+    node.SetAttribute(SEGMENT_ATTRIBUTE, segmentId)
+    node.CreateDefaultDisplayNodes()
+    return node
+
+
+def boxBoundsRAS(roi) -> Optional[Tuple[float, ...]]:
+    """World RAS bounds (xmin, xmax, ymin, ymax, zmin, zmax) of a placed ROI with a volume; else None."""
+    if roi is None or roi.GetNumberOfDefinedControlPoints() == 0:
+        return None
+    bounds = [0.0] * 6
+    roi.GetRASBounds(bounds)
+    if any(bounds[2 * axis + 1] - bounds[2 * axis] <= 0 for axis in range(3)):
+        return None
+    return tuple(float(v) for v in bounds)
+
+
 def promptListFor(scene, segmentationNode, segmentId: str, positive: bool, create: bool):
     node = findPromptList(scene, segmentationNode, segmentId, positive)
     if node is None and create:

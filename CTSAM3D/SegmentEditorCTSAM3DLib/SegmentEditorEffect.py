@@ -13,11 +13,17 @@ import logging
 import os
 import threading
 
+import numpy as np
 import qt
 import slicer
 import vtk
 from CTSAM3DSlicerLib import prompts
-from CTSAM3DSlicerLib.coordinates import arrayFromVtkMatrix, nodeToWorldMatrix, writeMaskIntoOrientedImage
+from CTSAM3DSlicerLib.coordinates import (
+    arrayFromVtkMatrix,
+    nodeToWorldMatrix,
+    segmentOnVolumeGrid,
+    writeMaskIntoOrientedImage,
+)
 from CTSAM3DSlicerLib.logic import CTSAM3DLogic, PredictionCancelledError
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
@@ -67,6 +73,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._sceneObservations = []
         self._running = False
         self._cancel = threading.Event()
+        self._startMasks = {}
+        """(segmentation node ID, segment ID) -> the segment's content when prompting began (or None)."""
         self._lastSubmitted = None
         self._runTimer = qt.QTimer()
         self._runTimer.setSingleShot(True)
@@ -89,7 +97,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             "<b>Left-click</b> in a slice view: add a prompt of the current polarity (green +, red -). "
             "<b>Shift+left-click</b>: add a prompt of the other polarity. Drag a prompt to move it; "
             "delete it with the markups tools. <b>Place + / - with markups</b> places prompts with the "
-            "markups tool instead (until you leave place mode).<p>"
+            "markups tool instead (until you leave place mode). <b>Box</b>: draw a box (markups ROI) around the "
+            "structure: a positive prompt is added at its centre and the result stays inside it.<p>"
+            "With <b>Start from the segment's current content</b> (on by default), clicks correct what the "
+            "segment already holds: outside the 96 mm patches they touch it stays as it was.<p>"
             "Keys in a slice view: <b>P</b> toggle polarity, <b>U</b> undo the last prompt, "
             "<b>N</b> finish this segment and start the next. Z and Ctrl+Z are the editor's undo of the "
             "segment.<p>"
@@ -118,6 +129,27 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         placeLayout.addWidget(self.placePositiveButton)
         placeLayout.addWidget(self.placeNegativeButton)
         self.scriptedEffect.addOptionsWidget(placeLayout)
+
+        self.boxButton = qt.QPushButton("Box (ROI)")
+        self.boxButton.toolTip = (
+            "Draw a box around the structure with the markups ROI tool: a positive prompt goes to its centre "
+            "and the result is clipped to the box"
+        )
+        self.boxButton.connect("clicked()", self.startBoxPlacement)
+        self.removeBoxButton = qt.QPushButton("Remove box")
+        self.removeBoxButton.connect("clicked()", self.removeBox)
+        boxLayout = qt.QHBoxLayout()
+        boxLayout.addWidget(self.boxButton)
+        boxLayout.addWidget(self.removeBoxButton)
+        self.scriptedEffect.addOptionsWidget(boxLayout)
+
+        self.startFromSegmentCheckBox = qt.QCheckBox("Start from the segment's current content")
+        self.startFromSegmentCheckBox.toolTip = (
+            "Correct what the segment already holds (from another tool, a colleague, an earlier session) instead "
+            "of replacing it: outside the 96 mm patches that prompts touch, it stays exactly as it was"
+        )
+        self.startFromSegmentCheckBox.connect("toggled(bool)", self._onStartFromSegmentToggled)
+        self.scriptedEffect.addOptionsWidget(self.startFromSegmentCheckBox)
 
         self.undoPromptButton = qt.QPushButton("Undo last prompt (U)")
         self.undoPromptButton.connect("clicked()", self.undoLastPrompt)
@@ -168,15 +200,18 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.scriptedEffect.setParameterDefault("Polarity", "positive")
         self.scriptedEffect.setParameterDefault("CrossPatch", "on")
         self.scriptedEffect.setParameterDefault("MaxPatches", MAX_OPEN_PATCHES)
+        self.scriptedEffect.setParameterDefault("StartFromSegment", "on")
 
     def updateGUIFromMRML(self):
         self.positivePolarity = self.scriptedEffect.parameter("Polarity") != "negative"
         self._showPolarity()
         if hasattr(self, "crossPatchCheckBox"):
-            for widget in (self.crossPatchCheckBox, self.maxPatchesSpinBox):
+            for widget in (self.crossPatchCheckBox, self.maxPatchesSpinBox, self.startFromSegmentCheckBox):
                 wasBlocked = widget.blockSignals(True)
                 if widget is self.crossPatchCheckBox:
                     widget.checked = self.scriptedEffect.parameter("CrossPatch") != "off"
+                elif widget is self.startFromSegmentCheckBox:
+                    widget.checked = self.scriptedEffect.parameter("StartFromSegment") != "off"
                 else:
                     widget.value = self.scriptedEffect.integerParameter("MaxPatches")
                 widget.blockSignals(wasBlocked)
@@ -184,6 +219,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _onCrossPatchChanged(self, *_):
         self.scriptedEffect.setParameter("CrossPatch", "on" if self.crossPatchCheckBox.checked else "off")
         self.scriptedEffect.setParameter("MaxPatches", int(self.maxPatchesSpinBox.value))
+
+    def _onStartFromSegmentToggled(self, checked):
+        self.scriptedEffect.setParameter("StartFromSegment", "on" if checked else "off")
+        self._startMasks.clear()
+        self._lastSubmitted = None
 
     def applyCrossPatchSettings(self):
         """The effect's cross-patch toggle and cap, handed to the logic before each prediction."""
@@ -260,6 +300,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _onSceneStartClose(self, caller, event):
         self._release()
         self._lastSubmitted = None
+        self._startMasks.clear()
         self.logic.releaseSession()
 
     def interactionNodeModified(self, interactionNode):
@@ -268,6 +309,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def sourceVolumeNodeChanged(self):
         self._lastSubmitted = None
+        self._startMasks.clear()
 
     # ----------------------------------------------------------------- lists
     def _segmentTarget(self):
@@ -297,16 +339,32 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self._observePromptLists()
         return positiveList, negativeList
 
+    def boxNode(self, create=False):
+        """The selected segment's box (a markups ROI), or None (created on request)."""
+        segmentationNode, segmentId = self._segmentTarget()
+        if segmentationNode is None:
+            return None
+        scene = self.scriptedEffect.scene()
+        node = prompts.findBox(scene, segmentationNode, segmentId)
+        if node is None and create:
+            node = prompts.createBox(scene, segmentationNode, segmentId)
+            self._observePromptLists()
+        return node
+
     def _observePromptLists(self):
         positiveList, negativeList = self.promptLists(create=False)
-        wanted = [node for node in (positiveList, negativeList) if node is not None]
-        observed = [node for node, _ in self._promptObservations[:: len(MARKUPS_EVENTS)]]
-        if len(observed) == len(wanted) and all(map(sameNode, observed, wanted)):
+        wanted = [node for node in (positiveList, negativeList, self.boxNode()) if node is not None]
+        observed = list(dict.fromkeys(node.GetID() for node, _ in self._promptObservations))
+        if observed == [node.GetID() for node in wanted]:
             return
         self._removePromptObservers()
         for node in wanted:
-            for event in MARKUPS_EVENTS:
-                self._promptObservations.append((node, node.AddObserver(event, self._onPromptsModified)))
+            if node.IsA("vtkMRMLMarkupsROINode"):
+                handlers = [(vtk.vtkCommand.ModifiedEvent, self._onBoxModified)]
+            else:
+                handlers = [(event, self._onPromptsModified) for event in MARKUPS_EVENTS]
+            for event, handler in handlers:
+                self._promptObservations.append((node, node.AddObserver(event, handler)))
 
     def _removePromptObservers(self):
         for node, tag in self._promptObservations:
@@ -360,9 +418,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         segmentationNode, segmentId = self._segmentTarget()
         if segmentationNode is None:
             return None
-        for node in self.promptLists(create=False):
+        for node in (*self.promptLists(create=False), self.boxNode()):
             if node is not None:
                 node.SetLocked(True)
+        self._startMasks.pop((segmentationNode.GetID(), segmentId), None)
         newSegmentId = segmentationNode.GetSegmentation().AddEmptySegment("")
         self.scriptedEffect.parameterSetNode().SetSelectedSegmentID(newSegmentId)
         self.scriptedEffect.setNodeReference(POSITIVE_ROLE, None)
@@ -371,6 +430,37 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._syncPromptListVisibility(shown=True)
         self._lastSubmitted = None
         return newSegmentId
+
+    def startBoxPlacement(self):
+        """Let the markups ROI tool draw the segment's box."""
+        box = self.boxNode(create=True)
+        if box is None:
+            return
+        markupsLogic = slicer.modules.markups.logic()
+        markupsLogic.SetActiveList(box)
+        markupsLogic.StartPlaceMode(False)
+
+    def removeBox(self):
+        box = self.boxNode()
+        if box is not None:
+            self.scriptedEffect.scene().RemoveNode(box)
+            self._removePromptObservers()
+            self._observePromptLists()
+            self._runTimer.start(0)
+
+    def _onBoxModified(self, caller, event):
+        """A box drawn or changed: a positive prompt at its centre unless one lies inside it already, and a
+        re-run (clipped to the box) once it rests."""
+        bounds = prompts.boxBoundsRAS(caller)
+        if bounds is None:
+            return
+        low, high = np.array(bounds[0::2]), np.array(bounds[1::2])
+        positiveList, negativeList = self.promptLists(create=True)
+        inside = [p for p in prompts.orderedPrompts(positiveList, negativeList)
+                  if p.positive and np.all(np.array(p.pointRAS) >= low) and np.all(np.array(p.pointRAS) <= high)]
+        if not inside:
+            prompts.addPrompt(positiveList, negativeList, (low + high) / 2, True)
+        self._runTimer.start(MOVE_DEBOUNCE_MSEC)
 
     def startMarkupsPlacement(self, positive):
         """Let the markups tools place the next prompt(s) of that polarity (persistent place mode; the
@@ -438,8 +528,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self._showProgress()
 
     def _currentRequest(self):
-        """(segment ID, volume node, prompts in click order) to segment now, or None with the reason
-        shown as the status."""
+        """(segment ID, volume node, prompts in click order, initial mask or None, box RAS bounds or None)
+        to segment now, or None with the reason shown as the status."""
         segmentationNode, segmentId = self._segmentTarget()
         if segmentationNode is None:
             self.setStatus("Select a segment (or add one) in the Segment Editor.")
@@ -449,7 +539,15 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             self.setStatus("Select a source volume (the CT to segment) in the Segment Editor.")
             return None
         ordered = prompts.orderedPrompts(*self.promptLists(create=False))
-        return segmentId, volumeNode, tuple((p.pointRAS, p.positive) for p in ordered)
+        initialMask = None
+        if self.scriptedEffect.parameter("StartFromSegment") != "off":
+            # What the segment holds when prompting begins is where the session starts, run after run.
+            key = (segmentationNode.GetID(), segmentId)
+            if key not in self._startMasks:
+                self._startMasks[key] = segmentOnVolumeGrid(segmentationNode, segmentId, volumeNode)
+            initialMask = self._startMasks[key]
+        box = prompts.boxBoundsRAS(self.boxNode())
+        return segmentId, volumeNode, tuple((p.pointRAS, p.positive) for p in ordered), initialMask, box
 
     def runPrompts(self):
         """Segment from the selected segment's prompts, unless they are what was last sent; repeats
@@ -463,25 +561,32 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 request = self._currentRequest()
                 if request is None:
                     break
-                key = (request[0], request[1].GetID(), request[2])
+                segmentId, volumeNode, orderedPrompts, initialMask, box = request
+                key = (segmentId, volumeNode.GetID(), orderedPrompts, id(initialMask), box)
                 if key == self._lastSubmitted:
                     break
                 self._lastSubmitted = key
                 if not self._predictAndApply(*request):
+                    break
+                if not orderedPrompts:
+                    # Back at the start: the next prompt starts from what the segment holds then.
+                    segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
+                    self._startMasks.pop((segmentationNode.GetID(), segmentId), None)
                     break
         finally:
             self._running = False
             self._cancel.clear()
             self._showProgress()
 
-    def _predictAndApply(self, segmentId, volumeNode, orderedPrompts):
+    def _predictAndApply(self, segmentId, volumeNode, orderedPrompts, initialMask, box):
         """One prediction, waited for with events processed; False when it did not complete."""
         self._cancel.clear()
         self.setStatus(f"Segmenting from {len(orderedPrompts)} prompt(s)...")
         try:
             self.logic.ensureModel(onTick=self._showProgress)
             self.applyCrossPatchSettings()
-            mask = self.logic.predictMask(volumeNode, orderedPrompts, self._cancel.is_set, self._showProgress)
+            mask = self.logic.predictMask(volumeNode, orderedPrompts, self._cancel.is_set, self._showProgress,
+                                          initialMask, box)
             if self._cancel.is_set():
                 raise PredictionCancelledError("the prediction was cancelled; the segment was left as it was")
             self.applyMask(mask, segmentId)

@@ -183,10 +183,29 @@ def test_shift_click_is_negative_and_click_order_is_kept(editor):
 def test_undo_restores_the_previous_labelmap_exactly(editor):
     editor.setSegment(editor.s1, editor.maskB)
     before = editor.segmentArray(editor.s1)
+    editor.effect.startFromSegmentCheckBox.click()  # replace the segment instead of correcting it
+    assert editor.harness.parameterNode.GetAttribute(f"{EFFECT}.StartFromSegment") == "off"
     editor.click(editor.centre())
     np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA)
     editor.harness.undo()
     np.testing.assert_array_equal(editor.segmentArray(editor.s1), before)
+
+
+def test_a_segment_that_holds_something_is_corrected_not_replaced(editor):
+    """With the option on (the default), the segment's content is where the session starts: a click on
+    another structure adds to it, and clearing the prompts brings the start back."""
+    editor.setSegment(editor.s1, editor.maskB)
+    assert editor.effect.startFromSegmentCheckBox.checked
+    editor.click(editor.centre())
+    np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA | editor.maskB)
+    assert editor.harness.modifications[-1][0] == editor.s1, "written through the editor"
+    editor.harness.undo()
+    np.testing.assert_array_equal(editor.segmentArray(editor.s1), editor.maskB)
+    editor.click(editor.centre(scenes.BLOB_B), shift=True)
+    np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA)
+    editor.effect.clearPrompts()
+    editor.wait()
+    np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskB)
 
 
 def test_masking_limits_the_result_to_the_editable_area(editor):
@@ -571,3 +590,33 @@ def test_prompt_lists_follow_their_segmentation_when_an_import_renames_node_ids(
     assert positive is not None and positive.GetID() not in [node.GetID() for node in squatterLists]
     assert positive.GetNthControlPointLabel(0) == "+1" and negative.GetNthControlPointLabel(0) == "-2"
     assert prompts.findPromptList(slicer.mrmlScene, squatter, squatterId, True).GetID() == squatterLists[0].GetID()
+
+
+def test_a_box_drawn_with_a_markups_roi_prompts_its_centre_and_clips_the_result():
+    from CTSAM3DSlicerLib.logic import defaultSessionFactory
+
+    editor = Editor(sessionFactory=defaultSessionFactory)
+    editor.logic.device = "cpu"
+    editor.effect.boxButton.click()
+    roi = editor.effect.boxNode()
+    assert roi is not None and slicer.modules.markups.logic().GetActiveListID() == roi.GetID()
+    # What the ROI tool leaves after two clicks: a box around the middle of blob A, smaller than it.
+    centre = editor.centre(scenes.BLOB_A)
+    roi.SetXYZ(*centre)
+    roi.SetRadiusXYZ(4.0, 4.0, 4.0)
+    editor.wait()
+    positive, _ = editor.lists()
+    assert positive.GetNumberOfControlPoints() == 1 and positive.GetNthControlPointLabel(0) == "+1"
+    mask = editor.segmentMask(editor.s1)
+    assert mask.any() and (mask & editor.maskA).sum() == mask.sum()
+    bounds = [0.0] * 6
+    roi.GetRASBounds(bounds)
+    index = np.argwhere(mask)[:, ::-1]
+    world = (scenes.volumeIjkToWorld(editor.volume) @ np.c_[index, np.ones(len(index))].T)[:3].T
+    assert np.all(world >= np.array(bounds[0::2]) - 1e-6) and np.all(world <= np.array(bounds[1::2]) + 1e-6)
+    assert mask.sum() < editor.maskA.sum(), "the box clipped nothing"
+    editor.effect.removeBox()
+    editor.wait()
+    assert editor.effect.boxNode() is None
+    assert editor.segmentMask(editor.s1).sum() > mask.sum(), "without the box the result is not clipped"
+    editor.harness.cleanup()

@@ -10,10 +10,13 @@ class ComponentSession:
     """The connected regions brighter than ``threshold_hu`` that contain a positive click, minus those
     containing a negative click, on the input's own grid. Tests use it to see precisely where a click
     landed; it has the session's interface (set_clicks, reset, clicks, mask, last_timing) and ignores
-    the network it is given."""
+    the network it is given. With ``initial_mask`` the chosen regions are added to it and the
+    negatively clicked ones removed from it; a box it cannot honour is refused."""
 
     def __init__(self, net, image: sitk.Image, device="auto", threshold_hu: float = 0.0, cross_patch: bool = True,
-                 max_patches: int = 16) -> None:
+                 max_patches: int = 16, initial_mask=None, box_lps=None) -> None:
+        if box_lps is not None:
+            raise NotImplementedError("ComponentSession has no box: use InteractiveSession for box tests")
         self.net = net
         self.image = image
         self.device = device
@@ -21,6 +24,8 @@ class ComponentSession:
         self.max_patches = max_patches
         self.last_timing = {}
         self._labels = sitk.GetArrayFromImage(sitk.ConnectedComponent(image > threshold_hu))
+        self._initial = np.zeros(self._labels.shape, bool) if initial_mask is None else (
+            sitk.GetArrayFromImage(initial_mask) != 0)
         self._clicks: List[tuple] = []
 
     @property
@@ -51,14 +56,17 @@ class ComponentSession:
 
     @property
     def mask(self) -> sitk.Image:
-        chosen = set()
+        chosen, removed = set(), set()
         for point, positive in self._clicks:
             label = self._label_at(point)
             if label and positive:
                 chosen.add(label)
+                removed.discard(label)
             elif label:
                 chosen.discard(label)
-        array = np.isin(self._labels, sorted(chosen)).astype(np.uint8)
+                removed.add(label)
+        array = ((self._initial | np.isin(self._labels, sorted(chosen))) & ~np.isin(self._labels, sorted(removed)))
+        array = array.astype(np.uint8)
         mask = sitk.GetImageFromArray(array)
         mask.CopyInformation(self.image)
         return mask
