@@ -20,6 +20,7 @@ from ..constants import MAX_OPEN_PATCHES
 from ..datasets import find_cases
 from ..evaluation.baseline import RegionGrowingSession
 from ..evaluation.metrics import SURFACE_TOLERANCE_MM
+from ..evaluation.protocol import START_KINDS
 from ..evaluation.runner import Method, evaluate
 
 MODEL, BASELINE = "model", "baseline"
@@ -92,6 +93,13 @@ def add_parser(subparsers) -> None:
         metavar="N",
         help="best and worst N structures in gallery.png",
     )
+    parser.add_argument("--start-from", metavar="KIND_OR_FOLDER",
+                        help="correct an existing mask instead of segmenting from nothing: eroded, dilated (the "
+                        "reference by 3 mm), leak (the reference with a structure-sized leak), or a folder of "
+                        "<case>/<structure>.nii.gz masks, such as another run's masks/<method>")
+    parser.add_argument("--box-jitter-mm", type=float, metavar="MM",
+                        help="box protocol: the first interaction is the reference's bounding box with each face "
+                        "moved by up to MM (then clicks)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(func=run)
 
@@ -144,9 +152,17 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"no labelled structures in {args.data}: nothing to evaluate")
     cross_patch = args.cross_patch == "on"
     cap = args.max_patches if cross_patch else 1
-    settings: Dict[str, object] = {
-        "protocol": {"clicks": args.clicks, "tolerance_mm": args.tolerance_mm, "patch_cap": cap},
-    }
+    if args.start_from is not None and args.start_from not in START_KINDS and not Path(args.start_from).is_dir():
+        raise CommandError(f"--start-from takes {', '.join(START_KINDS)} or a folder, got {args.start_from!r}")
+    if args.box_jitter_mm is not None and args.box_jitter_mm < 0:
+        raise CommandError(f"--box-jitter-mm must be 0 or more, got {args.box_jitter_mm}")
+    protocol = {"clicks": args.clicks, "tolerance_mm": args.tolerance_mm, "patch_cap": cap}
+    if args.start_from is not None:
+        known = args.start_from in START_KINDS
+        protocol["start_from"] = args.start_from if known else str(Path(args.start_from).resolve())
+    if args.box_jitter_mm is not None:
+        protocol["box_jitter_mm"] = args.box_jitter_mm
+    settings: Dict[str, object] = {"protocol": protocol}
     chosen: List[Method] = []
     if MODEL in methods:
         options = {"cross_patch": cross_patch, "max_patches": args.max_patches}
@@ -170,6 +186,8 @@ def run(args: argparse.Namespace) -> int:
             args.structures,
             args.tolerance_mm,
             show_progress=not args.no_progress,
+            start=args.start_from,
+            box_jitter_mm=args.box_jitter_mm,
         )
         print(
             f"(structure, method) pairs: evaluated {counts['done']}, skipped {counts['skipped']} (size), "

@@ -27,6 +27,9 @@ import SimpleITK as sitk  # noqa: N813 (the name every SimpleITK user knows)
 
 Box = Tuple[slice, slice, slice]
 
+CARVE_RADIUS_MM = 25.0
+"""How far from a negative click the baseline removes, when it corrects a start mask."""
+
 
 def _occupied_box(mask: np.ndarray) -> Optional[Box]:
     if not mask.any():
@@ -61,12 +64,26 @@ class RegionGrowingSession:
         self.clicks: List[Tuple[Tuple[int, int, int], bool]] = []
         """(index_zyx, positive) of each click so far."""
         self._grown: Dict[Tuple[int, int, int], Tuple[Optional[Box], np.ndarray]] = {}
-        self.mask = self._to_image(np.zeros(self.shape_zyx, np.uint8))
+        self.reset()
 
-    def reset(self) -> None:
-        """Forget all clicks (the cache of grown regions is kept: it depends on the seed only)."""
+    def reset(self, initial_mask: Optional[sitk.Image] = None) -> None:
+        """Forget all clicks and the box, and start from ``initial_mask`` (on the image's grid) or nothing
+        (the cache of grown regions is kept: it depends on the seed only)."""
         self.clicks = []
-        self.mask = self._to_image(np.zeros(self.shape_zyx, np.uint8))
+        self._box_inside: Optional[np.ndarray] = None
+        self._initial = (np.zeros(self.shape_zyx, bool) if initial_mask is None
+                         else sitk.GetArrayFromImage(initial_mask) != 0)
+        self.mask = self._to_image(self._initial.astype(np.uint8))
+
+    def add_box(self, corner_a_lps: Sequence[float], corner_b_lps: Sequence[float]) -> sitk.Image:
+        """A positive click at the box's centre, and every result clipped to the box (as the session's)."""
+        low = np.minimum(corner_a_lps, corner_b_lps)
+        high = np.maximum(corner_a_lps, corner_b_lps)
+        index = np.stack(np.meshgrid(*(np.arange(n) for n in self.shape_zyx), indexing="ij"), axis=-1)[..., ::-1]
+        direction = np.asarray(self.image.GetDirection()).reshape(3, 3)
+        world = index @ (direction * np.asarray(self.image.GetSpacing())).T + np.asarray(self.image.GetOrigin())
+        self._box_inside = np.all((world >= low) & (world <= high), axis=-1)
+        return self.add_click((low + high) / 2, True)
 
     def add_click(self, point_lps: Sequence[float], positive: bool = True) -> sitk.Image:
         """Add a click at ``point_lps`` (mm, LPS) and return the new uint8 0/1 mask on the image grid."""
@@ -98,6 +115,27 @@ class RegionGrowingSession:
         return self._grown[seed_zyx]
 
     def _segment(self) -> np.ndarray:
+        grown = self._grown_from_positives()
+        if self._initial.any():
+            result = self._initial | grown
+            # A negative click removes the region grown from it within CARVE_RADIUS_MM, where it is nearer
+            # than any positive click (region growing alone would take every organ of similar intensity).
+            positives = [index for index, positive in self.clicks if positive]
+            for seed in [index for index, positive in self.clicks if not positive]:
+                box, region = self._grow(seed)
+                if box is None:
+                    continue
+                nearby = self._squared_distance(box, [seed]) <= CARVE_RADIUS_MM**2
+                if positives:
+                    nearby &= ~self._closer_to_positive(box, positives, [seed])
+                result[box] &= ~(region & nearby)
+        else:
+            result = grown
+        if self._box_inside is not None:
+            result = np.where(self._box_inside, result, self._initial)
+        return result
+
+    def _grown_from_positives(self) -> np.ndarray:
         union = np.zeros(self.shape_zyx, bool)
         positives = [index for index, positive in self.clicks if positive]
         negatives = [index for index, positive in self.clicks if not positive]

@@ -21,7 +21,7 @@ from typing import List, Optional, Protocol, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk  # noqa: N813 (the name every SimpleITK user knows)
 
-from ..clicks import first_click, index_to_lps, next_click
+from ..clicks import SimulatedClick, first_click, index_to_lps, next_click
 from ..constants import LATTICE_SPACING_MM, PATCH_SIZE
 from .metrics import SURFACE_TOLERANCE_MM, score
 
@@ -39,7 +39,45 @@ class ClickSegmenter(Protocol):
 
     def add_click(self, point_lps: Sequence[float], positive: bool = True) -> sitk.Image: ...
 
-    def reset(self) -> None: ...
+    def add_box(self, corner_a_lps: Sequence[float], corner_b_lps: Sequence[float]) -> sitk.Image: ...
+
+    def reset(self, initial_mask: Optional[sitk.Image] = None) -> None: ...
+
+
+START_KINDS = ("eroded", "dilated", "leak")
+"""Degraded references a run can start from (``degraded_start``); a folder of masks is the other start."""
+
+
+def degraded_start(reference: sitk.Image, kind: str, millimetres: float = 3.0) -> sitk.Image:
+    """A start mask made from the reference, to be corrected: ``eroded`` or ``dilated`` by ``millimetres``,
+    or with a ``leak``: a copy of the structure moved by its own width along x, joined to it."""
+    binary = sitk.Cast(reference != 0, sitk.sitkUInt8)
+    radius = [max(1, int(round(millimetres / spacing))) for spacing in reference.GetSpacing()]
+    if kind == "eroded":
+        return sitk.BinaryErode(binary, radius)
+    if kind == "dilated":
+        return sitk.BinaryDilate(binary, radius)
+    if kind == "leak":
+        array = sitk.GetArrayFromImage(binary).astype(bool)
+        columns = np.flatnonzero(array.any(axis=(0, 1)))
+        width = int(columns[-1] - columns[0] + 1) if columns.size else 0
+        moved = np.zeros_like(array)
+        moved[:, :, width:] = array[:, :, : array.shape[2] - width]
+        leaked = sitk.GetImageFromArray((array | moved).astype(np.uint8))
+        leaked.CopyInformation(reference)
+        return leaked
+    raise ValueError(f"unknown start {kind!r}; choose one of {', '.join(START_KINDS)} or a folder of masks")
+
+
+def jittered_box(reference: sitk.Image, jitter_mm: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The reference's bounding box in LPS (voxel edges included), each face moved by up to ``jitter_mm``
+    (uniform, seeded), as a user draws it: two opposite corners."""
+    occupied = np.argwhere(sitk.GetArrayViewFromImage(reference) != 0)[:, ::-1]
+    low, high = occupied.min(axis=0) - 0.5, occupied.max(axis=0) + 0.5
+    corners = np.array([np.where(bits, high, low) for bits in np.ndindex(2, 2, 2)])
+    world = np.array([reference.TransformContinuousIndexToPhysicalPoint(c.tolist()) for c in corners])
+    jitter = np.random.default_rng(seed).uniform(-jitter_mm, jitter_mm, size=(2, 3))
+    return world.min(axis=0) + jitter[0], world.max(axis=0) + jitter[1]
 
 
 @dataclass
@@ -133,23 +171,43 @@ def run_clicks(
     reference: sitk.Image,
     clicks: int,
     tolerance_mm: float = SURFACE_TOLERANCE_MM,
+    start: Optional[sitk.Image] = None,
+    box: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
 ) -> List[ClickRecord]:
     """Drive ``segmenter`` with up to ``clicks`` simulated clicks on ``reference`` (a non-empty mask on
-    the scan's grid); the segmenter is reset first. Returns one record per click placed."""
+    the scan's grid); the segmenter is reset first, to ``start`` when given (then every click corrects
+    its largest error). With ``box`` the first interaction is that box (recorded as click 1, positive, at
+    its centre). Returns one record per interaction."""
     if clicks < 1:
         raise ValueError(f"the protocol needs at least one click, got {clicks}")
     target = sitk.GetArrayFromImage(reference) != 0
     if not target.any():
         raise ValueError("the reference mask is empty: there is nothing to click on")
     spacing_zyx = tuple(reversed(reference.GetSpacing()))
-    segmenter.reset()
+    if start is None:
+        segmenter.reset()
+    else:
+        segmenter.reset(start)
     records: List[ClickRecord] = []
-    click = first_click(target, spacing_zyx)
+    if box is not None:
+        click = None
+    elif start is not None:
+        click = next_click(sitk.GetArrayViewFromImage(segmenter.mask) != 0, target, spacing_zyx)
+        if click is None:
+            return records
+    else:
+        click = first_click(target, spacing_zyx)
     for number in range(1, clicks + 1):
-        point_lps = index_to_lps(reference, click.index_zyx)
-        start = time.perf_counter()
-        mask = segmenter.add_click(point_lps, click.positive)
-        seconds = time.perf_counter() - start
+        began = time.perf_counter()
+        if click is None:
+            mask = segmenter.add_box(*box)
+            point_lps = tuple(float(v) for v in (np.asarray(box[0]) + np.asarray(box[1])) / 2)
+            index = reference.TransformPhysicalPointToIndex(point_lps)
+            click = SimulatedClick(tuple(int(v) for v in index[::-1]), True)
+        else:
+            point_lps = index_to_lps(reference, click.index_zyx)
+            mask = segmenter.add_click(point_lps, click.positive)
+        seconds = time.perf_counter() - began
         check_on_grid(mask, reference)
         prediction = sitk.GetArrayViewFromImage(mask) != 0
         scores = score(prediction, target, spacing_zyx, tolerance_mm)

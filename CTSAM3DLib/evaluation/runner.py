@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import SimpleITK as sitk  # noqa: N813 (the name every SimpleITK user knows)
 
 from ..datasets import Case
 from ..progress import ProgressBar
 from .metrics import SURFACE_TOLERANCE_MM
-from .protocol import ClickSegmenter, measure_structure, run_clicks, size_problem
+from .protocol import (
+    START_KINDS,
+    ClickSegmenter,
+    degraded_start,
+    jittered_box,
+    measure_structure,
+    run_clicks,
+    size_problem,
+)
 from .results import STATUS_DONE, STATUS_ERROR, STATUS_SKIPPED, ResultStore
 
 
@@ -20,6 +31,22 @@ class Method:
 
     name: str
     make_segmenter: Callable[[sitk.Image], ClickSegmenter]
+
+
+def start_for(start: Optional[str], case: str, structure: str, reference: sitk.Image) -> Optional[sitk.Image]:
+    """The mask a structure's clicks start from (see ``evaluate``), on the reference's grid."""
+    if start is None:
+        return None
+    if start in START_KINDS:
+        return degraded_start(reference, start)
+    path = Path(start) / case / f"{structure}.nii.gz"
+    if not path.is_file():
+        raise ValueError(f"no start mask {path} (--start-from takes {', '.join(START_KINDS)} or a folder of "
+                         "<case>/<structure>.nii.gz masks, such as another run's masks/<method>)")
+    mask = sitk.ReadImage(str(path))
+    if mask.GetSize() != reference.GetSize() or not np.allclose(mask.GetOrigin(), reference.GetOrigin(), atol=1e-3):
+        raise ValueError(f"the start mask {path} is not on the scan's grid")
+    return mask
 
 
 def select_structures(cases: Sequence[Case], wanted: Optional[Sequence[str]]) -> Dict[str, List[str]]:
@@ -45,6 +72,8 @@ def evaluate(
     structures: Optional[Sequence[str]] = None,
     tolerance_mm: float = SURFACE_TOLERANCE_MM,
     show_progress: bool = True,
+    start: Optional[str] = None,
+    box_jitter_mm: Optional[float] = None,
 ) -> Dict[str, int]:
     """Run the protocol for every method, case and selected structure that ``store`` does not hold yet.
 
@@ -52,6 +81,11 @@ def evaluate(
     are recorded as skipped for every method, so all methods cover the same structures. An error
     of one method on one structure is recorded and the run goes on. Returns counts by status, each
     of (method, structure) pairs ("already": pairs the store held before this run).
+
+    ``start``: every method starts from a degraded reference (one of ``START_KINDS``) or from the masks
+    in a folder (``<folder>/<case>/<structure>.nii.gz``, e.g. another run's ``masks/<method>``) and clicks
+    to correct it. ``box_jitter_mm``: the first interaction is the reference's bounding box, each face
+    moved by up to that many mm.
     """
     selection = select_structures(cases, structures)
     total = sum(len(names) for names in selection.values())
@@ -85,7 +119,10 @@ def evaluate(
                     if method.name not in segmenters:
                         segmenters[method.name] = method.make_segmenter(image)
                     segmenter = segmenters[method.name]
-                    records = run_clicks(segmenter, reference, clicks, tolerance_mm)
+                    start_mask = start_for(start, case.name, name, reference)
+                    box = None if box_jitter_mm is None else jittered_box(
+                        reference, box_jitter_mm, zlib.crc32(f"{case.name}/{name}".encode()))
+                    records = run_clicks(segmenter, reference, clicks, tolerance_mm, start_mask, box)
                 except (ValueError, RuntimeError) as error:
                     store.add(key, STATUS_ERROR, size, reason=f"{type(error).__name__}: {error}")
                     counts[STATUS_ERROR] += 1
