@@ -35,7 +35,7 @@ import slicer  # noqa: E402
 import slicer_standins  # noqa: E402
 from slicer_standins import effects, qt, scenes  # noqa: E402
 from slicer_standins.application import makeModuleParent  # noqa: E402
-from slicer_standins.clicks import timeEffectClicks  # noqa: E402
+from slicer_standins.clicks import timeClicksInTurns, timeEffectClicks  # noqa: E402
 
 from CTSAM3DLib.model import build_model  # noqa: E402
 from CTSAM3DLib.reference_weights import deterministic_state_dict  # noqa: E402
@@ -102,19 +102,16 @@ def main() -> None:
         session = InteractiveSession(network, image, device="cpu", cross_patch=False)
         polledSession = InteractiveSession(network, image, device="cpu", cross_patch=False)
         worker = InferenceWorker("bench")
-        plain, inEffect, polled, gaps = [], [], [], []
+        polled = []
         session.set_clicks([(ras_to_lps(pointsRAS[0]), True)])
         polledSession.set_clicks([(ras_to_lps(pointsRAS[0]), True)])
         timeEffectClicks(effect, pointsRAS[:1])  # warm-up: builds the effect's session
-        for pointRAS in pointsRAS[1:]:
-            started = time.perf_counter()
-            session.set_clicks([(ras_to_lps(pointRAS), True)])
-            plain.append(time.perf_counter() - started)
-            seconds, clickGaps = timeEffectClicks(effect, [pointRAS])
-            inEffect += seconds
-            gaps += clickGaps
+
+        def polledToo(pointRAS):
             if not arguments.skip_polled:
-                polled += polledSeconds(worker, polledSession, [pointRAS])
+                polled.extend(polledSeconds(worker, polledSession, [pointRAS]))
+
+        plain, inEffect, gaps = timeClicksInTurns(session, effect, pointsRAS[1:], polledToo)
         harness.cleanup()
         worker.shutdown()
 

@@ -15,7 +15,7 @@ import pytest
 import slicer
 from conftest import require
 from slicer_standins import effects, scenes
-from slicer_standins.clicks import timeEffectClicks
+from slicer_standins.clicks import timeClicksInTurns, timeEffectClicks
 from slicer_standins.fixtures import slicerEnv  # noqa: F401  (used by pytestmark)
 
 pytestmark = pytest.mark.usefixtures("slicerEnv")
@@ -65,15 +65,7 @@ def test_a_click_in_slicer_costs_what_it_costs_in_plain_python(referenceNetwork,
     session.set_clicks([(ras_to_lps(pointsRAS[0]), True)])
     timeEffectClicks(effect, pointsRAS[:1])
     gc.collect()
-    # Taken in turns, so that whatever else the machine does hits both alike.
-    plain, gilHeld, gaps = [], [], []
-    for pointRAS in pointsRAS[1:]:
-        started = time.perf_counter()
-        session.set_clicks([(ras_to_lps(pointRAS), True)])
-        plain.append(time.perf_counter() - started)
-        seconds, clickGaps = timeEffectClicks(effect, [pointRAS])
-        gilHeld += seconds
-        gaps += clickGaps
+    plain, gilHeld, gaps = timeClicksInTurns(session, effect, pointsRAS[1:])
 
     ratio = statistics.median(gilHeld) / statistics.median(plain)
     print(f"click: plain {statistics.median(plain):.3f} s, in Slicer's loop {statistics.median(gilHeld):.3f} s, "

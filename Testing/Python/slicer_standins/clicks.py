@@ -1,7 +1,7 @@
 """Timing clicks through the CT-SAM3D effect in the stand-in Slicer (shared by tests and bench/)."""
 
 import time
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -25,3 +25,23 @@ def timeEffectClicks(effect, pointsRAS: Sequence[Sequence[float]]) -> Tuple[List
         if not effect.statusLabel.text.startswith("Done"):
             raise RuntimeError(f"the click did not complete: {effect.statusLabel.text}")
     return seconds, gaps
+
+
+def timeClicksInTurns(session, effect, pointsRAS: Sequence[Sequence[float]],
+                      alsoEach: Optional[Callable[[Sequence[float]], None]] = None):
+    """For each point, the same click in plain Python (``session.set_clicks``, a fresh single click) and
+    through the effect, in turns so that whatever else the machine does hits both alike; ``alsoEach(point)``
+    runs after each pair. Returns (plain seconds, effect seconds, event-loop gaps)."""
+    from CTSAM3DLib.world import ras_to_lps
+
+    plain, inEffect, gaps = [], [], []
+    for pointRAS in pointsRAS:
+        started = time.perf_counter()
+        session.set_clicks([(ras_to_lps(pointRAS), True)])
+        plain.append(time.perf_counter() - started)
+        seconds, clickGaps = timeEffectClicks(effect, [pointRAS])
+        inEffect += seconds
+        gaps += clickGaps
+        if alsoEach is not None:
+            alsoEach(pointRAS)
+    return plain, inEffect, gaps
