@@ -254,7 +254,11 @@ class InteractiveSession:
     ) -> sitk.Image:
         """Adds a positive or negative click at a world point (LPS mm); returns the new mask.
         ``progress`` (see ``ProgressCallback``) follows the patches it decodes and may cancel it."""
-        click = Click(self._checked_point(point_lps), bool(positive))
+        self._apply_click(Click(self._checked_point(point_lps), bool(positive)), progress)
+        return self.mask
+
+    def _apply_click(self, click: Click, progress: Optional[ProgressCallback]) -> None:
+        """The work of a click, up to the mask array (the image is built only by the caller who wants it)."""
         timing: Dict[str, float] = {}
         started = time.perf_counter()
         entry = _HistoryEntry(click)
@@ -279,12 +283,10 @@ class InteractiveSession:
         paste_started = time.perf_counter()
         self._render_into_mask(self._regions_touched(entry))
         timing["paste"] = time.perf_counter() - paste_started
-        mask = self.mask
         timing["total"] = time.perf_counter() - started
         timing["patches_decoded"] = float(timing.get("patches_decoded", 0))
         timing["patches_open"] = float(len(self._patches))
         self.last_timing = timing
-        return mask
 
     def add_box(
         self, corner_a_lps: Sequence[float], corner_b_lps: Sequence[float],
@@ -306,6 +308,10 @@ class InteractiveSession:
     def undo(self) -> sitk.Image:
         """Takes back the last click exactly, with everything it opened, changed or dropped (and the box
         it set)."""
+        self._take_back()
+        return self.mask
+
+    def _take_back(self) -> None:
         if not self._history:
             raise IndexError("nothing to undo: the session has no clicks")
         entry = self._history.pop()
@@ -314,7 +320,6 @@ class InteractiveSession:
         if entry.box_before is not None:
             self.box_lps = entry.box_before[0]
         self._render_into_mask(touched)
-        return self.mask
 
     def reset(self, initial_mask: Optional[sitk.Image] = None) -> None:
         """Forgets every click, patch and ``add_box`` box; starts again from ``initial_mask`` (on the
@@ -355,9 +360,9 @@ class InteractiveSession:
         while common < min(len(wanted), len(current)) and wanted[common] == current[common]:
             common += 1
         for _ in range(len(current) - common):
-            self.undo()
+            self._take_back()
         for click in wanted[common:]:
-            self.add_click(click.point_lps, click.positive, progress)
+            self._apply_click(click, progress)
         return self.mask
 
     # ----------------------------------------------------------------- internals
