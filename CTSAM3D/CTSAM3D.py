@@ -19,6 +19,7 @@ from slicer.ScriptedLoadableModule import (
 )
 
 from CTSAM3DLib.download import DEFAULT_ENDPOINT, MODEL_PAGE, DownloadCancelledError
+from CTSAM3DLib.files import sha256_of
 
 __all__ = ["CTSAM3D", "CTSAM3DLogic", "CTSAM3DTest", "CTSAM3DWidget"]
 
@@ -157,7 +158,7 @@ class CTSAM3DWidget(ScriptedLoadableModuleWidget):
         weights.setSettingsValue("WeightsPath", path)
         if path and os.path.isfile(path) and weights.recordedChecksum(path) is None:
             with slicer.util.tryWithErrorDisplay("Could not read the weights file."):
-                sha256 = self.runWithProgress(weights.computeSha256, path, label="Computing the SHA-256")
+                sha256 = self.runWithProgress(sha256_of, path, label="Computing the SHA-256")
                 weights.recordChecksum(path, sha256, "local file", verifiedByHost=False)
         self.updateStatus()
 

@@ -24,7 +24,6 @@ percent-encoded whole, "/" included; modelscope 1804ac6, hub/api.py:1394 and hub
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -36,7 +35,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
-from .files import new_file_mode
+from .files import CHUNK_BYTES, ProgressCallback, new_file_mode, sha256_of
 
 MODEL_ID = "xiuan123/CT-SAM3D"
 DEFAULT_ENDPOINT = "https://www.modelscope.cn"
@@ -46,12 +45,7 @@ KNOWN_PATHS = ("params.pth", "ckpt_1000/params.pth")
 """Where the checkpoint may lie when the listing cannot say (the authors' notebook loads ckpt_1000/params.pth)."""
 AUTHORS_SIZE = 296_400_000
 """About the size of the authors' checkpoint (74,023,156 float32 values and the pickle around them)."""
-CHUNK_BYTES = 1 << 20
 USER_AGENT = "ctsam3d-downloader (+https://github.com/SlicerCTSAM3D/SlicerCTSAM3D)"
-
-ProgressCallback = Callable[[int, Optional[int]], None]
-"""``progress(bytesDone, bytesTotal or None)``."""
-
 
 class DownloadError(RuntimeError):
     """The weights could not be downloaded; the message says why and what to do."""
@@ -218,7 +212,7 @@ def fetch(
             )
         time.sleep(min(2.0 ** (failures - 1), 30.0))
     size = partial.stat().st_size
-    sha256 = _sha256(partial)
+    sha256 = sha256_of(partial)
     if expected_sha256 and sha256 != expected_sha256.lower():
         partial.unlink()
         raise ChecksumMismatchError(
@@ -250,14 +244,6 @@ def _stream(url, partial: Path, offset: int, expected_size, progress, is_cancell
             out.flush()
             os.fsync(out.fileno())
     return received, total
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def download_weights(

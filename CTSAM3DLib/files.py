@@ -4,12 +4,18 @@ the permissions any other program would give them (0666 less the umask, not a te
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator, List, Union
+from typing import Callable, Iterator, List, Optional, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
+
+ProgressCallback = Callable[[int, Optional[int]], None]
+"""``progress(bytesDone, bytesTotal or None)``."""
+
+CHUNK_BYTES = 1 << 20
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl.gz", ".gipl", ".vtk", ".tif", ".tiff")
 """Extensions of the 3D image formats SimpleITK writes and reads back with their geometry."""
@@ -40,6 +46,20 @@ def check_output_path(path: PathLike) -> None:
         raise ValueError(f"{path}: {ancestor} is not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ValueError(f"{path}: no permission to write in {ancestor}")
+
+
+def sha256_of(path: PathLike, progress: Optional[ProgressCallback] = None) -> str:
+    """The hex SHA-256 of a file's content, reporting ``progress(bytesDone, bytesTotal)`` after each chunk."""
+    total = os.path.getsize(path)
+    digest = hashlib.sha256()
+    done = 0
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(CHUNK_BYTES), b""):
+            digest.update(chunk)
+            done += len(chunk)
+            if progress is not None:
+                progress(done, total)
+    return digest.hexdigest()
 
 
 def new_file_mode() -> int:

@@ -119,14 +119,20 @@ def write_image_atomically(image: sitk.Image, path: Path) -> None:
             raise ValueError(f"{path}: SimpleITK could not write it ({reason})") from error
 
 
-def parse_point(text: str) -> Point:
+def parse_numbers(text: str, count: int, form: str) -> Tuple[float, ...]:
+    """``count`` comma-separated numbers; ValueError saying the ``form`` (e.g. "a point is X,Y,Z")."""
     parts = text.replace(" ", "").split(",")
-    if len(parts) != 3:
-        raise ValueError(f"a point is X,Y,Z in millimetres, got {text!r}")
     try:
-        return tuple(float(part) for part in parts)
-    except ValueError as error:
-        raise ValueError(f"a point is X,Y,Z in millimetres, got {text!r}") from error
+        numbers = tuple(float(part) for part in parts)
+    except ValueError:
+        numbers = ()
+    if len(numbers) != count:
+        raise ValueError(f"{form} in millimetres, got {text!r}")
+    return numbers
+
+
+def parse_point(text: str) -> Point:
+    return parse_numbers(text, 3, "a point is X,Y,Z")
 
 
 def read_points_file(path: Path, default_ras: bool) -> List[Tuple[Point, bool, bool]]:

@@ -337,8 +337,7 @@ class InteractiveSession:
             self._initial = (sitk.GetArrayFromImage(initial_mask) != 0).astype(np.uint8)
             self._initial_image = None
             if self._initial.any():
-                self._initial_image = sitk.GetImageFromArray(self._initial.astype(np.float32))
-                self._initial_image.CopyInformation(self.image)
+                self._initial_image = self._as_image(self._initial.astype(np.float32))
         else:
             self._initial[...] = 0
             self._initial_image = None

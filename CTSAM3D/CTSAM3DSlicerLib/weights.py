@@ -11,7 +11,6 @@ version of the file is verified once, on the worker thread, with progress.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import time
@@ -21,9 +20,9 @@ from typing import Callable, Dict, Optional, Tuple
 import slicer
 
 from CTSAM3DLib.download import DEFAULT_ENDPOINT, DownloadResult, default_weights_path, download_weights
+from CTSAM3DLib.files import ProgressCallback, sha256_of
 
 SETTINGS_GROUP = "CTSAM3D"
-CHUNK_BYTES = 1 << 20
 
 LICENCE_NOTE = (
     "The CT-SAM3D weights (params.pth) are published by the CT-SAM3D authors (Guo et al., "
@@ -36,10 +35,6 @@ LICENCE_NOTE = (
 
 class ChecksumMismatchError(Exception):
     """The weights file differs from the checksum recorded when it was obtained."""
-
-
-ProgressCallback = Callable[[int, Optional[int]], None]
-"""``progress(bytesDone, bytesTotal or None)``."""
 
 
 # ---------------------------------------------------------------- settings
@@ -70,20 +65,6 @@ def configuredWeightsPath() -> str:
 # --------------------------------------------------------------- checksums
 def checksumRecordPath(weightsPath: str) -> Path:
     return Path(str(weightsPath) + ".sha256.json")
-
-
-def computeSha256(path: str, progress: Optional[ProgressCallback] = None, chunkBytes: int = CHUNK_BYTES) -> str:
-    """SHA-256 of a file, reporting ``progress(bytesDone, bytesTotal)`` after every chunk."""
-    total = os.path.getsize(path)
-    digest = hashlib.sha256()
-    done = 0
-    with open(path, "rb") as stream:
-        for chunk in iter(lambda: stream.read(chunkBytes), b""):
-            digest.update(chunk)
-            done += len(chunk)
-            if progress is not None:
-                progress(done, total)
-    return digest.hexdigest()
 
 
 def _fileVersion(path: str) -> Tuple[int, int]:
@@ -151,7 +132,7 @@ def verifyRecordedChecksum(weightsPath: str, progress: Optional[ProgressCallback
     realPath = os.path.realpath(weightsPath)
     if (record.get("size"), record.get("mtime_ns")) == version or _verifiedVersions.get(realPath) == version:
         return record["sha256"]
-    actual = computeSha256(weightsPath, progress)
+    actual = sha256_of(weightsPath, progress)
     if actual != record["sha256"]:
         raise ChecksumMismatchError(
             f"{weightsPath} has SHA-256 {actual}, but {record['sha256']} was recorded when it was obtained; "

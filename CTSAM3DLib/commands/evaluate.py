@@ -10,7 +10,6 @@ A rerun with the same ``--output`` skips what is finished.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -22,6 +21,7 @@ from ..evaluation.baseline import RegionGrowingSession
 from ..evaluation.metrics import SURFACE_TOLERANCE_MM
 from ..evaluation.protocol import START_KINDS
 from ..evaluation.runner import Method, evaluate
+from ..files import sha256_of
 
 MODEL, BASELINE = "model", "baseline"
 BASELINE_SETTINGS = {
@@ -104,14 +104,6 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _model_method(weights: Path, device_spec: str, options: Dict[str, object]) -> Method:
     from .. import load_checkpoint, resolve_device
     from ..session import InteractiveSession
@@ -168,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         options = {"cross_patch": cross_patch, "max_patches": args.max_patches}
         settings[MODEL] = {
             "weights": str(args.weights.resolve()),
-            "sha256": _file_digest(args.weights),
+            "sha256": sha256_of(args.weights),
             "session": options,
         }
         chosen.append(_model_method(args.weights, args.device, options))

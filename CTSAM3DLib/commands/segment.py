@@ -11,7 +11,7 @@ from ..cli import HelpFormatter
 from ..constants import MAX_OPEN_PATCHES
 from ..files import check_output_path, image_suffix
 from ..inference import PRECISIONS
-from ..io import parse_point, read_image, read_points_file, write_image_atomically
+from ..io import parse_numbers, parse_point, read_image, read_points_file, write_image_atomically
 from ..world import ras_to_lps
 
 Click = Tuple[Tuple[float, float, float], bool, bool]
@@ -89,13 +89,7 @@ def parse_box(args: argparse.Namespace):
     """The --box corners as two LPS points, or None."""
     if args.box is None:
         return None
-    values = args.box.replace(" ", "").split(",")
-    try:
-        numbers = [float(value) for value in values]
-    except ValueError:
-        numbers = []
-    if len(numbers) != 6:
-        raise ValueError(f"a box is X1,Y1,Z1,X2,Y2,Z2 in millimetres, got {args.box!r}")
+    numbers = parse_numbers(args.box, 6, "a box is X1,Y1,Z1,X2,Y2,Z2")
     corners = (tuple(numbers[:3]), tuple(numbers[3:]))
     return tuple(ras_to_lps(corner) for corner in corners) if args.ras else corners
 

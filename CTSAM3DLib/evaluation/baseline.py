@@ -25,6 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk  # noqa: N813 (the name every SimpleITK user knows)
 
+from ..geometry import SourceGrid, SourceRegion
+
 Box = Tuple[slice, slice, slice]
 
 CARVE_RADIUS_MM = 25.0
@@ -79,10 +81,14 @@ class RegionGrowingSession:
         """A positive click at the box's centre, and every result clipped to the box (as the session's)."""
         low = np.minimum(corner_a_lps, corner_b_lps)
         high = np.maximum(corner_a_lps, corner_b_lps)
-        index = np.stack(np.meshgrid(*(np.arange(n) for n in self.shape_zyx), indexing="ij"), axis=-1)[..., ::-1]
-        direction = np.asarray(self.image.GetDirection()).reshape(3, 3)
-        world = index @ (direction * np.asarray(self.image.GetSpacing())).T + np.asarray(self.image.GetOrigin())
-        self._box_inside = np.all((world >= low) & (world <= high), axis=-1)
+        grid = SourceGrid(self.image)
+        size_x, size_y, _ = grid.size
+        # Slice by slice: a whole scan's world coordinates would take gigabytes.
+        self._box_inside = np.stack([
+            np.all((points >= low) & (points <= high), axis=-1)
+            for points in (grid.world_points(SourceRegion((0, 0, z), (size_x, size_y, 1)))[0]
+                           for z in range(grid.size[2]))
+        ])
         return self.add_click((low + high) / 2, True)
 
     def add_click(self, point_lps: Sequence[float], positive: bool = True) -> sitk.Image:

@@ -319,13 +319,13 @@ def test_weights_are_verified_once_per_file_version_on_the_worker_with_progress(
     checkpoint = Path(tinyCheckpoint(tmp_path))
     weights.recordChecksum(str(checkpoint), hashlib.sha256(checkpoint.read_bytes()).hexdigest(), "test")
     hashed = []
-    realHash = weights.computeSha256
+    realHash = weights.sha256_of
 
     def spyHash(path, progress=None, *args):
         hashed.append(threading.current_thread() is threading.main_thread())
         return realHash(path, progress, *args)
 
-    monkeypatch.setattr(weights, "computeSha256", spyHash)
+    monkeypatch.setattr(weights, "sha256_of", spyHash)
     logic = CTSAM3DLogic()
     logic.loadModel(str(checkpoint), "cpu")
     assert hashed == [], "a freshly recorded file is the version that was hashed"
