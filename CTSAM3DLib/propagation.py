@@ -11,17 +11,29 @@ and the decoder only ever saw exact Gaussian click maps (peak 1, sigma 2). Re-dr
 Gaussians at the heatmap's local maxima keeps the decoder's input in the distribution it was
 trained on whatever the regression's scale and blur, and the prompts are ordinary points that can
 be shown, saved and undone. Peaks below ``PEAK_THRESHOLD`` mean the structure does not continue.
+
+The policy, level by level from the patches a click changed (``plan_level``): a patch's children at
+neighbours its mask no longer reaches are dropped; reached neighbours are prompted again (an open
+child) or opened when ``PropagationLimits.may_open`` allows it. The session runs the networks and
+keeps the undo history; this module decides where.
 """
 
 from __future__ import annotations
 
 import itertools
-from typing import List, Tuple
+from dataclasses import dataclass
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-Offset = Tuple[int, int, int]
+from .constants import MASK_THRESHOLD
+from .geometry import Lattice, PatchGeometry, SourceGrid
+from .patch import Offset, Patch
+
+Box = Tuple[np.ndarray, np.ndarray]
+"""(lowest, highest) LPS corners of an axis-aligned box."""
 
 NEIGHBOUR_OFFSETS: Tuple[Offset, ...] = tuple(
     offset for offset in itertools.product((-1, 0, 1), repeat=3) if offset != (0, 0, 0)
@@ -63,3 +75,90 @@ def heatmap_peaks(heatmap: torch.Tensor, threshold: float = PEAK_THRESHOLD, max_
     size = heatmap.shape[-1]
     z, y, x = indices // (size * size), (indices // size) % size, indices % size
     return torch.stack([x, y, z], dim=-1).to(torch.float32)
+
+
+class NeighbourJob(NamedTuple):
+    """One neighbour to prompt at one level: from patch ``parent`` one ``offset`` away; ``child`` is the
+    parent's patch already open there (None: a patch to open at ``geometry``)."""
+
+    parent: int
+    offset: Offset
+    child: Optional[int]
+    geometry: PatchGeometry
+
+
+@dataclass(frozen=True)
+class PropagationLimits:
+    """Where cross-patch prompting may open patches: at most ``max_patches`` open, inside the image
+    and its lattice, with the centre inside ``centre_box`` (optional), reaching into ``box``
+    (optional), and not where an open patch already covers the centre."""
+
+    lattice: Lattice
+    grid: SourceGrid
+    max_patches: int
+    centre_box: Optional[Box] = None
+
+    def may_open(self, geometry: PatchGeometry, patches: Dict[int, Patch], pending: int,
+                 box: Optional[Box] = None) -> bool:
+        if len(patches) + pending >= self.max_patches:
+            return False
+        start = np.array(geometry.start_index)
+        if np.any(start + geometry.size <= 0) or np.any(start >= np.array(self.lattice.size)):
+            return False
+        if self.grid.region_of(geometry) is None:
+            return False
+        centre = geometry.centre_lps
+        if self.centre_box is not None and (np.any(centre < self.centre_box[0]) or np.any(centre > self.centre_box[1])):
+            return False
+        if box is not None:
+            low = np.array(geometry.origin_lps) - geometry.spacing / 2
+            high = low + geometry.size * geometry.spacing
+            if np.any(high <= box[0]) or np.any(low >= box[1]):
+                return False
+        return not any(patch.geometry.contains(centre) for patch in patches.values())
+
+
+def reached_offsets(patch: Patch) -> List[Offset]:
+    """The neighbours a patch's segmentation carries into; on an initial mask, only what clicks
+    changed is carried on."""
+    inside = patch.probability[0, 0] > MASK_THRESHOLD
+    if patch.initial is not None:
+        inside = inside != (patch.initial[0, 0] > MASK_THRESHOLD)
+    return touched_offsets(inside)
+
+
+def plan_level(
+    frontier: List[int],
+    patches: Dict[int, Patch],
+    limits: PropagationLimits,
+    box: Optional[Box],
+    drop: Callable[[int], None],
+) -> List[NeighbourJob]:
+    """The jobs of one level of cross-patch prompting from the patches in ``frontier``; children of
+    theirs at neighbours no longer reached are handed to ``drop`` first (which closes them)."""
+    jobs: List[NeighbourJob] = []
+    for pid in frontier:
+        patch = patches[pid]
+        reached = set(reached_offsets(patch))
+        children = {child.offset: cid for cid, child in patches.items() if child.parent == pid}
+        for offset in sorted(set(children) - reached):
+            drop(children[offset])
+        for offset in sorted(reached):
+            if offset in children:
+                jobs.append(NeighbourJob(pid, offset, children[offset], patches[children[offset]].geometry))
+            else:
+                geometry = patch.geometry.shifted(offset)
+                if limits.may_open(geometry, patches, len(jobs), box):
+                    jobs.append(NeighbourJob(pid, offset, None, geometry))
+    return jobs
+
+
+def heatmap_prompts(heatmaps: torch.Tensor, jobs: List[NeighbourJob]) -> List[Tuple[Tuple[float, float, float], ...]]:
+    """For each job, the LPS clicks at its heatmap's peaks (empty: the structure does not continue).
+
+    heatmaps: (len(jobs), 1, S, S, S)."""
+    prompts = []
+    for row, job in enumerate(jobs):
+        peaks = heatmap_peaks(heatmaps[row, 0]).cpu().numpy()
+        prompts.append(tuple(tuple(float(v) for v in job.geometry.to_world(peak)) for peak in peaks))
+    return prompts

@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -35,46 +35,30 @@ import torch
 
 from .constants import MASK_THRESHOLD, MAX_OPEN_PATCHES, OUTSIDE_HU, PATCH_SIZE
 from .device import resolve_device
-from .geometry import Lattice, PatchGeometry, SourceGrid, SourceRegion
+from .geometry import DeviceVolume, Lattice, PatchGeometry, SourceGrid, SourceRegion
 from .inference import prepare_network, resolve_precision
+from .interface import (
+    Click,
+    CrossPatchNetwork,
+    MaskUpdate,
+    ProgressCallback,
+    PromptableNetwork,
+    SessionInputError,
+)
+from .patch import Patch
 from .preprocess import normalize_hu
-from .propagation import Offset, heatmap_peaks, touched_offsets
+from .propagation import Box, NeighbourJob, PropagationLimits, heatmap_prompts, plan_level
+
+__all__ = ["Click", "InteractiveSession", "MaskUpdate", "ProgressCallback", "SessionInputError", "as_box",
+           "readable_image", "validate_image"]
 
 _NESTED_STEPS = ("sample", "encode", "decode")
 """Timed steps that cross-patch prompting runs inside its own time."""
 
-
-class Click(NamedTuple):
-    point_lps: Tuple[float, float, float]
-    positive: bool
-
-
-class SessionInputError(ValueError):
-    """An image or click that the session cannot use; the session is left unchanged."""
-
-
-ProgressCallback = Callable[[int, int], None]
-"""``progress(patches_decoded, patches_planned)``, called before and after each batch of patches a
-click decodes; ``patches_planned`` grows as cross-patch prompting finds neighbours. An exception
-raised from it abandons the click (how a GUI cancels), leaving the session as it was before it."""
-
-
-@dataclass
-class Patch:
-    """An open patch: its place on the lattice, its input (1,1,64^3), cached encoder features,
-    latest probability (1,1,64^3), the session's initial mask on it (1,1,64^3; None without one)
-    and, when it was opened by cross-patch prompting, its parent, the step from the parent, and the
-    clicks the heatmap gave it (LPS)."""
-
-    geometry: PatchGeometry
-    region: SourceRegion
-    image: torch.Tensor
-    features: List[torch.Tensor]
-    probability: Optional[torch.Tensor] = None
-    initial: Optional[torch.Tensor] = None
-    parent: Optional[int] = None
-    offset: Optional[Offset] = None
-    propagated_points_lps: Tuple[Tuple[float, float, float], ...] = ()
+SAMPLING = ("auto", "exact", "device")
+"""How patches are cut from the CT: "exact" through SimpleITK on the CPU (bit-exact with the authors'
+pipeline), "device" with torch where the network runs (``geometry.DeviceVolume``); "auto" is exact on
+a CPU, device elsewhere."""
 
 
 @dataclass
@@ -85,10 +69,6 @@ class _HistoryEntry:
     click: Click
     before: Dict[int, Optional[Patch]] = field(default_factory=dict)
     box_before: Optional[Tuple[Optional[Box], ...]] = None
-
-
-Box = Tuple[np.ndarray, np.ndarray]
-"""(lowest, highest) LPS corners of an axis-aligned box."""
 
 
 def as_box(corner_a_lps: Sequence[float], corner_b_lps: Sequence[float]) -> Box:
@@ -157,20 +137,25 @@ def readable_image(image: sitk.Image) -> sitk.Image:
 class InteractiveSession:
     """Click-driven segmentation of one CT.
 
-    ``net`` is any object with ``encode(image)`` and ``decode(features, points, labels, mask_prompt)``
-    (and ``cross_patch(image, mask, neighbour_image)`` for cross-patch prompting; see
+    ``net`` is a ``PromptableNetwork`` (a ``CrossPatchNetwork`` for cross-patch prompting; see
     ``CTSAM3DLib.model.CTSAM3D``); ``image`` a 3D scalar ``SimpleITK.Image`` in Hounsfield units,
     with any size, spacing and direction. Points are LPS world millimetres. ``precision`` chooses
     how the network runs (see ``CTSAM3DLib.inference``); "auto" picks the fastest path for the device.
+    ``sampling`` chooses where patches are cut from the CT (see ``SAMPLING``).
     ``cross_patch`` switches cross-patch prompting (None: on whenever the network has a
     ``cross_patch`` method, as CT-SAM3D does); ``max_patches`` caps the open patches it may reach,
     and ``cross_patch_box_lps`` ((min x, y, z), (max x, y, z)) optionally limits it to neighbours
     whose centre lies in that box.
+
+    Every call that changes the mask (``add_click``, ``add_box``, ``undo``, ``set_clicks``) returns a
+    ``MaskUpdate``: the box of source voxels it changed and the mask there, the cheap answer for a
+    viewer or a network client. The whole mask is built only when asked for: ``mask`` (an image) or
+    ``mask_array()``; the probability likewise (``probability()``, ``probability_in(update)``).
     """
 
     def __init__(
         self,
-        net: object,
+        net: PromptableNetwork,
         image: sitk.Image,
         device: Union[str, torch.device, None] = "auto",
         precision: str = "auto",
@@ -180,12 +165,15 @@ class InteractiveSession:
         cross_patch_box_lps: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
         initial_mask: Optional[sitk.Image] = None,
         box_lps: Optional[Tuple[Sequence[float], Sequence[float]]] = None,
+        sampling: str = "auto",
     ) -> None:
         validate_image(image)
         image = readable_image(image)
         if max_patches < 1:
             raise ValueError(f"max_patches must be at least 1, got {max_patches}")
-        has_cross_patch = callable(getattr(net, "cross_patch", None))
+        if sampling not in SAMPLING:
+            raise ValueError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLING)}")
+        has_cross_patch = isinstance(net, CrossPatchNetwork)
         if cross_patch and not has_cross_patch:
             raise ValueError("cross-patch prompting needs a network with a cross_patch method")
         self.image = image
@@ -201,6 +189,11 @@ class InteractiveSession:
         """The box results are clipped to (``box_lps`` or the last ``add_box``), or None."""
         self.lattice = Lattice.of_image(image)
         self.grid = SourceGrid(image)
+        self._limits = PropagationLimits(self.lattice, self.grid, max_patches, self.cross_patch_box_lps)
+        if sampling == "auto":
+            sampling = "exact" if self.device.type == "cpu" else "device"
+        self.sampling = sampling
+        self._device_volume = DeviceVolume(image, self.lattice, self.device) if sampling == "device" else None
         self.last_timing: Dict[str, float] = {}
         self._initial = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
         self._initial_image: Optional[sitk.Image] = None
@@ -244,82 +237,44 @@ class InteractiveSession:
             union = regions[0]
             for region in regions[1:]:
                 union = union.union(region)
-            probability, covered = self._render(union)
-            volume[union.slices] = np.where(covered.cpu().numpy(), probability.cpu().numpy(), volume[union.slices])
+            volume[union.slices] = self._probability_over(union)
         return self._as_image(volume)
+
+    def probability_in(self, update: MaskUpdate) -> np.ndarray:
+        """The current probability (float32, (z, y, x)) over an update's box, as ``probability()`` has it."""
+        if update.empty:
+            return np.zeros((0, 0, 0), dtype=np.float32)
+        return self._probability_over(SourceRegion(update.start, update.size))
 
     # ----------------------------------------------------------------- clicks
     def add_click(
         self, point_lps: Sequence[float], positive: bool = True, progress: Optional[ProgressCallback] = None
-    ) -> sitk.Image:
-        """Adds a positive or negative click at a world point (LPS mm); returns the new mask.
+    ) -> MaskUpdate:
+        """Adds a positive or negative click at a world point (LPS mm); returns what it changed.
         ``progress`` (see ``ProgressCallback``) follows the patches it decodes and may cancel it."""
-        self._apply_click(Click(self._checked_point(point_lps), bool(positive)), progress)
-        return self.mask
-
-    def _apply_click(self, click: Click, progress: Optional[ProgressCallback]) -> None:
-        """The work of a click, up to the mask array (the image is built only by the caller who wants it)."""
-        timing: Dict[str, float] = {}
-        started = time.perf_counter()
-        entry = _HistoryEntry(click)
-        self._history.append(entry)
-        self._progress = progress
-        try:
-            targets = [pid for pid in sorted(self._patches) if self._patches[pid].geometry.contains(click.point_lps)]
-            self._report_progress(timing, pending=max(len(targets), 1))
-            if not targets:
-                geometry = self.lattice.patch_centred_on(self.lattice.nearest_index(click.point_lps))
-                targets = self._open_patches([geometry], self._sample([geometry], timing), entry, timing)
-            self._decode(targets, entry, timing)
-            self._report_progress(timing, pending=0)
-            if self.cross_patch:
-                self._propagate(targets, entry, timing)
-        except BaseException:
-            self._history.pop()
-            self._restore(entry)
-            raise
-        finally:
-            self._progress = None
-        paste_started = time.perf_counter()
-        self._render_into_mask(self._regions_touched(entry))
-        timing["paste"] = time.perf_counter() - paste_started
-        timing["total"] = time.perf_counter() - started
-        timing["patches_decoded"] = float(timing.get("patches_decoded", 0))
-        timing["patches_open"] = float(len(self._patches))
-        self.last_timing = timing
+        return self._update(self._apply_click(Click(self._checked_point(point_lps), bool(positive)), progress))
 
     def add_box(
         self, corner_a_lps: Sequence[float], corner_b_lps: Sequence[float],
         progress: Optional[ProgressCallback] = None,
-    ) -> sitk.Image:
+    ) -> MaskUpdate:
         """Prompts with a box (two opposite LPS corners): a positive click at its centre, cross-patch
         prompting only into patches that reach into the box, and every result clipped to the box (outside
         it the initial mask stays). Undo takes the box back with its click."""
         box = as_box(corner_a_lps, corner_b_lps)
         previous, self.box_lps = self.box_lps, box
         try:
-            mask = self.add_click((box[0] + box[1]) / 2, True, progress)
+            update = self.add_click((box[0] + box[1]) / 2, True, progress)
         except BaseException:
             self.box_lps = previous
             raise
         self._history[-1].box_before = (previous,)
-        return mask
+        return update
 
-    def undo(self) -> sitk.Image:
+    def undo(self) -> MaskUpdate:
         """Takes back the last click exactly, with everything it opened, changed or dropped (and the box
-        it set)."""
-        self._take_back()
-        return self.mask
-
-    def _take_back(self) -> None:
-        if not self._history:
-            raise IndexError("nothing to undo: the session has no clicks")
-        entry = self._history.pop()
-        touched = self._regions_touched(entry)
-        self._restore(entry)
-        if entry.box_before is not None:
-            self.box_lps = entry.box_before[0]
-        self._render_into_mask(touched)
+        it set); returns what that changed."""
+        return self._update(self._take_back())
 
     def reset(self, initial_mask: Optional[sitk.Image] = None) -> None:
         """Forgets every click, patch and ``add_box`` box; starts again from ``initial_mask`` (on the
@@ -349,22 +304,72 @@ class InteractiveSession:
 
     def set_clicks(
         self, clicks: Sequence[Tuple[Sequence[float], bool]], progress: Optional[ProgressCallback] = None
-    ) -> sitk.Image:
+    ) -> MaskUpdate:
         """Makes the click list equal ``clicks`` ((point_lps, positive) pairs), undoing back to the
-        longest common prefix and adding the rest: what a GUI calls when a prompt moves. ``progress``
-        is handed to each click added; if it cancels one, the clicks before it stay applied."""
+        longest common prefix and adding the rest: what a GUI calls when a prompt moves. Returns what
+        all of it changed. ``progress`` is handed to each click added; if it cancels one, the clicks
+        before it stay applied."""
         wanted = [Click(self._checked_point(point), bool(positive)) for point, positive in clicks]
         current = self.clicks
         common = 0
         while common < min(len(wanted), len(current)) and wanted[common] == current[common]:
             common += 1
+        changed: Optional[SourceRegion] = None
         for _ in range(len(current) - common):
-            self._take_back()
+            changed = _union(changed, self._take_back())
         for click in wanted[common:]:
-            self._apply_click(click, progress)
-        return self.mask
+            changed = _union(changed, self._apply_click(click, progress))
+        return self._update(changed)
 
     # ----------------------------------------------------------------- internals
+    def _apply_click(self, click: Click, progress: Optional[ProgressCallback]) -> Optional[SourceRegion]:
+        """The work of a click, up to the mask array; returns the source box it re-rendered."""
+        timing: Dict[str, float] = {}
+        started = time.perf_counter()
+        entry = _HistoryEntry(click)
+        self._history.append(entry)
+        self._progress = progress
+        try:
+            targets = [pid for pid in sorted(self._patches) if self._patches[pid].geometry.contains(click.point_lps)]
+            self._report_progress(timing, pending=max(len(targets), 1))
+            if not targets:
+                geometry = self.lattice.patch_centred_on(self.lattice.nearest_index(click.point_lps))
+                targets = self._open_patches([geometry], self._sample([geometry], timing), entry, timing)
+            self._decode(targets, entry, timing)
+            self._report_progress(timing, pending=0)
+            if self.cross_patch:
+                self._propagate(targets, entry, timing)
+        except BaseException:
+            self._history.pop()
+            self._restore(entry)
+            raise
+        finally:
+            self._progress = None
+        paste_started = time.perf_counter()
+        changed = self._render_into_mask(self._regions_touched(entry))
+        timing["paste"] = time.perf_counter() - paste_started
+        timing["total"] = time.perf_counter() - started
+        timing["patches_decoded"] = float(timing.get("patches_decoded", 0))
+        timing["patches_open"] = float(len(self._patches))
+        self.last_timing = timing
+        return changed
+
+    def _take_back(self) -> Optional[SourceRegion]:
+        """Undoes the last click; returns the source box it re-rendered."""
+        if not self._history:
+            raise IndexError("nothing to undo: the session has no clicks")
+        entry = self._history.pop()
+        touched = self._regions_touched(entry)
+        self._restore(entry)
+        if entry.box_before is not None:
+            self.box_lps = entry.box_before[0]
+        return self._render_into_mask(touched)
+
+    def _update(self, region: Optional[SourceRegion]) -> MaskUpdate:
+        if region is None:
+            return MaskUpdate.nothing()
+        return MaskUpdate(region.start, self._mask[region.slices].copy())
+
     def _checked_point(self, point_lps: Sequence[float]) -> Tuple[float, float, float]:
         point = np.asarray(point_lps, dtype=np.float64).reshape(-1)
         if point.shape != (3,):
@@ -395,10 +400,13 @@ class InteractiveSession:
     def _sample(self, geometries: List[PatchGeometry], timing: Dict[str, float]) -> torch.Tensor:
         """The network inputs (N,1,64^3) of patches, on the device."""
         started = time.perf_counter()
-        images = torch.cat([
-            torch.from_numpy(normalize_hu(self.lattice.sample(self.image, geometry)))[None, None]
-            for geometry in geometries
-        ]).to(self.device)
+        if self._device_volume is not None:
+            images = normalize_hu(self._device_volume.sample(geometries))[:, None]
+        else:
+            images = torch.cat([
+                torch.from_numpy(normalize_hu(self.lattice.sample(self.image, geometry)))[None, None]
+                for geometry in geometries
+            ]).to(self.device)
         timing["sample"] = timing.get("sample", 0.0) + time.perf_counter() - started
         return images
 
@@ -473,29 +481,15 @@ class InteractiveSession:
             patch.probability = probability[row : row + 1].to(torch.float32)
 
     def _propagate(self, frontier: List[int], entry: _HistoryEntry, timing: Dict[str, float]) -> None:
-        """Cross-patch prompting, breadth-first from the patches a click changed. Its time in ``timing``
-        ("cross_patch") leaves out the sampling, encoding and decoding of the neighbours, which are
-        added to those steps, so that the steps add up to the click's total."""
+        """Cross-patch prompting, breadth-first from the patches a click changed (the policy is
+        ``propagation.plan_level``). Its time in ``timing`` ("cross_patch") leaves out the sampling,
+        encoding and decoding of the neighbours, which are added to those steps, so that the steps
+        add up to the click's total."""
         started = time.perf_counter()
         nested_before = sum(timing.get(step, 0.0) for step in _NESTED_STEPS)
         while frontier:
-            jobs: List[Tuple[int, Offset, Optional[int], PatchGeometry]] = []
-            for pid in frontier:
-                patch = self._patches[pid]
-                inside = patch.probability[0, 0] > MASK_THRESHOLD
-                # On an initial mask, only what a click changed is carried on.
-                changed = inside if patch.initial is None else inside != (patch.initial[0, 0] > MASK_THRESHOLD)
-                reached = set(touched_offsets(changed))
-                children = {child.offset: cid for cid, child in self._patches.items() if child.parent == pid}
-                for offset in set(children) - reached:
-                    self._drop(children[offset], entry)
-                for offset in sorted(reached):
-                    if offset in children:
-                        jobs.append((pid, offset, children[offset], self._patches[children[offset]].geometry))
-                    else:
-                        geometry = patch.geometry.shifted(offset)
-                        if self._may_open(geometry, len(jobs)):
-                            jobs.append((pid, offset, None, geometry))
+            jobs = plan_level(frontier, self._patches, self._limits, self.box_lps,
+                              lambda pid: self._drop(pid, entry))
             if not jobs:
                 break
             self._report_progress(timing, pending=len(jobs))
@@ -504,38 +498,15 @@ class InteractiveSession:
         nested = sum(timing.get(step, 0.0) for step in _NESTED_STEPS) - nested_before
         timing["cross_patch"] = time.perf_counter() - started - nested
 
-    def _may_open(self, geometry: PatchGeometry, pending: int) -> bool:
-        """Whether cross-patch prompting may open a patch here: under the cap, inside the image and
-        the lattice, inside the optional box, and not already covered by an open patch."""
-        if len(self._patches) + pending >= self.max_patches:
-            return False
-        start = np.array(geometry.start_index)
-        if np.any(start + geometry.size <= 0) or np.any(start >= np.array(self.lattice.size)):
-            return False
-        if self.grid.region_of(geometry) is None:
-            return False
-        centre = geometry.centre_lps
-        if self.cross_patch_box_lps is not None:
-            low, high = self.cross_patch_box_lps
-            if np.any(centre < low) or np.any(centre > high):
-                return False
-        if self.box_lps is not None:
-            start = np.array(geometry.origin_lps) - geometry.spacing / 2
-            stop = start + geometry.size * geometry.spacing
-            if np.any(stop <= self.box_lps[0]) or np.any(start >= self.box_lps[1]):
-                return False
-        return not any(patch.geometry.contains(centre) for patch in self._patches.values())
-
-    def _prompt_neighbours(self, jobs: List[Tuple[int, Offset, Optional[int], PatchGeometry]],
-                           entry: _HistoryEntry, timing: Dict[str, float]) -> List[int]:
+    def _prompt_neighbours(self, jobs: List[NeighbourJob], entry: _HistoryEntry, timing: Dict[str, float]) -> List[int]:
         """Runs the cross-patch U-Net for every (parent, neighbour) pair as one batch, turns each
         heatmap's peaks into clicks, and decodes the neighbours that got any."""
-        new_rows = [row for row, (_, _, child, _) in enumerate(jobs) if child is None]
-        new_images = self._sample([jobs[row][3] for row in new_rows], timing) if new_rows else None
+        new_rows = [row for row, job in enumerate(jobs) if job.child is None]
+        new_images = self._sample([jobs[row].geometry for row in new_rows], timing) if new_rows else None
         sampled = {row: new_images[index:index + 1] for index, row in enumerate(new_rows)}
-        parents = [self._patches[pid] for pid, _, _, _ in jobs]
+        parents = [self._patches[job.parent] for job in jobs]
         neighbour_images = torch.cat([
-            sampled[row] if child is None else self._patches[child].image for row, (_, _, child, _) in enumerate(jobs)
+            sampled[row] if job.child is None else self._patches[job.child].image for row, job in enumerate(jobs)
         ])
         with torch.no_grad():
             heatmaps = self.net.cross_patch(
@@ -543,29 +514,25 @@ class InteractiveSession:
                 torch.cat([(parent.probability > MASK_THRESHOLD).to(parent.image.dtype) for parent in parents]),
                 neighbour_images,
             )
-        prompts: Dict[int, Tuple[Tuple[float, float, float], ...]] = {}
-        for row, (_, _, child, geometry) in enumerate(jobs):
-            peaks = heatmap_peaks(heatmaps[row, 0]).cpu().numpy()
-            prompts[row] = tuple(
-                tuple(float(v) for v in geometry.to_world(peak)) for peak in peaks
-            )
-            if not prompts[row] and child is not None:
-                self._drop(child, entry)
+        prompts = heatmap_prompts(heatmaps, jobs)
+        for job, points in zip(jobs, prompts):
+            if not points and job.child is not None:
+                self._drop(job.child, entry)
         opening = [row for row in new_rows if prompts[row]]
         opened_ids: Dict[int, int] = {}
         if opening:
-            opened = self._open_patches([jobs[row][3] for row in opening],
+            opened = self._open_patches([jobs[row].geometry for row in opening],
                                         torch.cat([sampled[row] for row in opening]), entry, timing)
             opened_ids = dict(zip(opening, opened))
         decoded = []
-        for row, (pid, offset, child, _) in enumerate(jobs):
-            target = opened_ids.get(row, child)
+        for row, job in enumerate(jobs):
+            target = opened_ids.get(row, job.child)
             # A child dropped above (with its descendants) gets no prompt.
             if not prompts[row] or target not in self._patches:
                 continue
             self._snapshot(entry, target)
             patch = self._patches[target]
-            patch.parent, patch.offset, patch.propagated_points_lps = pid, offset, prompts[row]
+            patch.parent, patch.offset, patch.propagated_points_lps = job.parent, job.offset, prompts[row]
             decoded.append(target)
         if decoded:
             self._decode(decoded, entry, timing)
@@ -598,36 +565,28 @@ class InteractiveSession:
                 regions.append(patch.region)
         return regions
 
-    def _render_into_mask(self, regions: List[SourceRegion]) -> None:
+    def _render_into_mask(self, regions: List[SourceRegion]) -> Optional[SourceRegion]:
         """The mask over ``regions`` from the patches; where no patch reaches, or outside the box, the
-        initial mask."""
+        initial mask. Returns the box holding them all (None for none)."""
         for region in regions:
-            probability, covered = self._render(region)
+            probability, covered = self.grid.assemble(region, self._patch_results(), self.device)
             decided = covered.cpu().numpy()
             if self.box_lps is not None:
-                points = self.grid.world_points(region)
-                decided &= np.all((points >= self.box_lps[0]) & (points <= self.box_lps[1]), axis=-1)
-            rendered = (probability > MASK_THRESHOLD).cpu().numpy().astype(np.uint8)
+                decided &= self.grid.inside_box(region, self.box_lps)
+            rendered = (probability > MASK_THRESHOLD).cpu().numpy()
             self._mask[region.slices] = np.where(decided, rendered, self._initial[region.slices])
+        changed = None
+        for region in regions:
+            changed = _union(changed, region)
+        return changed
 
-    def _render(self, region: SourceRegion) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The assembled probability (nz, ny, nx) over a source region, by the overlap rule, and where a
-        patch decided it (bool, same shape)."""
-        shape = tuple(region.size[::-1])
-        probability = torch.zeros(shape, device=self.device)
-        best = torch.full(shape, float("inf"), device=self.device)
-        for pid in sorted(self._patches):
-            patch = self._patches[pid]
-            common = patch.region.intersection(region)
-            if patch.probability is None or common is None:
-                continue
-            # Only the patch's own footprint: adjacent patches touch a region along a thin slab.
-            window = common.slices_within(region)
-            sampled, distance = self.grid.patch_samples(common, patch.geometry, patch.probability)
-            take = (distance <= PATCH_SIZE / 2) & (distance < best[window])
-            probability[window] = torch.where(take, sampled, probability[window])
-            best[window] = torch.where(take, distance, best[window])
-        return probability, torch.isfinite(best)
+    def _probability_over(self, region: SourceRegion) -> np.ndarray:
+        probability, covered = self.grid.assemble(region, self._patch_results(), self.device)
+        return np.where(covered.cpu().numpy(), probability.cpu().numpy(), self._initial[region.slices])
+
+    def _patch_results(self):
+        return [(patch.geometry, patch.region, patch.probability)
+                for _, patch in sorted(self._patches.items()) if patch.probability is not None]
 
     def _as_image(self, array: np.ndarray) -> sitk.Image:
         image = sitk.GetImageFromArray(array)
@@ -637,3 +596,9 @@ class InteractiveSession:
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _union(a: Optional[SourceRegion], b: Optional[SourceRegion]) -> Optional[SourceRegion]:
+    if a is None or b is None:
+        return a or b
+    return a.union(b)

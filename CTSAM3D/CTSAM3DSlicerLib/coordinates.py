@@ -7,7 +7,7 @@ too, so a mask lands where the user sees the scan whatever the IJK-to-RAS matrix
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk  # noqa: N813
@@ -143,6 +143,35 @@ def writeMaskIntoOrientedImage(mask: sitk.Image, orientedImage, nodeToWorldRAS: 
     scalars.Modified()
     orientedImage.Modified()
     return int(values.sum())
+
+
+def updateExtent(orientedImage, nodeToWorldRAS: np.ndarray, volumeNode, update) -> Optional[List[int]]:
+    """The extent (i0, i1, j0, j1, k0, k1, inclusive) of ``orientedImage`` that holds a
+    ``MaskUpdate``'s box (given on the volume's voxel grid), when the image's voxels are the volume's
+    voxels (the usual case: the segmentation's geometry was taken from the volume); None otherwise."""
+    indexToLPS, size = orientedImageToWorldLps(orientedImage, nodeToWorldRAS)
+    volumeToLPS = matrix_ras_to_lps(volumeIjkToWorldRas(volumeNode))
+    volumeSize = volumeNode.GetImageData().GetDimensions()
+    if tuple(size) != tuple(volumeSize) or not np.allclose(indexToLPS, volumeToLPS, atol=_GEOMETRY_TOLERANCE_MM):
+        return None
+    extent = orientedImage.GetExtent()
+    bounds = []
+    for axis, (start, count) in enumerate(zip(update.start, update.size)):
+        bounds += [extent[2 * axis] + start, extent[2 * axis] + start + count - 1]
+    return bounds
+
+
+def writeValuesIntoExtent(values: np.ndarray, orientedImage, extent: Sequence[int]) -> None:
+    """Fill an unsigned-char vtkOrientedImageData with 0, and ``values`` ((k, j, i) uint8) in ``extent``."""
+    whole = orientedImage.GetExtent()
+    scalars = orientedImage.GetPointData().GetScalars()
+    shape = (whole[5] - whole[4] + 1, whole[3] - whole[2] + 1, whole[1] - whole[0] + 1)
+    view = numpy_support.vtk_to_numpy(scalars).reshape(shape)
+    view[...] = 0
+    view[tuple(slice(extent[2 * axis] - whole[2 * axis], extent[2 * axis + 1] - whole[2 * axis] + 1)
+               for axis in (2, 1, 0))] = values
+    scalars.Modified()
+    orientedImage.Modified()
 
 
 def segmentationReferenceImage(segmentationNode, volumeNode):

@@ -24,7 +24,22 @@ from .worker import InferenceWorker, waitProcessingEvents
 
 SessionFactory = Callable[..., Any]
 """(network, image in world LPS, device, cross_patch=..., max_patches=..., initial_mask=..., box_lps=...) ->
-an object with CTSAM3DLib.InteractiveSession's interface (``set_clicks(clicks, progress=...)``, ...)."""
+an object with CTSAM3DLib.InteractiveSession's interface (``set_clicks(clicks, progress=...)`` returning a
+``MaskUpdate``, ``mask``, ...)."""
+
+
+class Prediction(NamedTuple):
+    """A finished prediction. ``update``: what the clicks changed since the session's previous
+    prediction (a ``CTSAM3DLib.interface.MaskUpdate`` on the volume's voxel grid); ``wholeMask()``: the
+    whole mask (SimpleITK uint8 in the volume's world LPS geometry), built when called; ``session``:
+    which session made it (a number that changes whenever the logic starts a new session);
+    ``newSession``: True when that session started with this prediction (from the initial mask, or
+    from nothing)."""
+
+    update: Any
+    wholeMask: Callable[[], sitk.Image]
+    session: int
+    newSession: bool
 
 
 class PredictionCancelledError(Exception):
@@ -92,6 +107,7 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         self.maxPatches = MAX_OPEN_PATCHES
         self._session = None
         self._sessionKey: Optional[tuple] = None
+        self._sessionNumber = 0
 
     # ----------------------------------------------------------------- model
     def modelState(self) -> str:
@@ -185,8 +201,8 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         initialMask: Optional[sitk.Image] = None,
         boxRAS: Optional[Sequence[float]] = None,
     ) -> concurrent.futures.Future:
-        """Queue the clicks (world RAS, click order) on the worker; the future gives the mask
-        (SimpleITK uint8 in the volume's world LPS geometry), or raises PredictionCancelledError once
+        """Queue the clicks (world RAS, click order) on the worker; the future gives a ``Prediction``,
+        or raises PredictionCancelledError once
         ``isCancelled()`` (polled between batches of patches) turns true. ``initialMask`` (from
         ``coordinates.segmentOnVolumeGrid``) is where the segmentation starts; ``boxRAS`` (world RAS
         bounds: xmin, xmax, ymin, ymax, zmin, zmax) clips it. Call on the main thread."""
@@ -218,18 +234,19 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
                 self.releaseSession()
                 self._session = factory(network, image, device, **options)
                 self._sessionKey = key
+                self._sessionNumber += 1
             session = self._session
             if session is None:
                 raise RuntimeError("the CT-SAM3D session was dropped (model or device changed); click again")
             checkCancelled()
-            mask = session.set_clicks(clicks, progress=progress)
+            update = session.set_clicks(clicks, progress=progress)
             self.lastClickSeconds = time.perf_counter() - started
             self.lastTiming = dict(getattr(session, "last_timing", {}) or {})
-            return mask
+            return Prediction(update, lambda: session.mask, self._sessionNumber, image is not None)
 
         return self.worker.submit(run)
 
-    def predictMask(
+    def predict(
         self,
         volumeNode,
         prompts: Sequence[Tuple[Sequence[float], bool]],
@@ -237,7 +254,7 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         onTick: Optional[Callable[[], None]] = None,
         initialMask: Optional[sitk.Image] = None,
         boxRAS: Optional[Sequence[float]] = None,
-    ) -> sitk.Image:
+    ) -> Prediction:
         """Blocking form of startPrediction that keeps Slicer responsive while it waits."""
         try:
             return waitProcessingEvents(
@@ -246,6 +263,11 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
             )
         finally:
             self.progress = None
+
+    def predictMask(self, volumeNode, prompts: Sequence[Tuple[Sequence[float], bool]], **options) -> sitk.Image:
+        """The whole mask (SimpleITK uint8, the volume's world LPS geometry) after ``predict`` (which takes
+        the same keyword options)."""
+        return self.predict(volumeNode, prompts, **options).wholeMask()
 
     def segmentFromPoints(
         self,

@@ -5,7 +5,9 @@ editor node and saved with the scene. Every change of the prompts (click, markup
 delete) re-runs the CTSAM3DLib session on the worker thread while the main thread waits with events
 processed (never a polling timer: under PythonQt that starves the worker); the result replaces the
 selected segment through the editor (saveStateForUndo + modifySelectedSegmentByLabelmap), so masking,
-overwrite and the editor's undo apply as for any other effect. Absolute imports only (Slicer may load
+overwrite and the editor's undo apply as for any other effect. Only the box of voxels a prediction
+changed is written (Slicer's cost grows with the extent written), unless the segment may differ from
+the session elsewhere. Absolute imports only (Slicer may load
 this file as a top-level module named after its folder).
 """
 
@@ -22,7 +24,9 @@ from CTSAM3DSlicerLib.coordinates import (
     arrayFromVtkMatrix,
     nodeToWorldMatrix,
     segmentOnVolumeGrid,
+    updateExtent,
     writeMaskIntoOrientedImage,
+    writeValuesIntoExtent,
 )
 from CTSAM3DSlicerLib.logic import CTSAM3DLogic, PredictionCancelledError
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
@@ -58,6 +62,17 @@ def sameNode(first, second):
     return first.GetID() == second.GetID()
 
 
+
+class _StartMask:
+    """A start mask (a SimpleITK image or None) compared by identity, so that a copy with equal voxels
+    taken later never passes for it."""
+
+    def __init__(self, mask):
+        self.mask = mask
+
+    def __eq__(self, other):
+        return isinstance(other, _StartMask) and other.mask is self.mask
+
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     """Click-prompted 3D segmentation with CT-SAM3D."""
 
@@ -75,6 +90,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._cancel = threading.Event()
         self._startMasks = {}
         """(segmentation node ID, segment ID) -> the segment's content when prompting began (or None)."""
+        self._segmentHolds = {}
+        """(segmentation node ID, segment ID) -> (what the segment held then: the start mask object (None:
+        empty) or the number of the session that wrote it last, the segment's labelmap, its modified time)."""
         self._lastSubmitted = None
         self._runTimer = qt.QTimer()
         self._runTimer.setSingleShot(True)
@@ -223,6 +241,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _onStartFromSegmentToggled(self, checked):
         self.scriptedEffect.setParameter("StartFromSegment", "on" if checked else "off")
         self._startMasks.clear()
+        self._segmentHolds.clear()
         self._lastSubmitted = None
 
     def applyCrossPatchSettings(self):
@@ -301,6 +320,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._release()
         self._lastSubmitted = None
         self._startMasks.clear()
+        self._segmentHolds.clear()
         self.logic.releaseSession()
 
     def interactionNodeModified(self, interactionNode):
@@ -545,6 +565,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             key = (segmentationNode.GetID(), segmentId)
             if key not in self._startMasks:
                 self._startMasks[key] = segmentOnVolumeGrid(segmentationNode, segmentId, volumeNode)
+                self._segmentHolds[key] = (_StartMask(self._startMasks[key]), *self._segmentState(segmentId))
             initialMask = self._startMasks[key]
         box = prompts.boxBoundsRAS(self.boxNode())
         return segmentId, volumeNode, tuple((p.pointRAS, p.positive) for p in ordered), initialMask, box
@@ -585,11 +606,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         try:
             self.logic.ensureModel(onTick=self._showProgress)
             self.applyCrossPatchSettings()
-            mask = self.logic.predictMask(volumeNode, orderedPrompts, self._cancel.is_set, self._showProgress,
-                                          initialMask, box)
+            prediction = self.logic.predict(volumeNode, orderedPrompts, self._cancel.is_set, self._showProgress,
+                                            initialMask, box)
             if self._cancel.is_set():
                 raise PredictionCancelledError("the prediction was cancelled; the segment was left as it was")
-            self.applyMask(mask, segmentId)
+            self.applyPrediction(prediction, segmentId, volumeNode, initialMask)
         except PredictionCancelledError:
             self.setStatus("Cancelled: the segment was left as it was. Change a prompt to segment again.")
             return False
@@ -601,10 +622,62 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self.setStatus(f"Done in {self.logic.lastClickSeconds:.2f} s (model {self.logic.modelState()}).")
         return True
 
+    def applyPrediction(self, prediction, segmentId, volumeNode, initialMask=None):
+        """Write a prediction into the segment through the editor, with one undo state.
+
+        Only its update's box is written (Remove the box, then Add the mask there: a Set would clear the
+        segment outside the box) when the segment still holds what the session's mask was before (the
+        start mask the session began from, or this session's last write: nobody changed the segment since,
+        by Undo or another effect) and its voxels are the volume's. Otherwise the whole mask is Set. Python
+        can pass an extent only for the selected segment (the other overload takes ``const int[6]``)."""
+        parameterNode = self.scriptedEffect.parameterSetNode()
+        key = (parameterNode.GetSegmentationNode().GetID(), segmentId)
+        held = self._segmentHolds.get(key)
+        labelmap, modifiedTime = self._segmentState(segmentId)
+        unchanged = held is not None and held[1] is labelmap and held[2] == modifiedTime and (
+            held[0] == _StartMask(initialMask) if prediction.newSession else held[0] == prediction.session)
+        modifier = self._modifierLabelmap(segmentId)
+        extent = None
+        if unchanged and segmentId == parameterNode.GetSelectedSegmentID():
+            if prediction.update.empty:
+                self._segmentHolds[key] = (prediction.session, labelmap, modifiedTime)
+                return
+            extent = updateExtent(modifier, nodeToWorldMatrix(parameterNode.GetSegmentationNode()), volumeNode,
+                                  prediction.update)
+        if extent is None:
+            self.applyMask(prediction.wholeMask(), segmentId)
+        else:
+            modes = slicer.qSlicerSegmentEditorAbstractEffect
+            self.scriptedEffect.saveStateForUndo()
+            writeValuesIntoExtent(np.ones_like(prediction.update.mask), modifier, extent)
+            self.scriptedEffect.modifySelectedSegmentByLabelmap(modifier, modes.ModificationModeRemove, extent)
+            writeValuesIntoExtent(prediction.update.mask, modifier, extent)
+            self.scriptedEffect.modifySelectedSegmentByLabelmap(modifier, modes.ModificationModeAdd, extent)
+        self._segmentHolds[key] = (prediction.session, *self._segmentState(segmentId))
+
+    def _segmentState(self, segmentId):
+        """(the segment's binary labelmap object, its modified time): changes whenever anything writes it."""
+        segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
+        segment = segmentationNode.GetSegmentation().GetSegment(segmentId)
+        labelmap = None if segment is None else segment.GetRepresentation(
+            slicer.vtkSegmentationConverter.GetBinaryLabelmapRepresentationName())
+        return labelmap, (0 if labelmap is None else labelmap.GetMTime())
+
     def applyMask(self, mask, segmentId):
         """Replace the segment by ``mask`` (world LPS) through the editor, with an undo state."""
         parameterNode = self.scriptedEffect.parameterSetNode()
-        segmentationNode = parameterNode.GetSegmentationNode()
+        modifier = self._modifierLabelmap(segmentId)
+        writeMaskIntoOrientedImage(mask, modifier, nodeToWorldMatrix(parameterNode.GetSegmentationNode()))
+        self.scriptedEffect.saveStateForUndo()
+        modeSet = slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet
+        if segmentId == parameterNode.GetSelectedSegmentID():
+            self.scriptedEffect.modifySelectedSegmentByLabelmap(modifier, modeSet)
+        else:
+            self.scriptedEffect.modifySegmentByLabelmap(
+                parameterNode.GetSegmentationNode(), segmentId, modifier, modeSet)
+
+    def _modifierLabelmap(self, segmentId):
+        segmentationNode = self.scriptedEffect.parameterSetNode().GetSegmentationNode()
         if segmentationNode is None or segmentationNode.GetSegmentation().GetSegment(segmentId) is None:
             raise ValueError("the segment was removed while it was being segmented")
         modifier = self.scriptedEffect.defaultModifierLabelmap()
@@ -613,10 +686,4 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
                 "the Segment Editor has no labelmap to write into (the segmentation has no reference "
                 "geometry): select the source volume again in the Segment Editor"
             )
-        writeMaskIntoOrientedImage(mask, modifier, nodeToWorldMatrix(segmentationNode))
-        modeSet = slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet
-        self.scriptedEffect.saveStateForUndo()
-        if segmentId == parameterNode.GetSelectedSegmentID():
-            self.scriptedEffect.modifySelectedSegmentByLabelmap(modifier, modeSet)
-        else:
-            self.scriptedEffect.modifySegmentByLabelmap(segmentationNode, segmentId, modifier, modeSet)
+        return modifier

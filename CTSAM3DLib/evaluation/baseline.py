@@ -26,6 +26,7 @@ import numpy as np
 import SimpleITK as sitk  # noqa: N813 (the name every SimpleITK user knows)
 
 from ..geometry import SourceGrid, SourceRegion
+from ..interface import MaskUpdate
 
 Box = Tuple[slice, slice, slice]
 
@@ -77,7 +78,7 @@ class RegionGrowingSession:
                          else sitk.GetArrayFromImage(initial_mask) != 0)
         self.mask = self._to_image(self._initial.astype(np.uint8))
 
-    def add_box(self, corner_a_lps: Sequence[float], corner_b_lps: Sequence[float]) -> sitk.Image:
+    def add_box(self, corner_a_lps: Sequence[float], corner_b_lps: Sequence[float]) -> MaskUpdate:
         """A positive click at the box's centre, and every result clipped to the box (as the session's)."""
         low = np.minimum(corner_a_lps, corner_b_lps)
         high = np.maximum(corner_a_lps, corner_b_lps)
@@ -91,14 +92,16 @@ class RegionGrowingSession:
         ])
         return self.add_click((low + high) / 2, True)
 
-    def add_click(self, point_lps: Sequence[float], positive: bool = True) -> sitk.Image:
-        """Add a click at ``point_lps`` (mm, LPS) and return the new uint8 0/1 mask on the image grid."""
+    def add_click(self, point_lps: Sequence[float], positive: bool = True) -> MaskUpdate:
+        """Add a click at ``point_lps`` (mm, LPS); the update covers the whole image (region growing
+        may change any voxel)."""
         x, y, z = self.image.TransformPhysicalPointToIndex(tuple(float(c) for c in point_lps))
         if not all(0 <= i < n for i, n in zip((z, y, x), self.shape_zyx)):
             raise ValueError(f"click at {tuple(point_lps)} (LPS) lies outside the image")
         self.clicks.append(((z, y, x), bool(positive)))
-        self.mask = self._to_image(self._segment().astype(np.uint8))
-        return self.mask
+        segmented = self._segment().astype(np.uint8)
+        self.mask = self._to_image(segmented)
+        return MaskUpdate((0, 0, 0), segmented)
 
     def _to_image(self, array_zyx: np.ndarray) -> sitk.Image:
         mask = sitk.GetImageFromArray(array_zyx)

@@ -1,8 +1,8 @@
 """The simulated-click protocol: one loop, the same for the network and for the baseline.
 
-Any *click segmenter* works: an object with ``add_click(point_lps, positive) -> SimpleITK.Image``
-(the whole mask after the click, on the scan's grid) and ``reset()``. ``InteractiveSession`` is
-one; `RegionGrowingSession` (the classical baseline) is another.
+Any *click segmenter* works: an object with ``add_click(point_lps, positive)``, ``add_box``, ``reset()``
+and ``mask`` (the whole mask after the click, on the scan's grid). ``InteractiveSession`` is one;
+`RegionGrowingSession` (the classical baseline) is another.
 
 For one structure the simulated user (`CTSAM3DLib.clicks`) places the first, positive click at the
 structure's most interior voxel, then each next click at the most interior voxel of the largest
@@ -23,6 +23,7 @@ import SimpleITK as sitk  # noqa: N813 (the name every SimpleITK user knows)
 
 from ..clicks import SimulatedClick, first_click, index_to_lps, next_click
 from ..constants import LATTICE_SPACING_MM, PATCH_SIZE
+from ..interface import MaskUpdate
 from .metrics import SURFACE_TOLERANCE_MM, score
 
 PATCH_EXTENT_MM = PATCH_SIZE * LATTICE_SPACING_MM
@@ -37,9 +38,9 @@ class ClickSegmenter(Protocol):
     @property
     def mask(self) -> sitk.Image: ...
 
-    def add_click(self, point_lps: Sequence[float], positive: bool = True) -> sitk.Image: ...
+    def add_click(self, point_lps: Sequence[float], positive: bool = True) -> MaskUpdate: ...
 
-    def add_box(self, corner_a_lps: Sequence[float], corner_b_lps: Sequence[float]) -> sitk.Image: ...
+    def add_box(self, corner_a_lps: Sequence[float], corner_b_lps: Sequence[float]) -> MaskUpdate: ...
 
     def reset(self, initial_mask: Optional[sitk.Image] = None) -> None: ...
 
@@ -200,14 +201,15 @@ def run_clicks(
     for number in range(1, clicks + 1):
         began = time.perf_counter()
         if click is None:
-            mask = segmenter.add_box(*box)
+            segmenter.add_box(*box)
             point_lps = tuple(float(v) for v in (np.asarray(box[0]) + np.asarray(box[1])) / 2)
             index = reference.TransformPhysicalPointToIndex(point_lps)
             click = SimulatedClick(tuple(int(v) for v in index[::-1]), True)
         else:
             point_lps = index_to_lps(reference, click.index_zyx)
-            mask = segmenter.add_click(point_lps, click.positive)
+            segmenter.add_click(point_lps, click.positive)
         seconds = time.perf_counter() - began
+        mask = segmenter.mask
         check_on_grid(mask, reference)
         prediction = sitk.GetArrayViewFromImage(mask) != 0
         scores = score(prediction, target, spacing_zyx, tolerance_mm)

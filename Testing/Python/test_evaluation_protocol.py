@@ -97,7 +97,7 @@ def test_protocol_refuses_empty_reference_and_off_grid_masks():
         run_clicks(ScriptedSegmenter(image, [nothing]), as_mask(nothing, image), 2)
     reference = as_mask(ball_array((8, 8, 8), (4, 4, 4), 2), image)
     wrong = ScriptedSegmenter(image, [np.zeros((8, 8, 8), bool)])
-    wrong.add_click = lambda point_lps, positive=True: sitk.Image(9, 8, 8, sitk.sitkUInt8)
+    wrong.add_click = lambda point_lps, positive=True: setattr(wrong, "mask", sitk.Image(9, 8, 8, sitk.sitkUInt8))
     with pytest.raises(ValueError, match="grid"):
         run_clicks(wrong, reference, 2)
 
@@ -154,10 +154,12 @@ def test_baseline_grows_from_positive_clicks_and_negative_clicks_carve():
     image, left, right, organ = two_blobs_ct()
     session = RegionGrowingSession(image)
     point = image.TransformIndexToPhysicalPoint((15, 15, 15))  # the left blob's centre (x, y, z)
-    mask = sitk.GetArrayFromImage(session.add_click(point, True)) != 0
+    session.add_click(point, True)
+    mask = sitk.GetArrayFromImage(session.mask) != 0
     assert mask.shape == left.shape and session.mask.GetDirection() == image.GetDirection()
     assert mask[organ].mean() > 0.95 and mask[~organ].mean() < 0.01  # grows along the bridge
-    mask = sitk.GetArrayFromImage(session.add_click(image.TransformIndexToPhysicalPoint((45, 15, 15)), False))
+    session.add_click(image.TransformIndexToPhysicalPoint((45, 15, 15)), False)
+    mask = sitk.GetArrayFromImage(session.mask)
     assert mask[left].mean() > 0.95 and mask[right].sum() == 0  # the right blob is carved away
     assert not mask[:, :, 31:].any()  # everything closer to the negative click is gone
     session.reset()

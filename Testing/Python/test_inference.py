@@ -205,8 +205,9 @@ def test_session_masks_agree_across_precisions_on_a_real_ct(net, data_dir):
     masks = {}
     for precision in ("float32", choose_precision(CPU)):
         session = InteractiveSession(net, image, device="cpu", precision=precision, cross_patch=False)
-        masks[precision] = session.set_clicks(clicks)
-    reference, optimised = (sitk.GetArrayFromImage(m) for m in masks.values())
+        session.set_clicks(clicks)
+        masks[precision] = session.mask_array()
+    reference, optimised = masks.values()
     agreement = 2 * np.logical_and(reference, optimised).sum() / (reference.sum() + optimised.sum())
     print(f"session {choose_precision(CPU)} against float32: mask Dice {agreement:.4f}")
     assert reference.sum() > 0 and agreement >= MIN_DICE

@@ -100,7 +100,8 @@ def test_mask_lands_on_the_source_grid_without_shift(data_dir, name):
     point_lps = np.array(base.TransformContinuousIndexToPhysicalPoint(centre_index.tolist())) + [3.3, -2.1, 1.7]
     for label, image in variants(base).items():
         session = InteractiveSession(ThresholdNet(), image, device="cpu")
-        mask = session.add_click(point_lps)
+        session.add_click(point_lps)
+        mask = session.mask
         assert mask.GetSize() == image.GetSize() and mask.GetOrigin() == image.GetOrigin()
         assert mask.GetSpacing() == image.GetSpacing() and mask.GetDirection() == image.GetDirection()
         assert mask.GetPixelID() == sitk.sitkUInt8
@@ -124,8 +125,9 @@ def test_reoriented_copies_give_the_same_mask_in_world_space(chest):
     masks = {}
     for label, image in list(variants(chest).items())[:5]:
         session = InteractiveSession(ThresholdNet(), image, device="cpu")
-        mask = session.add_click(point_lps)
-        masks[label] = sitk.GetArrayFromImage(sitk.Resample(mask, chest, sitk.Transform(), sitk.sitkNearestNeighbor))
+        session.add_click(point_lps)
+        masks[label] = sitk.GetArrayFromImage(
+            sitk.Resample(session.mask, chest, sitk.Transform(), sitk.sitkNearestNeighbor))
         if label == "as stored":
             # Away from the patch faces, which move with the lattice.
             interior = patch_interior(session, chest, session.patches[0])
@@ -174,12 +176,14 @@ def test_refining_click_runs_only_the_decoder_and_undo_is_exact(abdomen):
     net = ThresholdNet()
     session = InteractiveSession(net, abdomen, device="cpu")
     centre = np.array(abdomen.TransformContinuousIndexToPhysicalPoint([60.0, 50.0, 15.0]))
-    first = sitk.GetArrayFromImage(session.add_click(centre))
+    session.add_click(centre)
+    first = session.mask_array()
     first_probability = sitk.GetArrayFromImage(session.probability())
     session.add_click(centre + [6.0, 0.0, 0.0], positive=False)
     assert (net.encode_calls, net.decode_calls, session.patch_count) == (1, 2, 1)
     assert session.clicks == [Click(tuple(centre), True), Click(tuple(centre + [6.0, 0.0, 0.0]), False)]
-    after_undo = sitk.GetArrayFromImage(session.undo())
+    session.undo()
+    after_undo = session.mask_array()
     assert np.array_equal(after_undo, first)
     assert np.array_equal(sitk.GetArrayFromImage(session.probability()), first_probability)
     assert len(session.clicks) == 1
@@ -231,11 +235,12 @@ def test_several_patches_and_clicks_in_their_overlap(chest):
     assert session.last_timing["patches_decoded"] == 2
     np.testing.assert_array_equal(prompt[0].numpy(), (first.image[0] > 0.5).float().numpy())
     # Undo back to one patch restores the mask of the first click exactly.
-    only_first = InteractiveSession(ThresholdNet(), chest, device="cpu").add_click(a)
+    only_first = InteractiveSession(ThresholdNet(), chest, device="cpu")
+    only_first.add_click(a)
     session.undo()
     session.undo()
     assert session.patch_count == 1
-    assert np.array_equal(session.mask_array(), sitk.GetArrayFromImage(only_first))
+    assert np.array_equal(session.mask_array(), only_first.mask_array())
 
 
 def test_overlap_rule_takes_the_patch_with_the_nearest_centre(abdomen):

@@ -142,11 +142,33 @@ def test_click_segments_the_structure_under_the_cursor(geometry):
     positive.GetNthControlPointPositionWorld(0, placed)
     np.testing.assert_allclose(placed, centre, atol=0.5 * max(editor.volume.GetSpacing()))
     assert positive.GetDisplayNode().GetSelectedColor() == pytest.approx((0.18, 0.80, 0.25))
+    # One undo state; only the box the click changed is written: removed, then the mask added there.
     assert editor.harness.saveStateCount == 1
-    assert editor.harness.modifications == [
-        (editor.s1, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet)
-    ]
+    modes = slicer.qSlicerSegmentEditorAbstractEffect
+    (_, remove, removed), (_, add, added) = editor.harness.modifications
+    assert (remove, add) == (modes.ModificationModeRemove, modes.ModificationModeAdd) and removed == added
+    wholeVoxels = np.prod(editor.volume.GetImageData().GetDimensions())
+    assert np.prod([added[1] - added[0] + 1, added[3] - added[2] + 1, added[5] - added[4] + 1]) < wholeVoxels / 2
     editor.harness.cleanup()
+
+
+def test_a_segmentation_on_another_grid_is_written_whole(editor):
+    """When the segment's voxels are not the volume's (here a reference geometry at half the spacing),
+    a box of volume voxels is no box of segment voxels: the whole mask is resampled and Set."""
+    reference = slicer.vtkOrientedImageData()
+    ijkToRAS = vtk.vtkMatrix4x4()
+    editor.volume.GetIJKToRASMatrix(ijkToRAS)
+    reference.SetImageToWorldMatrix(ijkToRAS)
+    reference.SetSpacing([spacing / 2 for spacing in reference.GetSpacing()])
+    dimensions = editor.volume.GetImageData().GetDimensions()
+    reference.SetExtent(0, 2 * dimensions[0] - 1, 0, 2 * dimensions[1] - 1, 0, 2 * dimensions[2] - 1)
+    converter = slicer.vtkSegmentationConverter
+    editor.segmentation.GetSegmentation().SetConversionParameter(
+        converter.GetReferenceImageGeometryParameterName(), converter.SerializeImageGeometry(reference))
+    editor.click(editor.centre())
+    assert editor.harness.modifications == [(editor.s1, slicer.qSlicerSegmentEditorAbstractEffect.ModificationModeSet,
+                                             None)]
+    np.testing.assert_array_equal(editor.segmentArray(editor.s1), editor.maskA)
 
 
 def test_cross_patch_toggle_and_cap_reach_the_session(editor):

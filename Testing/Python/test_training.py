@@ -145,7 +145,9 @@ def test_train_command_trains_the_real_network_and_the_session_loads_it(data_dir
     image = case.load_image()
     reference = sitk.GetArrayFromImage(case.load_structure("aorta")).astype(bool)
     point = index_to_lps(image, interior_point(reference, image.GetSpacing()[::-1]))
-    mask = InteractiveSession(net, image, device="cpu").add_click(point, True)
+    session = InteractiveSession(net, image, device="cpu")
+    session.add_click(point, True)
+    mask = session.mask
     assert mask.GetSize() == image.GetSize() and mask.GetDirection() == image.GetDirection()
 
 

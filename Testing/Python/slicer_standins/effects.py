@@ -242,13 +242,19 @@ class ScriptedEffectAdaptor:
 
     def modifySelectedSegmentByLabelmap(self, labelmap, mode, *args) -> None:
         node = self._parameterSetNode
-        self.modifySegmentByLabelmap(
-            node.GetSegmentationNode(), node.GetSelectedSegmentID(), labelmap, mode, *args
-        )
+        self._modify(node.GetSegmentationNode(), node.GetSelectedSegmentID(), labelmap, mode, *args)
 
     def modifySegmentByLabelmap(self, segmentationNode, segmentId, labelmap, mode, *args) -> None:
+        # Its extent overload takes `const int modificationExtent[6]` (qSlicerSegmentEditorAbstractEffect.h,
+        # v5.8.1 L151-160), which a Python list cannot fill; only modifySelectedSegmentByLabelmap has a
+        # QList<int> extent.
+        if args and isinstance(args[0], (list, tuple)):
+            raise TypeError("modifySegmentByLabelmap: no overload takes a Python list as the extent")
+        self._modify(segmentationNode, segmentId, labelmap, mode, *args)
+
+    def _modify(self, segmentationNode, segmentId, labelmap, mode, *args) -> None:
         extent, bypassMasking = self._extentAndBypass(args)
-        self._editor.modifications.append((segmentId, mode))
+        self._editor.modifications.append((segmentId, mode, extent))
         mode = _LOGIC_MODES()[int(mode)]
         if extent is None:
             self._logic().ModifySegmentByLabelmap(

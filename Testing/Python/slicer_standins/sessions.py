@@ -5,12 +5,14 @@ from typing import List
 import numpy as np
 import SimpleITK as sitk  # noqa: N813
 
+from CTSAM3DLib.interface import MaskUpdate
+
 
 class ComponentSession:
     """The connected regions brighter than ``threshold_hu`` that contain a positive click, minus those
     containing a negative click, on the input's own grid. Tests use it to see precisely where a click
-    landed; it has the session's interface (set_clicks, reset, clicks, mask, last_timing) and ignores
-    the network it is given. With ``initial_mask`` the chosen regions are added to it and the
+    landed; it has the session's interface (set_clicks returning a MaskUpdate, reset, clicks, mask,
+    last_timing) and ignores the network it is given. With ``initial_mask`` the chosen regions are added to it and the
     negatively clicked ones removed from it; a box it cannot honour is refused."""
 
     def __init__(self, net, image: sitk.Image, device="auto", threshold_hu: float = 0.0, cross_patch: bool = True,
@@ -44,9 +46,10 @@ class ComponentSession:
         if progress is not None:
             progress(0, 1)
             progress(1, 1)
+        before = self._array()
         self._clicks = wanted
         self.last_timing = {"total": 0.0}
-        return self.mask
+        return changed_box(before, self._array())
 
     def _label_at(self, point_lps) -> int:
         index = self.image.TransformPhysicalPointToIndex(point_lps)
@@ -56,6 +59,11 @@ class ComponentSession:
 
     @property
     def mask(self) -> sitk.Image:
+        mask = sitk.GetImageFromArray(self._array())
+        mask.CopyInformation(self.image)
+        return mask
+
+    def _array(self) -> np.ndarray:
         chosen, removed = set(), set()
         for point, positive in self._clicks:
             label = self._label_at(point)
@@ -66,7 +74,14 @@ class ComponentSession:
                 chosen.discard(label)
                 removed.add(label)
         array = ((self._initial | np.isin(self._labels, sorted(chosen))) & ~np.isin(self._labels, sorted(removed)))
-        array = array.astype(np.uint8)
-        mask = sitk.GetImageFromArray(array)
-        mask.CopyInformation(self.image)
-        return mask
+        return array.astype(np.uint8)
+
+
+def changed_box(before: np.ndarray, after: np.ndarray) -> MaskUpdate:
+    """The smallest box holding every voxel that differs, as InteractiveSession reports it (which may
+    give a larger box: a caller may rely only on the mask being right inside it)."""
+    changed = np.argwhere(before != after)
+    if changed.size == 0:
+        return MaskUpdate.nothing()
+    low, high = changed.min(axis=0), changed.max(axis=0) + 1
+    return MaskUpdate(tuple(int(v) for v in low[::-1]), after[tuple(slice(a, b) for a, b in zip(low, high))].copy())

@@ -1,0 +1,99 @@
+"""The vocabulary shared by the network, the session and their callers (local or remote).
+
+- ``PromptableNetwork`` / ``CrossPatchNetwork``: what a session needs of a network. The CT-SAM3D
+  network (``CTSAM3DLib.model.CTSAM3D``), its prepared forms (``CTSAM3DLib.inference``), the trainer
+  and the test stand-ins all have this shape.
+- ``Click``, ``MaskUpdate``, ``SessionInputError``, ``ProgressCallback``: what a session takes and
+  gives back.
+
+This module needs numpy only (torch is named for type checkers), so that a client that runs the
+network elsewhere can use it without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, List, NamedTuple, Optional, Protocol, Tuple, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+
+@runtime_checkable
+class PromptableNetwork(Protocol):
+    """A click-promptable 3D segmentation network on 64^3 patches (see ``CTSAM3DLib.model.CTSAM3D``)."""
+
+    def encode(self, image: torch.Tensor) -> List[torch.Tensor]:
+        """image (B,1,64^3) HU normalised to [0,1] -> a list of feature maps (B,C_i,D_i,H_i,W_i)."""
+
+    def decode(
+        self,
+        features: List[torch.Tensor],
+        points: torch.Tensor,
+        labels: torch.Tensor,
+        mask_prompt: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """features of ``encode``; points (B,N,3) (x, y, z) patch voxels; labels (B,N) int64 (1 positive,
+        0 negative, -1 padding); mask_prompt (B,1,64^3) previous probability or None
+        -> probability (B,1,64^3), quality (B,1)."""
+
+
+@runtime_checkable
+class CrossPatchNetwork(PromptableNetwork, Protocol):
+    """A ``PromptableNetwork`` that can also carry a segmentation into a neighbouring patch."""
+
+    def cross_patch(self, image: torch.Tensor, mask: torch.Tensor, neighbour_image: torch.Tensor) -> torch.Tensor:
+        """image, mask (0/1) and the neighbour's image, each (B,1,64^3) -> click heatmap in the neighbour (B,1,64^3)."""
+
+
+class Click(NamedTuple):
+    point_lps: Tuple[float, float, float]
+    positive: bool
+
+
+class SessionInputError(ValueError):
+    """An image or click that the session cannot use; the session is left unchanged."""
+
+
+ProgressCallback = Callable[[int, int], None]
+"""``progress(patches_decoded, patches_planned)``, called before and after each batch of patches a
+click decodes; ``patches_planned`` grows as cross-patch prompting finds neighbours. An exception
+raised from it abandons the click (how a GUI cancels), leaving the session as it was before it."""
+
+
+@dataclass(frozen=True)
+class MaskUpdate:
+    """What one session call changed: a box of source voxels and the whole mask inside it.
+
+    ``start`` is the box's first voxel as an (x, y, z) index of the image; ``mask`` the mask there,
+    uint8 0/1 in (z, y, x) order. Outside the box the mask is as it was before the call. A call that
+    changed nothing gives an empty box (``mask.size == 0``).
+    """
+
+    start: Tuple[int, int, int]
+    mask: np.ndarray
+
+    @classmethod
+    def nothing(cls) -> MaskUpdate:
+        return cls((0, 0, 0), np.zeros((0, 0, 0), dtype=np.uint8))
+
+    @property
+    def size(self) -> Tuple[int, int, int]:
+        """The box's size as (x, y, z) voxel counts."""
+        return tuple(int(n) for n in self.mask.shape[::-1])
+
+    @property
+    def empty(self) -> bool:
+        return self.mask.size == 0
+
+    @property
+    def slices(self) -> Tuple[slice, slice, slice]:
+        """numpy (z, y, x) slices of the box in a whole-image array."""
+        return tuple(slice(s, s + n) for s, n in zip(self.start[::-1], self.mask.shape))
+
+    def apply_to(self, volume: np.ndarray) -> None:
+        """Writes the box into a whole-image (z, y, x) mask array."""
+        if not self.empty:
+            volume[self.slices] = self.mask
