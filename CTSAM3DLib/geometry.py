@@ -12,6 +12,7 @@ SimpleITK and torch volumes are (z, y, x).
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -258,46 +259,46 @@ class SourceGrid:
         0..2 for x, y, z, and that component's values along the region, a float32 tensor (n,)).
         None for an oblique grid."""
         matrix = self.index_to_world / patch.spacing
-        moving = np.abs(matrix) > 1e-9 * np.abs(matrix).max()
-        if not (np.all(moving.sum(axis=0) == 1) and np.all(moving.sum(axis=1) == 1)):
+        components = moved_components(matrix)
+        if components is None:
             return None
         offset = (self.origin_lps - np.array(patch.origin_lps)) / patch.spacing
         axes = []
         for axis, (start, count) in enumerate(zip(region.start, region.size)):
-            component = int(np.argmax(moving[:, axis]))
+            component = components[axis]
             index = torch.arange(start, start + count, dtype=torch.float64)
             values = index * float(matrix[component, axis]) + float(offset[component])
             axes.append((component, values.to(device=device, dtype=torch.float32)))
         return axes
 
     def patch_samples(
-        self, region: SourceRegion, patch: PatchGeometry, volume: torch.Tensor
+        self, region: SourceRegion, patch: PatchGeometry, volume: torch.Tensor, footprint_only: bool = False
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """A patch volume (1,1,S,S,S) sampled at every voxel of ``region``, and each voxel's
-        Chebyshev distance from the patch centre in patch voxels: two tensors (nz, ny, nx).
+        Chebyshev distance from the patch centre in patch voxels: two tensors (nz, ny, nx). With
+        ``footprint_only`` the second is instead whether that distance is at most S/2 (bool): the
+        patch's own voxels, cheaper to find.
 
         The same values as ``sample_patch_volume`` at ``patch_coordinates`` (up to float rounding);
         for an axis-aligned grid, trilinear interpolation factors into one 1D interpolation per
         axis, three small matrix products instead of a gather per voxel."""
         axes = self.axis_aligned_coordinates(region, patch, volume.device)
-        centre = (volume.shape[-1] - 1) / 2
+        size = volume.shape[-1]
+        centre = (size - 1) / 2
         if axes is None:
             coordinates = self.patch_coordinates(region, patch, volume.device)
             distance = (coordinates - centre).abs().amax(dim=-1)
-            return sample_patch_volume(volume, coordinates), distance
+            return sample_patch_volume(volume, coordinates), distance <= size / 2 if footprint_only else distance
         (x_component, x_values), (y_component, y_values), (z_component, z_values) = axes
-        size = volume.shape[-1]
         # Patch volume axis 2 - c carries coordinate component c: order the volume's axes as the
-        # components moved by source z, y, x, then interpolate along one axis after the other.
+        # components moved by source z, y, x.
         ordered = volume.to(torch.float32)[0, 0].permute(2 - z_component, 2 - y_component, 2 - x_component)
-        sampled = torch.mm(linear_interpolation_matrix(z_values, size), ordered.reshape(size, size * size))
-        sampled = torch.matmul(linear_interpolation_matrix(y_values, size), sampled.view(-1, size, size))
-        sampled = torch.matmul(sampled, linear_interpolation_matrix(x_values, size).t())
-        distances = [(values - centre).abs() for _, values in axes]
-        distance = torch.maximum(
-            torch.maximum(distances[2][:, None, None], distances[1][None, :, None]), distances[0][None, None, :]
-        )
-        return sampled, distance
+        sampled = interpolate_separably(ordered, z_values, y_values, x_values)
+        dz, dy, dx = ((values - centre).abs() for values in (z_values, y_values, x_values))
+        if footprint_only:
+            half = size / 2
+            return sampled, (dz <= half)[:, None, None] & (dy <= half)[None, :, None] & (dx <= half)[None, None, :]
+        return sampled, torch.maximum(torch.maximum(dz[:, None, None], dy[None, :, None]), dx[None, None, :])
 
     def assemble(
         self, region: SourceRegion, patches: Iterable[Tuple[PatchGeometry, SourceRegion, torch.Tensor]],
@@ -305,15 +306,19 @@ class SourceGrid:
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Patch probabilities ((geometry, covered source region, volume (1,1,S,S,S)) each, in opening
         order) assembled over a source region: the probability (nz, ny, nx) on ``device`` and where a
-        patch decided it (bool, same shape). Where patches overlap, a voxel takes the patch whose
-        centre is nearest (Chebyshev distance in patch voxels; the earlier patch on a tie)."""
+        patch decided it (bool, same shape; elsewhere the probability is meaningless). Where patches
+        overlap, a voxel takes the patch whose centre is nearest (Chebyshev distance in patch voxels;
+        the earlier patch on a tie)."""
         shape = tuple(region.size[::-1])
+        reaching = [(geometry, common, volume) for geometry, patch_region, volume in patches
+                    if (common := patch_region.intersection(region)) is not None]
+        if len(reaching) == 1 and reaching[0][1] == region:
+            # One patch alone (a click's own patch): no competition to settle, the cheap common case.
+            geometry, _, volume = reaching[0]
+            return self.patch_samples(region, geometry, volume, footprint_only=True)
         probability = torch.zeros(shape, device=device)
         best = torch.full(shape, float("inf"), device=device)
-        for geometry, patch_region, volume in patches:
-            common = patch_region.intersection(region)
-            if common is None:
-                continue
+        for geometry, common, volume in reaching:
             # Only the patch's own footprint: adjacent patches touch a region along a thin slab.
             window = common.slices_within(region)
             sampled, distance = self.patch_samples(common, geometry, volume)
@@ -323,9 +328,21 @@ class SourceGrid:
         return probability, torch.isfinite(best)
 
     def inside_box(self, region: SourceRegion, box_lps: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-        """Whether each voxel centre of ``region`` lies in an axis-aligned LPS box: bool (nz, ny, nx)."""
-        points = self.world_points(region)
-        return np.all((points >= box_lps[0]) & (points <= box_lps[1]), axis=-1)
+        """Whether each voxel centre of ``region`` lies in an axis-aligned LPS box: bool (nz, ny, nx).
+
+        Each world coordinate is a sum of one term per index axis, built by broadcasting, so an
+        unrotated grid costs 1D arrays only."""
+        inside = np.ones(region.size[::-1], dtype=bool)
+        for axis in range(3):
+            coordinate = np.float64(self.origin_lps[axis])
+            for index_axis, (start, count) in enumerate(zip(region.start, region.size)):
+                step = self.index_to_world[axis, index_axis]
+                if step != 0:
+                    shape = [1, 1, 1]
+                    shape[2 - index_axis] = count
+                    coordinate = coordinate + (np.arange(start, start + count) * step).reshape(shape)
+            inside &= (coordinate >= box_lps[0][axis]) & (coordinate <= box_lps[1][axis])
+        return inside
 
 
 class DeviceVolume:
@@ -334,16 +351,21 @@ class DeviceVolume:
     The same lattice points and interpolation as ``Lattice.sample`` (ITK's linear interpolation: border
     voxels extended half a voxel, -1024 HU beyond the image and the lattice, integer scans truncated),
     computed in float32 with torch instead of float64 in SimpleITK on the CPU: on a GPU this keeps a
-    click's work on the GPU. Values agree with ``Lattice.sample`` to rounding (at most 1 HU on integer
-    scans, where float rounding can cross an integer); the CPU keeps ``Lattice.sample``, the path the
-    parity tests check.
+    click's work on the GPU. Values agree with ``Lattice.sample`` to rounding: on integer scans whose
+    voxels the lattice points hit exactly, either side's rounding may truncate an integer value to the
+    next one below, so about 1% of voxels differ by 1 HU there. The float32 network on a CPU keeps
+    ``Lattice.sample``, the path the parity tests check.
     """
 
     def __init__(self, image: sitk.Image, lattice: Lattice, device: torch.device) -> None:
         values = sitk.GetArrayViewFromImage(image)
         self.truncates = bool(np.issubdtype(values.dtype, np.integer))
-        kept = values if values.dtype in (np.int16, np.uint8, np.float32) else values.astype(np.float32)
-        self.voxels = torch.from_numpy(np.ascontiguousarray(kept)).to(device)
+        if values.dtype not in (np.int16, np.uint8, np.float32):
+            values = values.astype(np.float32)
+        self._image = image  # the voxels' owner: on the CPU the tensor is a read-only view of them
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            self.voxels = torch.from_numpy(values).to(device)
         self.grid = SourceGrid(image)
         self.lattice = lattice
 
@@ -358,6 +380,9 @@ class DeviceVolume:
         if region is None:
             return torch.full((size,) * 3, OUTSIDE_HU, device=device)
         block = self.voxels[region.slices].to(torch.float32)
+        aligned = self._sample_axis_aligned(geometry, region, block)
+        if aligned is not None:
+            return aligned
         index = self._source_indices(geometry, device)
         extent = torch.tensor(self.grid.size, dtype=torch.float32, device=device)
         inside = ((index >= -0.5) & (index < extent - 0.5)).all(dim=-1)
@@ -372,9 +397,37 @@ class DeviceVolume:
             block[None, None], (local / span * 2 - 1)[None], mode="bilinear", padding_mode="border",
             align_corners=True,
         )[0, 0]
+        return self._finish(sampled, inside)
+
+    def _finish(self, sampled: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
         if self.truncates:
             sampled = torch.trunc(sampled)
         return torch.where(inside, sampled, torch.full_like(sampled, OUTSIDE_HU))
+
+    def _sample_axis_aligned(self, geometry: PatchGeometry, region: SourceRegion,
+                             block: torch.Tensor) -> Optional[torch.Tensor]:
+        """The patch by one 1D interpolation per axis when each lattice axis runs along one source
+        axis (any unrotated scan); None for an oblique one."""
+        matrix = self.grid.world_to_index * geometry.spacing
+        sources = moved_components(matrix)
+        if sources is None:
+            return None
+        device = block.device
+        offset = self.grid.world_to_index @ (np.array(geometry.origin_lps) - self.grid.origin_lps)
+        steps = torch.arange(geometry.size, dtype=torch.float64)
+        positions, valid = [], []
+        for axis in range(3):  # lattice x, y, z
+            source = sources[axis]
+            index = steps * float(matrix[source, axis]) + float(offset[source])
+            lattice_index = steps + geometry.start_index[axis]
+            valid.append(((index >= -0.5) & (index < self.grid.size[source] - 0.5) & (lattice_index >= 0)
+                          & (lattice_index < self.lattice.size[axis])).to(device))
+            positions.append((index - region.start[source]).to(device=device, dtype=torch.float32))
+        # Block dim 2 - s carries source axis s: order it as the source axes moved by lattice z, y, x.
+        ordered = block.permute(2 - sources[2], 2 - sources[1], 2 - sources[0])
+        sampled = interpolate_separably(ordered, positions[2], positions[1], positions[0])
+        inside = valid[2][:, None, None] & valid[1][None, :, None] & valid[0][None, None, :]
+        return self._finish(sampled, inside)
 
     def _source_indices(self, geometry: PatchGeometry, device: torch.device) -> torch.Tensor:
         """Continuous (x, y, z) source indices of the patch's lattice points, (S, S, S, 3) in (z, y, x) order."""
@@ -390,9 +443,31 @@ class DeviceVolume:
 
 
 
+def moved_components(matrix: np.ndarray) -> Optional[List[int]]:
+    """For a 3x3 linear map whose columns each move exactly one output component (a permutation
+    with scaling and signs: the axes are parallel), the component each column moves; None otherwise."""
+    moving = np.abs(matrix) > 1e-9 * np.abs(matrix).max()
+    if not (np.all(moving.sum(axis=0) == 1) and np.all(moving.sum(axis=1) == 1)):
+        return None
+    return [int(np.argmax(moving[:, column])) for column in range(3)]
+
+
+def interpolate_separably(volume: torch.Tensor, z_positions: torch.Tensor, y_positions: torch.Tensor,
+                          x_positions: torch.Tensor) -> torch.Tensor:
+    """Trilinear samples of a volume (a, b, c) at every combination of positions along its three
+    axes (continuous voxel indices; border values beyond the outer voxels): (nz, ny, nx). Three
+    small matrix products instead of a gather per sample."""
+    a, b, c = volume.shape
+    sampled = torch.mm(linear_interpolation_matrix(z_positions, a), volume.reshape(a, b * c))
+    sampled = torch.matmul(linear_interpolation_matrix(y_positions, b), sampled.view(-1, b, c))
+    return torch.matmul(sampled, linear_interpolation_matrix(x_positions, c).t())
+
+
 def linear_interpolation_matrix(positions: torch.Tensor, size: int) -> torch.Tensor:
     """(n, size) weights of 1D linear interpolation at ``positions`` on voxels 0..size-1, positions
     beyond the outer voxels taking the border value (grid_sample's "border", align_corners=True)."""
+    if size == 1:
+        return torch.ones(positions.shape[0], 1, dtype=torch.float32, device=positions.device)
     clamped = positions.clamp(0, size - 1)
     lower = clamped.floor().clamp(max=size - 2).long()
     upper_weight = clamped - lower

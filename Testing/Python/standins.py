@@ -9,8 +9,10 @@ from typing import List, Optional
 
 import torch
 
+from CTSAM3DLib.interface import CrossPatchNetwork, PromptableNetwork
 
-class ThresholdNet:
+
+class ThresholdNet(PromptableNetwork):
     """Returns its own input patch thresholded: probability 1 where the normalised intensity
     exceeds ``threshold`` (the patch is HU clipped to [-125, 225] and scaled to [0, 1])."""
 
@@ -97,7 +99,7 @@ class TrainableStandIn(torch.nn.Module):
         return self._double(self.cpp_predictor(inputs))
 
 
-class CrossPatchThresholdNet(ThresholdNet):
+class CrossPatchThresholdNet(ThresholdNet, CrossPatchNetwork):
     """ThresholdNet that honours negative clicks (it clears a ball of ``carve_radius`` voxels around
     each) and has an oracle cross-patch model: the heatmap is a unit Gaussian (sigma 2 voxels) at
     the centroid of the neighbour's bright voxels, or zero when the neighbour has none."""

@@ -354,3 +354,35 @@ def test_no_warning_for_real_ct(abdomen):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         InteractiveSession(ThresholdNet(), abdomen, device="cpu")
+
+
+def test_every_call_returns_exactly_what_it_changed(chest):
+    """A viewer that keeps its own copy of the mask and applies each MaskUpdate (clicks opening and
+    refining patches, cross-patch neighbours, a negative click, undo, set_clicks moving a click, a box,
+    undo of the box) holds the session's whole mask after every call; a click's box is the few patches
+    it touched, not the scan."""
+    from standins import CrossPatchThresholdNet
+
+    session = InteractiveSession(CrossPatchThresholdNet(), chest, device="cpu", max_patches=4)
+    viewer = session.mask_array()
+    a = np.array(chest.TransformContinuousIndexToPhysicalPoint([250.0, 300.0, 70.0]))
+    b = np.array(chest.TransformContinuousIndexToPhysicalPoint([120.0, 200.0, 20.0]))
+    steps = [
+        lambda: session.add_click(a),
+        lambda: session.add_click(a + [4.0, 0.0, 0.0], positive=False),
+        lambda: session.add_click(b),
+        lambda: session.undo(),
+        lambda: session.set_clicks([(a, True), (a + [0.0, 9.0, 0.0], False)]),
+        lambda: session.add_box(b - 40.0, b + 40.0),
+        lambda: session.undo(),
+        lambda: session.undo(),
+    ]
+    sizes = []
+    for step in steps:
+        update = step()
+        assert update.mask.dtype == np.uint8 and len(update.start) == 3
+        update.apply_to(viewer)
+        np.testing.assert_array_equal(viewer, session.mask_array())
+        sizes.append(np.prod(update.size))
+    assert sizes[0] < viewer.size / 2  # four patches at most
+    assert session.probability_in(update).shape == update.mask.shape
