@@ -10,13 +10,17 @@
 - ``"bfloat16"``: autocast to bfloat16 (CPU with native bfloat16, CUDA).
 - ``"float16"``: autocast to float16 (CUDA; Apple MPS where this torch supports MPS autocast).
 - ``"auto"``: int8, else bfloat16, else float32 on a CPU (each only where a probe shows it works
-  here); float16 on CUDA; float32 on MPS (float16 there is unmeasured, so it is opt-in).
+  here); float32 on CUDA (measured faster than float16 on an H200: cuDNN's 3D float16 kernels gain
+  nothing there at equal accuracy, see BENCHMARKS.md); float32 on MPS (float16 there is unmeasured).
 
-On CUDA, ``compile=True`` (or the environment variable ``CTSAM3D_COMPILE=1``) also compiles the
-decoder with ``torch.compile(mode="reduce-overhead")`` (CUDA graphs) for fixed shapes: clicks are
-padded to ``MAX_CLICKS`` so one graph serves every click. Compilation takes tens of seconds on the
-first decode (inductor caches it on disk for later sessions), so it only happens when asked for.
-The GPU paths are written against torch's documented APIs but have not been measured here.
+On CUDA the decoder is compiled by default with ``torch.compile(mode="reduce-overhead")`` (CUDA
+graphs; measured 3 ms against 9 ms per decode on an H200) for fixed shapes: clicks are padded to
+``MAX_CLICKS`` so one graph serves every click of a single patch (batches of several patches, from
+cross-patch prompting, run uncompiled rather than compiling a graph per batch size). The graph is
+built while the network is prepared (tens of seconds the first time; inductor caches it on disk), so
+no click waits for it; where compilation fails (no Triton, an old GPU) a warning says so and decoding
+runs uncompiled. ``compile=False`` or ``CTSAM3D_COMPILE=0`` switches it off. Prepared networks are
+kept per network, device and precision (and weights version), so sessions share one warm-up.
 """
 
 from __future__ import annotations
@@ -25,11 +29,13 @@ import contextlib
 import functools
 import os
 import warnings
-from typing import Any, ContextManager, List, Optional, Tuple
+import weakref
+from typing import Any, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 
 from .constants import MAX_CLICKS, PATCH_SIZE
+from .interface import PromptableNetwork
 from .model import CTSAM3D
 from .model.fast_decoder import Int8SpadeDecoder
 from .model.int8_conv import int8_convolution_available
@@ -83,8 +89,6 @@ def available_precisions(device: torch.device) -> List[str]:
 def choose_precision(device: torch.device) -> str:
     """What "auto" means on ``device`` (see the module docstring)."""
     available = available_precisions(device)
-    if device.type == "cuda":
-        return "float16"
     if device.type == "cpu":
         if "int8" in available:
             return "int8"
@@ -93,7 +97,7 @@ def choose_precision(device: torch.device) -> str:
     return "float32"
 
 
-def resolve_precision(net: Any, device: torch.device, precision: str = "auto") -> str:
+def resolve_precision(net: PromptableNetwork, device: torch.device, precision: str = "auto") -> str:
     """The precision ``net`` will actually run at on ``device`` when asked for ``precision``.
 
     The optimised paths are built for the CT-SAM3D network (``CTSAM3DLib.model.CTSAM3D``) alone: any
@@ -120,12 +124,19 @@ def resolve_precision(net: Any, device: torch.device, precision: str = "auto") -
     return precision
 
 
-def prepare_network(net: Any, device: torch.device, precision: str = "auto", compile: Optional[bool] = None) -> Any:
+_PREPARED: weakref.WeakKeyDictionary[CTSAM3D, Dict[tuple, PreparedNetwork]] = weakref.WeakKeyDictionary()
+"""Prepared forms of each loaded network, so that sessions on one network share one preparation."""
+
+
+def prepare_network(net: PromptableNetwork, device: torch.device, precision: str = "auto",
+                    compile: Optional[bool] = None) -> PromptableNetwork:
     """The network ready for ``device`` at ``precision`` (one of ``PRECISIONS``; see ``resolve_precision``).
 
-    A ``torch.nn.Module`` is moved there in eval mode; the CT-SAM3D network at "float32" is returned
-    itself, at another precision wrapped in a ``PreparedNetwork`` with the same
-    ``encode``/``decode``/``cross_patch``. Any other network runs as it is.
+    A ``torch.nn.Module`` is moved there in eval mode; the CT-SAM3D network at "float32" without
+    compilation is returned itself, otherwise wrapped in a ``PreparedNetwork`` (made once per network,
+    device, precision and weights version) with the same ``encode``/``decode``/``cross_patch``. Any
+    other network runs as it is. ``compile`` (default: on CUDA, unless ``CTSAM3D_COMPILE=0``) compiles
+    the decoder into CUDA graphs; it is ignored elsewhere.
     """
     precision = resolve_precision(net, device, precision)
     device = torch.device(device)
@@ -134,10 +145,17 @@ def prepare_network(net: Any, device: torch.device, precision: str = "auto", com
     if not isinstance(net, CTSAM3D):
         return net
     if compile is None:
-        compile = os.environ.get("CTSAM3D_COMPILE", "") == "1"
-    if precision == "float32" and not (compile and device.type == "cuda"):
+        compile = os.environ.get("CTSAM3D_COMPILE", "1") != "0"
+    compile = compile and device.type == "cuda"
+    if precision == "float32" and not compile:
         return net
-    return PreparedNetwork(net, device, precision, compile=compile and device.type == "cuda")
+    # A load_state_dict copies into the parameters in place, which bumps their version counters.
+    key = (str(device), precision, compile, tuple(parameter._version for parameter in net.parameters()))
+    prepared = _PREPARED.setdefault(net, {})
+    if key not in prepared:
+        prepared.clear()
+        prepared[key] = PreparedNetwork(net, device, precision, compile=compile)
+    return prepared[key]
 
 
 class PreparedNetwork:
@@ -145,8 +163,9 @@ class PreparedNetwork:
 
     It reuses the network's own parameters: the int8 decoder keeps only their 8-bit codes (and a
     bfloat16 copy of its upscaling matrices), made once here; nothing is read from disk. Weights
-    loaded into the network later are not seen: prepare it again. Outputs are float32 whatever
-    the precision.
+    loaded into the network later are not seen: prepare it again (``prepare_network`` notices). Outputs
+    are float32 whatever the precision. It warms up here (one encode and decode of an empty patch), so
+    that one-off work (oneDNN primitives, CUDA graph capture) is not paid by a user's first click.
     """
 
     def __init__(self, net: Any, device: torch.device, precision: str, compile: bool = False) -> None:
@@ -161,6 +180,7 @@ class PreparedNetwork:
         self._decode_padded = None
         if compile:
             self._decode_padded = torch.compile(self._decode_fixed_shape, mode="reduce-overhead", dynamic=False)
+        self._warm_up()
 
     def __repr__(self) -> str:
         return f"PreparedNetwork(precision={self.precision!r}, device={str(self.device)!r}, compiled={self.compiled})"
@@ -182,7 +202,7 @@ class PreparedNetwork:
         mask_prompt: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """As ``CTSAM3D.decode``: -> probability (B,1,64^3) float32, quality (B,1) float32."""
-        if self._decode_padded is not None:
+        if self._decode_padded is not None and labels.shape[0] == 1:
             return self._decode_compiled(features, points, labels, mask_prompt)
         if self._int8_decoder is not None:
             prompt = self.network.decoder_prompt(points, labels, mask_prompt, torch.float32)
@@ -198,6 +218,25 @@ class PreparedNetwork:
             return self.network.cross_patch(image, mask, neighbour_image).float()
 
     # ------------------------------------------------------------------ internals
+    def _warm_up(self) -> None:
+        """One encode and decode of an empty patch (and the CUDA graph's capture); a compilation that
+        fails leaves the decoder uncompiled, with a warning."""
+        image = torch.zeros(1, 1, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE, device=self.device)
+        points = torch.full((1, 1, 3), PATCH_SIZE / 2, device=self.device)
+        labels = torch.ones(1, 1, dtype=torch.int64, device=self.device)
+        features = self.encode(image)
+        try:
+            # Replays after the first two calls run from the captured graph.
+            for _ in range(3 if self._decode_padded is not None else 1):
+                self.decode(features, points, labels)
+        except Exception as error:  # torch.compile reports a missing compiler or GPU support many ways
+            if self._decode_padded is None:
+                raise
+            warnings.warn(f"compiling the decoder failed ({type(error).__name__}: {error}); decoding uncompiled",
+                          stacklevel=3)
+            self._decode_padded = None
+            self.compiled = False
+
     def _autocast(self) -> ContextManager:
         """Autocast for the precision; none for int8, whose encoder and cross-patch U-Net run in
         float32 (bfloat16 saved at most 20 ms per patch there, for a larger error)."""

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..checkpoint import extract_state_dict, read_checkpoint, save_checkpoint
 from ..datasets import Case, find_cases
+from ..interface import CrossPatchNetwork
 from ..model import build_model
 from ..progress import ProgressBar
 from .cache import CachedCase, build_cached_case, cached_case_folder
@@ -101,7 +102,8 @@ class CsvLog:
 
 
 class Trainer:
-    """Trains a CT-SAM3D network (or any module with its encode/decode/cross_patch methods).
+    """Trains a CT-SAM3D network (or any ``torch.nn.Module`` that is a ``CrossPatchNetwork``: the
+    interface of ``CTSAM3DLib.interface``, which the session uses too).
 
     ``net``: the network to train; by default ``build_model(run.variant)``, or the weights of
     ``run.init_checkpoint``. ``context``: the process group (by default from torchrun's environment).
@@ -118,6 +120,8 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
             torch.backends.cudnn.benchmark = True
         torch.manual_seed(config.run.seed)
+        if net is not None and not isinstance(net, CrossPatchNetwork):
+            raise TypeError(f"a {type(net).__name__} cannot be trained here: it lacks encode, decode or cross_patch")
         self.net = (net if net is not None else self._initial_network()).to(self.device).train()
         if self.context.distributed and self.device.type == "cuda":
             # Batch statistics over the union batch, so N GPUs train as one GPU with N times the batch.

@@ -134,6 +134,50 @@ def test_padding_clicks_to_the_maximum_leaves_the_click_maps_unchanged():
     assert torch.equal(click_maps(padded_points, padded_labels), click_maps(POINTS, LABELS))
 
 
+@pytest.mark.skipif(not OPTIMISED, reason="no optimised path on this CPU")
+def test_sessions_on_one_network_share_one_preparation_until_its_weights_change(net, monkeypatch):
+    """The warm-up (and on CUDA the graph's capture) happens once per loaded network, not per session."""
+    precision = OPTIMISED[0]
+    made = []
+    original = PreparedNetwork.__init__
+
+    def counting(self, *args, **kwargs):
+        made.append(self)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(PreparedNetwork, "__init__", counting)
+    first = prepare_network(net, CPU, precision)
+    assert prepare_network(net, CPU, precision) is first and len(made) == 1
+    net.load_state_dict({name: value.clone() for name, value in net.state_dict().items()})
+    assert prepare_network(net, CPU, precision) is not first and len(made) == 2
+
+
+def test_a_decoder_that_cannot_be_compiled_runs_uncompiled_with_a_warning(net, monkeypatch):
+    """Where torch.compile fails (no Triton, an unsupported GPU), it fails at its first call: during the
+    warm-up, which then falls back to the plain decoder and says so."""
+
+    def failing_compile(function, **options):
+        def compiled(*args, **kwargs):
+            raise RuntimeError("Cannot find a working triton installation")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    with pytest.warns(UserWarning, match="compiling the decoder failed.*triton"):
+        prepared = PreparedNetwork(net, CPU, "float32", compile=True)
+    assert not prepared.compiled
+    patch = torch.rand(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, _ = net.decode(net.encode(patch), POINTS, LABELS)
+        probability, _ = prepared.decode(prepared.encode(patch), POINTS, LABELS)
+    torch.testing.assert_close(probability, expected)
+
+
+def test_auto_precision_is_float32_on_cuda_where_it_measured_fastest(monkeypatch):
+    monkeypatch.setattr("CTSAM3DLib.inference.available_precisions",
+                        lambda device: ["auto", "float32", "float16", "bfloat16"])
+    assert choose_precision(torch.device("cuda")) == "float32"
+
+
 # ------------------------------------------------------------------ building blocks
 needs_int8 = pytest.mark.skipif(
     not int8_convolution_available(), reason="this torch build has no oneDNN int8 convolution on this CPU"
