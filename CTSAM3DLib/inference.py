@@ -147,15 +147,30 @@ def prepare_network(net: PromptableNetwork, device: torch.device, precision: str
     if compile is None:
         compile = os.environ.get("CTSAM3D_COMPILE", "1") != "0"
     compile = compile and device.type == "cuda"
-    if precision == "float32" and not compile:
-        return net
     # A load_state_dict copies into the parameters in place, which bumps their version counters.
     key = (str(device), precision, compile, tuple(parameter._version for parameter in net.parameters()))
     prepared = _PREPARED.setdefault(net, {})
     if key not in prepared:
         prepared.clear()
-        prepared[key] = PreparedNetwork(net, device, precision, compile=compile)
+        if precision == "float32" and not compile:
+            warm_up(net, device)
+            prepared[key] = net
+        else:
+            prepared[key] = PreparedNetwork(net, device, precision, compile=compile)
     return prepared[key]
+
+
+@torch.no_grad()
+def warm_up(network: PromptableNetwork, device: torch.device, decodes: int = 1) -> None:
+    """One encode of an empty patch and ``decodes`` decodes of one click on it: the one-off work of a
+    network's first use (oneDNN primitives, cuDNN plans, a CUDA graph's capture), done before any
+    user's first click."""
+    image = torch.zeros(1, 1, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE, device=device)
+    points = torch.full((1, 1, 3), PATCH_SIZE / 2, device=device)
+    labels = torch.ones(1, 1, dtype=torch.int64, device=device)
+    features = network.encode(image)
+    for _ in range(decodes):
+        network.decode(features, points, labels)
 
 
 class PreparedNetwork:
@@ -165,7 +180,8 @@ class PreparedNetwork:
     bfloat16 copy of its upscaling matrices), made once here; nothing is read from disk. Weights
     loaded into the network later are not seen: prepare it again (``prepare_network`` notices). Outputs
     are float32 whatever the precision. It warms up here (one encode and decode of an empty patch), so
-    that one-off work (oneDNN primitives, CUDA graph capture) is not paid by a user's first click.
+    that one-off work (oneDNN primitives, CUDA graph capture) is not paid by a user's first click
+    (``warm_up``).
     """
 
     def __init__(self, net: Any, device: torch.device, precision: str, compile: bool = False) -> None:
@@ -219,16 +235,10 @@ class PreparedNetwork:
 
     # ------------------------------------------------------------------ internals
     def _warm_up(self) -> None:
-        """One encode and decode of an empty patch (and the CUDA graph's capture); a compilation that
-        fails leaves the decoder uncompiled, with a warning."""
-        image = torch.zeros(1, 1, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE, device=self.device)
-        points = torch.full((1, 1, 3), PATCH_SIZE / 2, device=self.device)
-        labels = torch.ones(1, 1, dtype=torch.int64, device=self.device)
-        features = self.encode(image)
+        """``warm_up`` (with the CUDA graph's capture: replays after the first two calls run from the
+        graph); a compilation that fails leaves the decoder uncompiled, with a warning."""
         try:
-            # Replays after the first two calls run from the captured graph.
-            for _ in range(3 if self._decode_padded is not None else 1):
-                self.decode(features, points, labels)
+            warm_up(self, self.device, decodes=3 if self._decode_padded is not None else 1)
         except Exception as error:  # torch.compile reports a missing compiler or GPU support many ways
             if self._decode_padded is None:
                 raise

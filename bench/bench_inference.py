@@ -1,11 +1,17 @@
 """Interactive speed of CT-SAM3D: every precision path against plain float32.
 
-Measures, with warm-up and medians over repeats: the image encoder, the decoder (a refining click:
-two clicks and a mask prompt), and through ``InteractiveSession.add_click`` a click that opens a
-patch and a refining click (patch sampling and writing the mask back included). Beside each time:
-the ratio to float32, and the Dice and largest probability difference against float32 on the same
-input. Then the agreement with float32 on patches of every CT in ../shared/data, and peak memory.
-Runs on the CPU, and on the GPU when torch sees one. Writes a markdown table (``--output``).
+Measures, with warm-up and medians over repeats, per device and precision:
+- the network alone: the image encoder, the decoder (a refining click: two clicks and a mask prompt);
+- the session's own cost: ``InteractiveSession`` with an *instant* network (the encoder returns its
+  input, the decoder a fixed ball), for a click that opens a patch and a refining click, with each way
+  of sampling patches (exact SimpleITK, or torch where the network runs);
+- through ``InteractiveSession.add_click``: a click that opens a patch and a refining click (patch
+  sampling and the mask update included), with the Dice and largest probability difference against
+  float32, and one click that cross-patch prompting carries into 16 patches;
+- in a fresh process: the session's start, its first click and a later click that opens a patch
+  (the warm-up a user would feel), and the peak memory.
+Then the agreement with float32 on patches of every CT in ../shared/data. Runs on the CPU, and on the
+GPU when torch sees one. Writes a markdown table (``--output``).
 
     python bench/bench_inference.py                    # everything, 5 repeats
     python bench/bench_inference.py --repeats 9 --output bench/results.md
@@ -192,23 +198,67 @@ def network_rows(net, image, device, precisions, repeats) -> Tuple[List[Dict], D
     return rows, baseline
 
 
-def session_clicks(session: InteractiveSession, clicks) -> Tuple[float, List[float], Dict[str, float]]:
-    """From an empty session: (seconds of the click that opens the patch, seconds of each
-    refining click, the step timings of the first refining click). A click's time is the whole
-    add_click call, so it includes building the returned SimpleITK mask."""
+class InstantNetwork:
+    """A network that costs nothing (the encoder returns its input, the decoder a fixed ball, the
+    cross-patch U-Net nothing), so that a session's time is the session's own work."""
+
+    def __init__(self, device: torch.device) -> None:
+        z, y, x = torch.meshgrid(*(torch.arange(64.0, device=device),) * 3, indexing="ij")
+        self.ball = (((x - 32) ** 2 + (y - 32) ** 2 + (z - 32) ** 2) <= 20**2).float()[None, None]
+
+    def encode(self, image: torch.Tensor) -> List[torch.Tensor]:
+        return [image]
+
+    def decode(self, features, points, labels, mask_prompt=None):
+        batch = features[0].shape[0]
+        return self.ball.expand(batch, -1, -1, -1, -1), torch.ones(batch, 1, device=self.ball.device)
+
+
+Steps = Dict[str, float]
+
+
+def session_clicks(session: InteractiveSession, clicks) -> Tuple[float, List[float], Steps, Steps]:
+    """From an empty session: (seconds of the click that opens the patch, seconds of each refining
+    click, the step timings of the opening click and of the first refining click). A click's time is
+    the whole add_click call, its mask update included."""
     session.reset()
     opening = timed(lambda: session.add_click(*clicks[0]), session.device)
+    opening_steps = dict(session.last_timing)
     refining, steps = [], {}
     for click in clicks[1:]:
         refining.append(timed(lambda c=click: session.add_click(*c), session.device))
         steps = steps or dict(session.last_timing)
-    return opening, refining, steps
+    return opening, refining, opening_steps, steps
+
+
+def overhead_rows(image, device, repeats) -> List[Dict]:
+    """The session's own cost per click, with InstantNetwork, for each way of sampling patches."""
+    first, second, third = central_points(image)
+    clicks = [(first, True), (second, True), (third, False)]
+    rows = []
+    for sampling in ("exact", "device"):
+        session = InteractiveSession(InstantNetwork(device), image, device=device, cross_patch=False,
+                                     sampling=sampling)
+        opening, refining, sample, paste, refine_paste = [], [], [], [], []
+        for repeat in range(repeats + 1):
+            open_s, refine_s, open_steps, refine_steps = session_clicks(session, clicks)
+            if repeat:
+                opening.append(open_s)
+                refining.extend(refine_s)
+                sample.append(open_steps["sample"])
+                paste.append(open_steps["paste"])
+                refine_paste.append(refine_steps["paste"])
+        rows.append({"sampling": sampling, "open": statistics.median(opening),
+                     "refine": statistics.median(refining), "sample": statistics.median(sample),
+                     "paste": statistics.median(paste), "refine_paste": statistics.median(refine_paste)})
+    return rows
 
 
 def session_rows(net, image, device, precisions, repeats, data_dir: Path) -> List[Dict]:
     """New-patch and refining clicks through InteractiveSession, per precision taking turns
     within every repeat; masks and probabilities compared with the float32 session after the same
-    clicks; then each precision's peak memory in a session of its own."""
+    clicks; a click carried into 16 patches; then each precision's warm-up and peak memory in a
+    process of its own."""
     first, second, third = central_points(image)
     clicks = [(first, True), (second, True), (third, False)]
 
@@ -224,7 +274,7 @@ def session_rows(net, image, device, precisions, repeats, data_dir: Path) -> Lis
     for repeat in range(repeats + 1):
         log(f"  session, round {repeat + 1} of {repeats + 1}")
         for precision, session in sessions.items():
-            open_s, refine_s, steps = session_clicks(session, clicks)
+            open_s, refine_s, _, steps = session_clicks(session, clicks)
             if repeat:
                 opening[precision].append(open_s)
                 refining[precision].extend(refine_s)
@@ -244,42 +294,59 @@ def session_rows(net, image, device, precisions, repeats, data_dir: Path) -> Lis
         })
     sessions.clear()
     for row in results:
-        row["peak_mb"] = session_peak_memory_mb(net, image, device, row["precision"], clicks, data_dir)
+        row.update(cross_patch_run(net, image, device, row["precision"], max(1, repeats // 2)))
+        row.update(fresh_process(device, row["precision"], data_dir))
     return results
 
 
-def session_peak_memory_mb(net, image, device, precision, clicks, data_dir: Path) -> Optional[float]:
-    """Peak memory of one session of ``clicks``: on the GPU what torch allocated; on the CPU the
-    peak resident set of a fresh process that loads the network and the CT and makes the clicks
-    (this process's own leftovers would blur it)."""
-    if device.type == "cuda":
-        gc.collect()
-        session = InteractiveSession(net, image, device=device, precision=precision, cross_patch=False)
-        reset_peak_memory(device)
-        session_clicks(session, clicks)
-        return peak_memory_mb(device)
+def cross_patch_run(net, image, device, precision, repeats) -> Dict[str, float]:
+    """One click that cross-patch prompting carries into 16 patches (the reference weights' masks reach
+    every neighbour, so the cap is what stops it): median seconds and the patches it opened."""
+    session = InteractiveSession(net, image, device=device, precision=precision, max_patches=16)
+    times = []
+    for repeat in range(repeats + 1):
+        log(f"  16-patch click ({precision}), round {repeat + 1} of {repeats + 1}")
+        session.reset()
+        seconds = timed(lambda: session.add_click(central_points(image)[0]), session.device)
+        if repeat:
+            times.append(seconds)
+    return {"cross_patch": statistics.median(times), "cross_patch_patches": session.patch_count}
+
+
+def fresh_process(device, precision, data_dir: Path) -> Dict[str, Optional[float]]:
+    """What a user's first session costs, from a process of its own (this one's caches and leftovers
+    would hide it): session start, first click, a later click that opens a patch, and peak memory (on
+    the GPU what torch allocated; on the CPU the peak resident set)."""
     child = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--memory-child", precision, "--data", str(data_dir)],
+        [sys.executable, str(Path(__file__).resolve()), "--fresh-child", precision, "--data", str(data_dir),
+         "--devices", str(device)],
         capture_output=True, text=True, check=False,
     )
     lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
     if child.returncode != 0 or not lines:
-        log(f"  memory measurement for {precision} failed: {child.stderr.strip()[-300:]}")
-        return None
-    return json.loads(lines[-1])["peak_mb"]
+        log(f"  fresh-process measurement for {precision} failed: {child.stderr.strip()[-300:]}")
+        return {"start": None, "first": None, "later": None, "peak_mb": None}
+    return json.loads(lines[-1])
 
 
-def memory_child(precision: str, data_dir: Path) -> int:
-    """The body of the fresh process of ``session_peak_memory_mb`` (CPU): prints {"peak_mb": ...}."""
+def fresh_child(device: torch.device, precision: str, data_dir: Path) -> int:
+    """The body of ``fresh_process``: prints {"start", "first", "later", "peak_mb"}."""
     image = sitk.ReadImage(str(data_dir / TIMED_CT / "ct.nii.gz"))
     net = load_network()
     gc.collect()
     # From here on: making the deterministic weights (float64 on the way) is no part of a session.
-    reset_peak_memory(torch.device("cpu"))
-    session = InteractiveSession(net, image, device="cpu", precision=precision, cross_patch=False)
+    reset_peak_memory(device)
+    started = time.perf_counter()
+    session = InteractiveSession(net, image, device=device, precision=precision, cross_patch=False)
+    synchronise(device)
+    start = time.perf_counter() - started
     first, second, third = central_points(image)
-    session_clicks(session, [(first, True), (second, True), (third, False)])
-    print(json.dumps({"peak_mb": peak_memory_mb(torch.device("cpu"))}))
+    first_s = timed(lambda: session.add_click(first), device)
+    session.add_click(second)
+    session.add_click(third, False)
+    # As much work as the first click: a patch opened 120 mm away, where no patch is open.
+    later_s = timed(lambda: session.add_click(np.add(first, (0.0, 0.0, 120.0))), device)
+    print(json.dumps({"start": start, "first": first_s, "later": later_s, "peak_mb": peak_memory_mb(device)}))
     return 0
 
 
@@ -316,12 +383,31 @@ def ratio(value: float, base: Optional[float]) -> str:
     return f"{base / value:.2f}x" if base else "-"
 
 
-def report(device, machine, network, base, sessions, accuracy, volume_mb, command) -> str:
+def seconds(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def report(device, machine, overhead, network, base, sessions, accuracy, volume_mb, command) -> str:
     lines = [
         f"### {device.type.upper()}: {machine}",
         "",
         f"torch {torch.__version__}, Python {platform.python_version()}; command: `{command}`; "
         f"\"auto\" here means `{choose_precision(device)}`.",
+        "",
+        f"The session's own work per click on {TIMED_CT} (an instant network; milliseconds):",
+        "",
+        "| sampling | new-patch click | refining click | of which sampling (new patch) "
+        "| paste (new patch / refining) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in overhead:
+        lines.append(
+            f"| {row['sampling']} | {1e3 * row['open']:.1f} | {1e3 * row['refine']:.1f} | {1e3 * row['sample']:.1f} "
+            f"| {1e3 * row['paste']:.1f} / {1e3 * row['refine_paste']:.1f} |"
+        )
+    lines += [
+        "",
+        "The network alone:",
         "",
         "| path | encoder (s) | decoder (s) | speed-up enc / dec | decoder Dice vs fp32 | decoder max abs dp "
         "| encoder+decoder Dice | max abs dp |",
@@ -336,27 +422,43 @@ def report(device, machine, network, base, sessions, accuracy, volume_mb, comman
     session_base = next((row for row in sessions if row["precision"] == "float32"), None)
     lines += [
         "",
-        f"Through `InteractiveSession.add_click` on {TIMED_CT} (512x512x133, {volume_mb:.0f} MB as loaded):",
+        f"Through `InteractiveSession.add_click` on {TIMED_CT} (512x512x133, {volume_mb:.0f} MB as loaded), "
+        "seconds:",
         "",
-        "| path | new-patch click (s) | refining click (s) | of which paste (s) | speed-up new / refine "
-        "| mask Dice vs fp32 | max abs dp | peak memory (MB) | above the volume (MB) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| path | new-patch click | refining click | of which paste | speed-up new / refine "
+        "| mask Dice vs fp32 | max abs dp | 16-patch click |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in sessions:
-        peak = "- | -" if row["peak_mb"] is None else f"{row['peak_mb']:.0f} | {row['peak_mb'] - volume_mb:.0f}"
         lines.append(
             f"| {row['precision']} | {row['open']:.3f} | {row['refine']:.3f} | {row['paste']:.3f} | "
             f"{ratio(row['open'], session_base and session_base['open'])} / "
             f"{ratio(row['refine'], session_base and session_base['refine'])} | "
-            f"{row['dice']:.4f} | {row['diff']:.4f} | {peak} |"
+            f"{row['dice']:.4f} | {row['diff']:.4f} | {row['cross_patch']:.3f} ({row['cross_patch_patches']} patches) |"
+        )
+    lines += [
+        "",
+        "A user's first session, in a fresh process (seconds; warm-up = first click minus a later click that "
+        "opens a patch):",
+        "",
+        "| path | session start | first click | later new-patch click | warm-up | peak memory (MB) "
+        "| above the volume (MB) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in sessions:
+        warm_up = None if row["first"] is None else row["first"] - row["later"]
+        peak = "- | -" if row["peak_mb"] is None else f"{row['peak_mb']:.0f} | {row['peak_mb'] - volume_mb:.0f}"
+        lines.append(
+            f"| {row['precision']} | {seconds(row['start'])} | {seconds(row['first'])} | {seconds(row['later'])} "
+            f"| {seconds(warm_up)} | {peak} |"
         )
     if accuracy:
         lines += ["", "Agreement with float32 on every CT (one central patch, three clicks):", "",
                   "| CT | path | Dice | max abs dp |", "| --- | --- | --- | --- |"]
         lines += [f"| {r['ct']} | {r['precision']} | {r['dice']:.4f} | {r['diff']:.4f} |" for r in accuracy]
-    peak_label = "peak GPU memory allocated by torch during one session's three clicks" if device.type == "cuda" else (
+    peak_label = "peak GPU memory allocated by torch during one session's four clicks" if device.type == "cuda" else (
         "peak resident memory of a fresh process (Python, torch, float32 network, the CT as loaded) while it opens "
-        f"a session and makes three clicks; above the volume means minus its {volume_mb:.0f} MB")
+        f"a session and makes four clicks; above the volume means minus its {volume_mb:.0f} MB")
     lines += ["", f"Memory: {peak_label}.", ""]
     return "\n".join(lines)
 
@@ -373,10 +475,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-accuracy", action="store_true", help="skip the agreement table over every CT")
     parser.add_argument("--output", type=Path, default=None, help="also write the tables to this markdown file")
-    parser.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--fresh-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.memory_child:
-        return memory_child(args.memory_child, args.data)
+    if args.fresh_child:
+        return fresh_child(torch.device(args.devices[0]), args.fresh_child, args.data)
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     if args.threads:
@@ -396,10 +498,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         precisions = ["float32"] + [p for p in (args.precisions or available) if p != "float32" and p in available]
         machine = machine_description(device)
         log(f"{device}: {machine}; precisions {', '.join(precisions)}")
+        overhead = overhead_rows(image, device, args.repeats)
         network, base = network_rows(net, image, device, precisions, args.repeats)
         sessions = session_rows(net, image, device, precisions, args.repeats, args.data)
         accuracy = [] if args.skip_accuracy else accuracy_rows(net, args.data, device, precisions)
-        sections.append(report(device, machine, network, base, sessions, accuracy, volume_mb, command.strip()))
+        sections.append(report(device, machine, overhead, network, base, sessions, accuracy, volume_mb,
+                               command.strip()))
     text = "\n".join(sections)
     print(text)
     if args.output:
