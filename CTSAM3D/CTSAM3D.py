@@ -24,6 +24,7 @@ from CTSAM3DLib.files import sha256_of
 __all__ = ["CTSAM3D", "CTSAM3DLogic", "CTSAM3DTest", "CTSAM3DWidget"]
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
+RUN_ON = ("This computer", "A server")
 
 
 class CTSAM3D(ScriptedLoadableModule):
@@ -99,6 +100,8 @@ class CTSAM3DWidget(ScriptedLoadableModuleWidget):
         self.licenceLabel.wordWrap = True
         weightsForm.addRow("Licence:", self.licenceLabel)
 
+        self._setupServerSection()
+
         modelSection = ctk.ctkCollapsibleButton()
         modelSection.text = "Model"
         self.layout.addWidget(modelSection)
@@ -127,6 +130,37 @@ class CTSAM3DWidget(ScriptedLoadableModuleWidget):
         self._statusTimer.interval = 1000
         self._statusTimer.connect("timeout()", self.updateStatus)
         self.updateStatus()
+
+    def _setupServerSection(self):
+        section = ctk.ctkCollapsibleButton()
+        section.text = "Where the network runs"
+        self.layout.addWidget(section)
+        form = qt.QFormLayout(section)
+        self.runOnCombo = qt.QComboBox()
+        self.runOnCombo.addItems(list(RUN_ON))
+        self.runOnCombo.toolTip = (
+            "A server ('ctsam3d serve', e.g. on a department GPU machine) runs the network for many Slicer "
+            "users; this computer then needs no PyTorch and no weights. The effect works the same either way."
+        )
+        form.addRow("Run the network on:", self.runOnCombo)
+        self.serverURLEdit = qt.QLineEdit(weights.settingsValue("ServerURL"))
+        self.serverURLEdit.placeholderText = "http://gpu-server:8000"
+        form.addRow("Server address:", self.serverURLEdit)
+        self.serverTokenEdit = qt.QLineEdit(weights.settingsValue("ServerToken"))
+        self.serverTokenEdit.echoMode = qt.QLineEdit.Password
+        self.serverTokenEdit.placeholderText = "the token its administrator gave you (none on this computer)"
+        form.addRow("Token:", self.serverTokenEdit)
+        self.testConnectionButton = qt.QPushButton("Test connection")
+        self.testConnectionButton.connect("clicked()", self.onTestConnection)
+        self.connectionLabel = qt.QLabel()
+        self.connectionLabel.wordWrap = True
+        form.addRow(self.testConnectionButton)
+        form.addRow("Server:", self.connectionLabel)
+        self.runOnCombo.currentIndex = 1 if self.logic.serverURL is not None else 0
+        self.runOnCombo.connect("currentIndexChanged(int)", self.onRunOnChanged)
+        self.serverURLEdit.connect("editingFinished()", self.onRunOnChanged)
+        self.serverTokenEdit.connect("editingFinished()", self.onRunOnChanged)
+        self._showServerFields()
 
     def cleanup(self):
         self._statusTimer.stop()
@@ -227,6 +261,44 @@ class CTSAM3DWidget(ScriptedLoadableModuleWidget):
 
     def onCancelDownload(self):
         self._cancelDownload.set()
+
+    # ------------------------------------------------------------ server
+    def _showServerFields(self):
+        onServer = self.runOnCombo.currentIndex == 1
+        for widget in (self.serverURLEdit, self.serverTokenEdit, self.testConnectionButton):
+            widget.enabled = onServer
+
+    def onRunOnChanged(self, *_):
+        """Keep the choice (and the address and token) in the settings and hand it to the logic."""
+        onServer = self.runOnCombo.currentIndex == 1
+        url, token = self.serverURLEdit.text.strip(), self.serverTokenEdit.text.strip()
+        weights.setSettingsValue("RunOn", "server" if onServer else "computer")
+        weights.setSettingsValue("ServerURL", url)
+        weights.setSettingsValue("ServerToken", token)
+        self._showServerFields()
+        if onServer and url:
+            try:
+                self.logic.useServer(url, token or None)
+            except ValueError as error:
+                self.connectionLabel.text = str(error)
+                return
+        else:
+            self.logic.useThisComputer()
+        self.connectionLabel.text = ""
+        self.updateStatus()
+
+    def onTestConnection(self):
+        url, token = self.serverURLEdit.text.strip(), self.serverTokenEdit.text.strip()
+        self.connectionLabel.text = f"Connecting to {url}..."
+        try:
+            health = self.logic.serverHealth(url, token or None)
+        except Exception as error:
+            self.connectionLabel.text = f"Cannot use the server: {error}"
+            return
+        self.connectionLabel.text = (
+            f"Connected: CT-SAM3D server {health.get('version', '?')} on {health.get('device', '?')}, "
+            f"{health.get('sessions', '?')} session(s) open"
+        )
 
     # ------------------------------------------------------------ model
     def onDeviceChanged(self, device):

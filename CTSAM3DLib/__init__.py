@@ -20,9 +20,11 @@ _EXPORTS = {
     "save_checkpoint": "checkpoint",
     "resolve_device": "device",
     "build_model": "model",
-    "Click": "session",
+    "Click": "interface",
     "InteractiveSession": "session",
-    "SessionInputError": "session",
+    "MaskUpdate": "interface",
+    "RemoteSession": "remote",
+    "SessionInputError": "interface",
 }
 
 __all__ = sorted(_EXPORTS)

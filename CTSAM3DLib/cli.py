@@ -16,6 +16,7 @@ SUBCOMMAND_MODULES = [
     "CTSAM3DLib.commands.reference_weights",
     "CTSAM3DLib.commands.evaluate",
     "CTSAM3DLib.commands.train",
+    "CTSAM3DLib.commands.serve",
 ]
 
 

@@ -65,6 +65,20 @@ def defaultSessionFactory(network, image: sitk.Image, device: str, cross_patch: 
                               max_patches=max_patches, initial_mask=initial_mask, box_lps=box_lps)
 
 
+def remoteSessionFactory(url: str, token: Optional[str] = None) -> SessionFactory:
+    """Sessions run by a ``ctsam3d serve`` server at ``url`` (``CTSAM3DLib.remote.RemoteSession``: the same
+    interface, no PyTorch needed here); the network and device arguments are the server's business."""
+
+    def factory(network, image: sitk.Image, device: str, cross_patch: bool = True,
+                max_patches: int = MAX_OPEN_PATCHES, initial_mask: Optional[sitk.Image] = None, box_lps=None):
+        from CTSAM3DLib.remote import RemoteSession
+
+        return RemoteSession(url, image, token=token or None, cross_patch=None if cross_patch else False,
+                             max_patches=max_patches, initial_mask=initial_mask, box_lps=box_lps)
+
+    return factory
+
+
 def makeClicks(prompts: Sequence[Tuple[Sequence[float], bool]]) -> List[Tuple[Tuple[float, ...], bool]]:
     """CTSAM3DLib clicks ((point LPS, positive) pairs) from (point RAS, positive) pairs, order kept."""
     return [(ras_to_lps(pointRAS), bool(positive)) for pointRAS, positive in prompts]
@@ -108,9 +122,16 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         self._session = None
         self._sessionKey: Optional[tuple] = None
         self._sessionNumber = 0
+        self.serverURL: Optional[str] = None
+        """Where sessions run when not here: a ``ctsam3d serve`` server (None: this computer)."""
+        self._serverToken: Optional[str] = None
+        if weights.settingsValue("RunOn", "computer") == "server" and weights.settingsValue("ServerURL"):
+            self.useServer(weights.settingsValue("ServerURL"), weights.settingsValue("ServerToken") or None)
 
     # ----------------------------------------------------------------- model
     def modelState(self) -> str:
+        if self.serverURL is not None:
+            return f"on the server {self.serverURL}"
         if self.network is None:
             return "not loaded"
         where = self.loadedCheckpoint or "network set from Python"
@@ -169,8 +190,27 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         self.releaseSession()
 
     def ensureModel(self, onTick: Optional[Callable[[], None]] = None) -> None:
-        if self.network is None:
+        if self.network is None and self.serverURL is None:
             self.loadModel(onTick=onTick)
+
+    def useServer(self, url: str, token: Optional[str] = None) -> None:
+        """Run sessions on a ``ctsam3d serve`` server from now on (the network here is not needed)."""
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"the server address must start with http:// or https://, got {url!r}")
+        self.serverURL, self._serverToken = url.rstrip("/"), token
+        self.releaseSession()
+
+    def useThisComputer(self) -> None:
+        """Run sessions here again, with the loaded network."""
+        self.serverURL, self._serverToken = None, None
+        self.releaseSession()
+
+    def serverHealth(self, url: str, token: Optional[str] = None) -> dict:
+        """The server's health report (version, device, sessions, queue); raises when it cannot be
+        reached or refuses the token. Call on the main thread: it waits with events processed."""
+        from CTSAM3DLib.remote import server_health
+
+        return waitProcessingEvents(self.worker.submit(server_health, url, token, 10.0, 0), slicer.app.processEvents)
 
     def setCrossPatch(self, enabled: bool, maxPatches: int = MAX_OPEN_PATCHES) -> None:
         """Switch cross-patch prompting (carrying a segmentation into neighbouring patches) and its
@@ -206,13 +246,15 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         ``isCancelled()`` (polled between batches of patches) turns true. ``initialMask`` (from
         ``coordinates.segmentOnVolumeGrid``) is where the segmentation starts; ``boxRAS`` (world RAS
         bounds: xmin, xmax, ymin, ymax, zmin, zmax) clips it. Call on the main thread."""
-        if self.network is None:
+        if self.network is None and self.serverURL is None:
             raise RuntimeError("no CT-SAM3D network loaded: load it in the CT-SAM3D module or with loadModel")
         box = None if boxRAS is None else tuple(ras_to_lps(boxRAS[i::2]) for i in (0, 1))
         key = (self._volumeKey(volumeNode), id(initialMask) if initialMask is not None else None, box)
         image = coordinates.volumeToImage(volumeNode) if key != self._sessionKey else None
         clicks = makeClicks(prompts)
         network, factory, device = self.network, self.sessionFactory, self.device
+        if self.serverURL is not None:
+            factory = remoteSessionFactory(self.serverURL, self._serverToken)
         options = {"cross_patch": self.crossPatch, "max_patches": self.maxPatches}
         if initialMask is not None:
             options["initial_mask"] = initialMask

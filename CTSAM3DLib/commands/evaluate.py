@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from ..cli import CommandError, HelpFormatter
 from ..constants import MAX_OPEN_PATCHES
@@ -22,6 +22,7 @@ from ..evaluation.metrics import SURFACE_TOLERANCE_MM
 from ..evaluation.protocol import START_KINDS
 from ..evaluation.runner import Method, evaluate
 from ..files import sha256_of
+from .remote_options import add_server_arguments, check_server_arguments, server_errors
 
 MODEL, BASELINE = "model", "baseline"
 BASELINE_SETTINGS = {
@@ -42,10 +43,13 @@ def add_parser(subparsers) -> None:
         "structures.csv (status of every structure), report.md (tables), summary.csv (per structure),\n"
         "dice_vs_clicks.png and gallery.png (with matplotlib), and each final mask under masks/.\n"
         "A rerun with the same --output skips what is finished.",
-        epilog="example:\n  ctsam3d evaluate --weights params.pth --data ../shared/data --clicks 5 --output eval",
+        epilog="examples:\n  ctsam3d evaluate --weights params.pth --data ../shared/data --clicks 5 --output eval\n"
+        "  ctsam3d evaluate --server http://gpu-host:8000 --token-file token.txt --data ../shared/data --output eval",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--weights", type=Path, help="CT-SAM3D checkpoint (needed unless --methods baseline)")
+    parser.add_argument("--weights", type=Path, help="CT-SAM3D checkpoint (needed unless --server or --methods "
+                        "baseline)")
+    add_server_arguments(parser)
     parser.add_argument(
         "--data",
         type=Path,
@@ -117,6 +121,12 @@ def _model_method(weights: Path, device_spec: str, options: Dict[str, object]) -
     return Method(MODEL, make_session)
 
 
+def _remote_method(url: str, token: Optional[str], options: Dict[str, object]) -> Method:
+    from ..remote import RemoteSession
+
+    return Method(MODEL, lambda image: RemoteSession(url, image, token, **options))
+
+
 def _baseline_method() -> Method:
     parameters = {k: BASELINE_SETTINGS[k] for k in ("multiplier", "iterations", "radius")}
     return Method(BASELINE, lambda image: RegionGrowingSession(image, **parameters))
@@ -129,8 +139,9 @@ def run(args: argparse.Namespace) -> int:
     if args.clicks < 1:
         raise CommandError(f"--clicks must be at least 1, got {args.clicks}")
     methods: List[str] = list(dict.fromkeys(args.methods))
-    if MODEL in methods and args.weights is None:
-        raise CommandError("--weights is needed to evaluate the model (or use --methods baseline)")
+    token = check_server_arguments(args)
+    if MODEL in methods and args.weights is None and args.server is None:
+        raise CommandError("--weights (or --server) is needed to evaluate the model (or use --methods baseline)")
     if args.weights is not None and not args.weights.is_file():
         raise CommandError(f"weights file {args.weights} does not exist")
     cases = find_cases(args.data)
@@ -158,29 +169,35 @@ def run(args: argparse.Namespace) -> int:
     chosen: List[Method] = []
     if MODEL in methods:
         options = {"cross_patch": cross_patch, "max_patches": args.max_patches}
-        settings[MODEL] = {
-            "weights": str(args.weights.resolve()),
-            "sha256": sha256_of(args.weights),
-            "session": options,
-        }
-        chosen.append(_model_method(args.weights, args.device, options))
+        if args.server is None:
+            settings[MODEL] = {"weights": str(args.weights.resolve()), "sha256": sha256_of(args.weights),
+                               "session": options}
+            chosen.append(_model_method(args.weights, args.device, options))
+        else:
+            from ..remote import server_health
+
+            with server_errors():
+                model = server_health(args.server, token).get("model", {})
+            settings[MODEL] = {"server": args.server, "sha256": model.get("sha256"), "session": options}
+            chosen.append(_remote_method(args.server, token, options))
     if BASELINE in methods:
         settings[BASELINE] = BASELINE_SETTINGS
         chosen.append(_baseline_method())
     store = ResultStore(args.output, settings)
     try:
-        counts = evaluate(
-            cases,
-            chosen,
-            store,
-            args.clicks,
-            cap,
-            args.structures,
-            args.tolerance_mm,
-            show_progress=not args.no_progress,
-            start=args.start_from,
-            box_jitter_mm=args.box_jitter_mm,
-        )
+        with server_errors():
+            counts = evaluate(
+                cases,
+                chosen,
+                store,
+                args.clicks,
+                cap,
+                args.structures,
+                args.tolerance_mm,
+                show_progress=not args.no_progress,
+                start=args.start_from,
+                box_jitter_mm=args.box_jitter_mm,
+            )
         print(
             f"(structure, method) pairs: evaluated {counts['done']}, skipped {counts['skipped']} (size), "
             f"errors {counts['error']}, already done {counts['already']}; results in {args.output}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..cli import HelpFormatter
 from ..constants import MAX_OPEN_PATCHES
@@ -13,8 +13,10 @@ from ..files import check_output_path, image_suffix
 from ..inference import PRECISIONS
 from ..io import parse_numbers, parse_point, read_image, read_points_file, write_image_atomically
 from ..world import ras_to_lps
+from .remote_options import add_server_arguments, check_server_arguments, server_errors
 
 Click = Tuple[Tuple[float, float, float], bool, bool]
+Point = Tuple[float, float, float]
 
 
 class _AppendClicks(argparse.Action):
@@ -34,12 +36,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "millimetres (as ITK and SimpleITK) unless --ras is given (as 3D Slicer shows them).",
         epilog="example (a liver from one click; negative coordinates are typed as they are):\n"
         "  ctsam3d segment --image ct.nii.gz --weights params.pth --point -71.1,-25.4,-245.0 \\\n"
-        "      --negative -30.0,-20.0,-250.0 --output liver.nii.gz",
+        "      --negative -30.0,-20.0,-250.0 --output liver.nii.gz\n"
+        "the same on a ctsam3d serve server (no weights or GPU needed here):\n"
+        "  ctsam3d segment --image ct.nii.gz --server http://gpu-host:8000 --token-file token.txt \\\n"
+        "      --point -71.1,-25.4,-245.0 --output liver.nii.gz",
         formatter_class=HelpFormatter,
     )
     parser.add_argument("--image", required=True, type=Path, help="CT file (any format SimpleITK reads) or "
                         "a folder with one DICOM series")
-    parser.add_argument("--weights", required=True, type=Path, help="checkpoint (.pth)")
+    parser.add_argument("--weights", type=Path, help="checkpoint (.pth); needed unless --server")
+    add_server_arguments(parser)
     parser.add_argument("--output", required=True, type=Path, help="mask file, in the image's geometry")
     parser.add_argument("--point", dest="positive", action=_AppendClicks, metavar="X,Y,Z",
                         help="a positive click (repeatable)")
@@ -95,7 +101,6 @@ def parse_box(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import InteractiveSession, load_checkpoint
     from ..session import validate_image
 
     # Everything the user can get wrong is checked before the ~300 MB of weights load.
@@ -107,23 +112,39 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-patches must be at least 1, got {args.max_patches}")
     clicks = collect_clicks(args)
     box = parse_box(args)
-    if not Path(args.weights).is_file():
+    token = check_server_arguments(args, local_only=("probability",))
+    if args.server is None and args.weights is None:
+        raise ValueError("give --weights FILE, or --server URL to segment on a ctsam3d serve server")
+    if args.weights is not None and not Path(args.weights).is_file():
         raise FileNotFoundError(f"weights not found: {args.weights}")
     started = time.perf_counter()
     image = read_image(args.image)
     validate_image(image)
     initial_mask = read_image(args.initial_mask) if args.initial_mask is not None else None
     print(f"read {args.image} {image.GetSize()} in {time.perf_counter() - started:.2f} s")
-    started = time.perf_counter()
-    net = load_checkpoint(args.weights, device=args.device)
-    print(f"loaded {args.weights} in {time.perf_counter() - started:.2f} s")
-    session = InteractiveSession(net, image, device=args.device, precision=args.precision,
-                                 cross_patch=args.cross_patch == "on", max_patches=args.max_patches,
-                                 initial_mask=initial_mask)
-    chosen = " (auto)" if args.precision == "auto" else ""
-    print(f"device: {session.device}, precision: {session.precision}{chosen}")
-    if initial_mask is not None:
-        print(f"starting from {args.initial_mask} ({int(session.mask_array().sum())} voxels)")
+    options = {"cross_patch": args.cross_patch == "on", "max_patches": args.max_patches, "initial_mask": initial_mask}
+    with server_errors():
+        session = _local_session(args, image, options) if args.server is None else \
+            _remote_session(args.server, token, image, options)
+        try:
+            _prompt(session, box, clicks, args.initial_mask)
+            started = time.perf_counter()
+            write_image_atomically(session.mask, args.output)
+            if args.probability:
+                write_image_atomically(session.probability(), args.probability)
+        finally:
+            if args.server is not None:
+                session.close()
+    voxels = int(session.mask_array().sum())
+    print(f"wrote {args.output} ({voxels} voxels in the mask) in {time.perf_counter() - started:.2f} s")
+    return 0
+
+
+def _prompt(session: Any, box: Optional[Tuple[Point, Point]], clicks: List[Tuple[Point, bool]],
+            initial_mask_path: Optional[Path]) -> None:
+    """Gives the session (local or remote) the box, first, and the clicks, printing what each took."""
+    if initial_mask_path is not None:
+        print(f"starting from {initial_mask_path} ({int(session.mask_array().sum())} voxels)")
     prompts = ([("box", box)] if box is not None else []) + [("click", click) for click in clicks]
     for number, (kind, prompt) in enumerate(prompts, start=1):
         if kind == "box":
@@ -140,11 +161,25 @@ def run(args: argparse.Namespace) -> int:
         decoded = int(session.last_timing["patches_decoded"])
         what = "box, centre" if kind == "box" else f"click {number} ({sign})"
         print(f"{what} at LPS ({coordinates}): {steps}; patches decoded: {decoded}, open: {session.patch_count}")
+
+
+def _local_session(args: argparse.Namespace, image: Any, options: Dict[str, Any]) -> Any:
+    from .. import InteractiveSession, load_checkpoint
+
     started = time.perf_counter()
-    mask = session.mask
-    write_image_atomically(mask, args.output)
-    if args.probability:
-        write_image_atomically(session.probability(), args.probability)
-    voxels = int(session.mask_array().sum())
-    print(f"wrote {args.output} ({voxels} voxels in the mask) in {time.perf_counter() - started:.2f} s")
-    return 0
+    net = load_checkpoint(args.weights, device=args.device)
+    print(f"loaded {args.weights} in {time.perf_counter() - started:.2f} s")
+    session = InteractiveSession(net, image, device=args.device, precision=args.precision, **options)
+    chosen = " (auto)" if args.precision == "auto" else ""
+    print(f"device: {session.device}, precision: {session.precision}{chosen}")
+    return session
+
+
+def _remote_session(url: str, token: Optional[str], image: Any, options: Dict[str, Any]) -> Any:
+    from ..remote import RemoteSession
+
+    started = time.perf_counter()
+    session = RemoteSession(url, image, token, **options)
+    print(f"opened a session on {url} in {time.perf_counter() - started:.2f} s (device: {session.device}, "
+          f"precision: {session.precision})")
+    return session

@@ -131,6 +131,10 @@ def evaluate(
                 counts[STATUS_DONE] += 1
             if bar:
                 bar.update(status=f"{case.name}/{name}")
+        # A remote session holds memory on its server until it is closed (or expires).
+        for segmenter in segmenters.values():
+            if hasattr(segmenter, "close"):
+                segmenter.close()
     if bar:
         bar.close()
     return counts

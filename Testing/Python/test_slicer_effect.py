@@ -9,7 +9,7 @@ import vtk
 from slicer_standins import effects, qt, scenes
 from slicer_standins.fixtures import pumpUntil, slicerEnv  # noqa: F401  (used by pytestmark)
 from slicer_standins.sessions import ComponentSession
-from standins import ThresholdNet
+from standins import CrossPatchThresholdNet, ThresholdNet
 
 pytestmark = pytest.mark.usefixtures("slicerEnv")
 
@@ -642,3 +642,35 @@ def test_a_box_drawn_with_a_markups_roi_prompts_its_centre_and_clips_the_result(
     assert editor.effect.boxNode() is None
     assert editor.segmentMask(editor.s1).sum() > mask.sum(), "without the box the result is not clipped"
     editor.harness.cleanup()
+
+
+def test_the_effect_works_the_same_with_the_network_on_a_server():
+    """"Run the network on: a server": the logic opens RemoteSessions on a real loopback server (the app of
+    ctsam3d serve, with the same network) and needs no network here; a click, a negative click and the
+    editor's undo leave the segment exactly as they do with the network in Slicer."""
+    from CTSAM3DSlicerLib.logic import defaultSessionFactory
+
+    from CTSAM3DLib.server.app import BackgroundServer, create_app
+
+    server = BackgroundServer(create_app(CrossPatchThresholdNet(), device="cpu")).start()
+    segments = {}
+    try:
+        for where in ("in Slicer", "on the server"):
+            editor = Editor(sessionFactory=defaultSessionFactory, network=CrossPatchThresholdNet())
+            if where == "on the server":
+                editor.logic.setNetwork(None)
+                editor.logic.useServer(server.url)
+                assert editor.logic.modelState() == f"on the server {server.url}"
+            editor.click(editor.centre())
+            editor.click(editor.centre() + 3.0, shift=True)
+            afterTwo = editor.segmentArray(editor.s1)
+            editor.harness.undo()
+            segments[where] = (afterTwo, editor.segmentArray(editor.s1))
+            assert afterTwo.any() and editor.harness.saveStateCount == 2
+            if where == "on the server":
+                assert type(editor.logic._session).__name__ == "RemoteSession" and editor.logic.network is None
+            editor.harness.cleanup()
+    finally:
+        server.stop()
+    for here, there in zip(segments["in Slicer"], segments["on the server"]):
+        np.testing.assert_array_equal(here, there)

@@ -376,3 +376,34 @@ def test_a_load_asked_for_while_one_runs_waits_for_it(tmp_path, monkeypatch):
     logic.loadModel(str(path), "cpu")
     assert loads == [str(path)] and len(nested) == 1 and nested[0] is logic.network
     assert logic.network.name == "network" and logic.loadedCheckpoint == str(path)
+
+
+def test_panel_chooses_a_server_and_tests_the_connection_with_its_token():
+    """The "Where the network runs" section: the choice, address and token are kept in the settings and
+    reach the logic; Test connection says what the server is, and that a wrong token is refused."""
+    from CTSAM3DSlicerLib import weights
+    from standins import ThresholdNet
+
+    from CTSAM3DLib.server.app import BackgroundServer, create_app
+
+    server = BackgroundServer(create_app(ThresholdNet(), device="cpu", tokens=["s3cret"])).start()
+    try:
+        widget = makeWidget()
+        assert widget.runOnCombo.currentIndex == 0 and not widget.serverURLEdit.enabled
+        widget.serverURLEdit.text = server.url
+        widget.serverTokenEdit.text = "wrong"
+        widget.runOnCombo.currentIndex = 1
+        assert widget.logic.serverURL == server.url and widget.serverURLEdit.enabled
+        assert weights.settingsValue("RunOn") == "server" and weights.settingsValue("ServerURL") == server.url
+        widget.testConnectionButton.click()
+        assert "refused" in widget.connectionLabel.text
+        widget.serverTokenEdit.text = "s3cret"
+        widget.serverTokenEdit.finishEditing()
+        widget.testConnectionButton.click()
+        assert widget.connectionLabel.text.startswith("Connected: CT-SAM3D server")
+        assert "on cpu" in widget.connectionLabel.text
+        assert widget.logic.modelState() == f"on the server {server.url}"
+        widget.runOnCombo.currentIndex = 0
+        assert widget.logic.serverURL is None and weights.settingsValue("RunOn") == "computer"
+    finally:
+        server.stop()

@@ -229,6 +229,35 @@ class QSpinBox(QWidget):
             self.valueChanged.emit(value)
 
 
+class QLineEdit(QWidget):
+    """As Qt: assigning ``text`` emits textChanged only; editingFinished comes from the user pressing
+    Return or leaving the field (``finishEditing`` here), never from a programmatic change."""
+
+    SIGNALS = ("textChanged", "editingFinished")
+    Normal, NoEcho, Password = 0, 1, 2
+
+    def __init__(self, text: str = "", parent=None) -> None:
+        super().__init__(parent)
+        self._text = str(text)
+        self.placeholderText = ""
+        self.echoMode = self.Normal
+
+    @property
+    def text(self) -> str:
+        return self._text
+
+    @text.setter
+    def text(self, text: str) -> None:
+        if str(text) != self._text:
+            self._text = str(text)
+            self.textChanged.emit(self._text)
+
+    def finishEditing(self) -> None:
+        """What the user's Return (or moving to another field) does."""
+        if self.enabled:
+            self.editingFinished.emit()
+
+
 class QComboBox(QWidget):
     SIGNALS = ("currentTextChanged", "currentIndexChanged")
 

@@ -1,0 +1,115 @@
+"""``ctsam3d serve``: the network on this machine for clients elsewhere (``RemoteSession``, ``--server``)."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ipaddress
+import os
+import stat
+import time
+import warnings
+from pathlib import Path
+
+from ..cli import CommandError, HelpFormatter
+from ..inference import PRECISIONS
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the network over HTTP to clients without a GPU",
+        description="Load the network once and serve interactive sessions over HTTP: 3D Slicer, 'ctsam3d\n"
+        "segment --server' and 'ctsam3d evaluate --server' then click here, on this machine's GPU.\n"
+        "Every request but /health needs a bearer token from --token-file; without one the server\n"
+        "listens on loopback only. /metrics gives Prometheus metrics. Needs the server extra:\n"
+        '  pip install "ctsam3d[server]"',
+        epilog="example (a department GPU server; clients give --server http://gpu-host:8000):\n"
+        "  ctsam3d serve --weights params.pth --host 0.0.0.0 --port 8000 --token-file tokens.txt",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("--weights", required=True, type=Path, help="checkpoint (.pth)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; "
+                        "anything but loopback needs --token-file)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port")
+    parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help="how the network runs (see "
+                        "'ctsam3d segment --help')")
+    parser.add_argument("--token-file", type=Path, metavar="FILE",
+                        help="bearer tokens clients must present, one per line (# starts a comment)")
+    parser.add_argument("--max-sessions", type=int, default=32, help="most sessions open at once")
+    parser.add_argument("--max-image-mb", type=float, default=1024.0, help="largest image a client may upload "
+                        "(MiB, uncompressed)")
+    parser.add_argument("--image-cache-mb", type=float, default=2048.0,
+                        help="uploaded images kept for later sessions (MiB)")
+    parser.add_argument("--idle-timeout", type=float, default=1800.0, metavar="SECONDS",
+                        help="close a session after this long without a request")
+    parser.set_defaults(func=run)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether listening on ``host`` is reachable from this machine only. A name other than localhost is
+    not trusted to resolve to loopback."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_server_extra() -> None:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as error:
+        raise CommandError(f"ctsam3d serve needs FastAPI and uvicorn, and {error.name or error} cannot be imported: "
+                           'pip install "ctsam3d[server]"') from error
+
+
+def run(args: argparse.Namespace) -> int:
+    # Everything the user can get wrong is checked before the ~300 MB of weights load.
+    check_server_extra()
+    for name in ("max_sessions", "max_image_mb", "image_cache_mb", "idle_timeout"):
+        if getattr(args, name) <= 0:
+            raise CommandError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0 <= args.port <= 65535:
+        raise CommandError(f"--port must be 0 to 65535, got {args.port}")
+    tokens = None
+    if args.token_file is not None:
+        from ..server.wire import read_tokens
+
+        tokens = read_tokens(args.token_file)
+        if os.name == "posix" and args.token_file.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+            warnings.warn(f"{args.token_file} is readable by other users of this machine: chmod 600 it", stacklevel=1)
+    elif not is_loopback(args.host):
+        raise CommandError(f"--host {args.host} lets other machines in: give --token-file FILE (one token per line) "
+                           "so that only your users can, or listen on 127.0.0.1")
+    if not args.weights.is_file():
+        raise FileNotFoundError(f"weights not found: {args.weights}")
+
+    import uvicorn
+
+    from .. import load_checkpoint
+    from ..files import sha256_of
+    from ..server.app import create_app
+
+    started = time.perf_counter()
+    network = load_checkpoint(args.weights, device=args.device)
+    model_info = {"weights": args.weights.name, "sha256": sha256_of(args.weights)}
+    print(f"loaded {args.weights} in {time.perf_counter() - started:.2f} s")
+    app = create_app(network, device=args.device, precision=args.precision, tokens=tokens,
+                     max_sessions=args.max_sessions, max_image_bytes=int(args.max_image_mb * 2**20),
+                     image_cache_bytes=int(args.image_cache_mb * 2**20), idle_timeout_s=args.idle_timeout,
+                     model_info=model_info)
+    server = app.state.server
+    access = "bearer token required" if tokens is not None else "no token (loopback only)"
+    print(f"serving on http://{args.host}:{args.port} (device: {server.device}, precision: {server.precision}; "
+          f"{access}); Ctrl-C stops", flush=True)
+    # uvicorn shuts down gracefully on Ctrl-C, then raises it again for whoever else listens: nobody here.
+    with contextlib.suppress(KeyboardInterrupt):
+        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", lifespan="on")).run()
+    print("stopped")
+    return 0

@@ -1,0 +1,684 @@
+"""The HTTP server of ``ctsam3d serve``: one network, many ``InteractiveSession``s, one per client session.
+
+Routes (JSON unless said; see ``wire`` for the encodings and error format):
+
+- ``GET /health`` (no token): status, sessions, queue length, device, precision, version, model.
+- ``GET /metrics``: Prometheus text.
+- ``HEAD /v1/images/{sha256}``: 200 when the server holds the array, else 404.
+- ``PUT /v1/images/{sha256}``: zlib-compressed voxels, ``X-Array-Dtype`` and ``X-Array-Shape`` headers -> 201.
+- ``POST /v1/sessions``: {"image", "origin", "spacing", "direction", "options", "initial_mask",
+  "initial_mask_geometry"} -> 201 {"session", "device", "precision", "warnings", ...}.
+- ``POST /v1/sessions/{id}/click`` {"point_lps", "positive", "expected_clicks"}, ``.../box`` {"corners_lps",
+  "expected_clicks"}, ``.../undo`` {"expected_clicks"}, ``PUT .../clicks`` {"clicks": [[[x, y, z], positive],
+  ...]}, ``POST .../reset`` {"initial_mask", "initial_mask_geometry"}, ``GET .../mask``: each answers
+  {"update", "timing", "clicks", "patches_open"} (a box also its "click"). ``expected_clicks`` (optional)
+  must equal the session's click count, else 409 with the count: a retried request is then never
+  applied twice. Reset answers an empty update: the mask is then the initial mask, which the client has.
+- ``DELETE /v1/sessions/{id}`` -> 204.
+
+Every route but /health needs ``Authorization: Bearer TOKEN`` when the server has tokens; a session is
+reachable only with the token that opened it. No CORS headers are sent, so browsers keep other sites'
+pages out. Bodies are bounded before they are read (Content-Length) and while they are read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import functools
+import hmac
+import json
+import logging
+import math
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
+
+from .. import __version__
+from ..device import resolve_device
+from ..inference import prepare_network, resolve_precision
+from ..interface import MaskUpdate, SessionInputError
+from ..session import InteractiveSession
+from . import wire
+from .metrics import CONTENT_TYPE, Gauge, Metrics, resident_memory_bytes
+from .registry import ImageCache, QueueFullError, SessionRegistry, SessionsFullError, UnknownSessionError
+
+log = logging.getLogger(__name__)
+
+MAX_JSON_BYTES = 1 << 20
+"""Largest JSON request body (a set_clicks of MAX_SESSION_CLICKS clicks takes about 20 kB)."""
+
+MAX_SESSION_CLICKS = 256
+"""Most clicks one session may hold: bounds the work of one request (set_clicks), which holds the
+worker that every user shares."""
+
+SESSION_OPTIONS = ("cross_patch", "max_patches", "box_lps", "cross_patch_box_lps")
+"""``InteractiveSession`` options a client may choose; device, precision and sampling are the server's."""
+
+
+class ApiError(Exception):
+    """A refused request: answered with ``status`` and {"error": message, "kind": kind, **extra}."""
+
+    def __init__(self, status: int, kind: str, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.kind, self.extra = status, kind, extra
+
+
+def _error_response(status: int, kind: str, message: str, headers: Optional[Dict[str, str]] = None,
+                    **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": " ".join(str(message).split()), "kind": kind, **extra}, status_code=status,
+                        headers=headers)
+
+
+# ----------------------------------------------------------------------------------- request parsing
+def _bad(message: str) -> ApiError:
+    return ApiError(400, wire.KIND_BAD_REQUEST, message)
+
+
+def _number(value: Any, what: str) -> float:
+    """A JSON number (NaN and infinities pass: the session refuses them as input, as it would locally)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(f"{what} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _numbers(value: Any, count: int, what: str) -> List[float]:
+    if not isinstance(value, list) or len(value) != count:
+        raise _bad(f"{what} must be a list of {count} numbers")
+    return [_number(item, what) for item in value]
+
+
+def _finite_numbers(value: Any, count: int, what: str) -> List[float]:
+    numbers = _numbers(value, count, what)
+    if not all(math.isfinite(v) for v in numbers):
+        raise _bad(f"{what} must be finite numbers")
+    return numbers
+
+
+def _boolean(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise _bad(f"{what} must be true or false")
+    return value
+
+
+def _whole(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _bad(f"{what} must be a whole number")
+    return value
+
+
+def _corners(value: Any, what: str) -> Tuple[List[float], List[float]]:
+    if not isinstance(value, list) or len(value) != 2:
+        raise _bad(f"{what} must be two corners [[x, y, z], [x, y, z]]")
+    return _numbers(value[0], 3, what), _numbers(value[1], 3, what)
+
+
+def _expected_clicks(body: Mapping[str, Any]) -> Optional[int]:
+    value = body.get("expected_clicks")
+    return None if value is None else _whole(value, "expected_clicks")
+
+
+def _digest(value: Any, what: str) -> str:
+    if not wire.is_digest(value):
+        raise _bad(f"{what} must be a SHA-256 in lowercase hex")
+    return value
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    origin: List[float]
+    spacing: List[float]
+    direction: List[float]
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any], what: str) -> _Geometry:
+        geometry = cls(_finite_numbers(body.get("origin"), 3, f"{what} origin"),
+                       _finite_numbers(body.get("spacing"), 3, f"{what} spacing"),
+                       _finite_numbers(body.get("direction"), 9, f"{what} direction"))
+        if min(geometry.spacing) <= 0:
+            raise _bad(f"{what} spacing must be positive")
+        if abs(np.linalg.det(np.reshape(geometry.direction, (3, 3)))) < 1e-6:
+            raise _bad(f"{what} direction is not an invertible 3x3 matrix")
+        return geometry
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> _Geometry:
+        return cls(list(image.GetOrigin()), list(image.GetSpacing()), list(image.GetDirection()))
+
+    def image(self, array: np.ndarray) -> sitk.Image:
+        image = sitk.GetImageFromArray(array)
+        image.SetOrigin(self.origin)
+        image.SetSpacing(self.spacing)
+        image.SetDirection(self.direction)
+        return image
+
+
+def _options(value: Any) -> Dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _bad("options must be an object")
+    unknown = sorted(set(value) - set(SESSION_OPTIONS))
+    if unknown:
+        raise _bad(f"unknown option(s) {', '.join(unknown)}; a client may set {', '.join(SESSION_OPTIONS)}")
+    options: Dict[str, Any] = {}
+    if value.get("cross_patch") is not None:
+        options["cross_patch"] = _boolean(value["cross_patch"], "cross_patch")
+    if value.get("max_patches") is not None:
+        options["max_patches"] = _whole(value["max_patches"], "max_patches")
+    for name in ("box_lps", "cross_patch_box_lps"):
+        if value.get(name) is not None:
+            options[name] = _corners(value[name], name)
+    return options
+
+
+@dataclass
+class _Outcome:
+    """What a session job gives back; encoded off the worker thread."""
+
+    update: MaskUpdate
+    timing: Dict[str, float]
+    clicks: int
+    patches_open: int
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, session: InteractiveSession, update: MaskUpdate, **extra: Any) -> _Outcome:
+        return cls(update, dict(session.last_timing), len(session.clicks), session.patch_count, extra)
+
+    def to_json(self) -> Dict[str, Any]:
+        return {"update": wire.encode_update(self.update), "timing": self.timing, "clicks": self.clicks,
+                "patches_open": self.patches_open, **self.extra}
+
+
+def _check_count(session: InteractiveSession, expected: Optional[int]) -> None:
+    count = len(session.clicks)
+    if expected is not None and expected != count:
+        raise ApiError(409, wire.KIND_CLICK_COUNT,
+                       f"the session has {count} clicks, not the {expected} this request expects", clicks=count)
+
+
+def _check_room(count: int) -> None:
+    if count > MAX_SESSION_CLICKS:
+        raise SessionInputError(f"this server takes at most {MAX_SESSION_CLICKS} clicks per session")
+
+
+# ----------------------------------------------------------------------------------- the server
+class _Server:
+    """The application's state and its route handlers (``create_app`` wires them into FastAPI)."""
+
+    def __init__(self, network: Any, *, device: Any, precision: str, tokens: Optional[Sequence[str]],
+                 max_sessions: int, max_image_bytes: int, image_cache_bytes: int, idle_timeout_s: float,
+                 sweep_interval_s: Optional[float], max_queued_per_session: int,
+                 model_info: Optional[Mapping[str, Any]]) -> None:
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(network, self.device, precision)
+        self.network = network
+        # Prepared (and warmed up) now rather than at the first user's click; every session then gets this
+        # prepared network back from prepare_network, which keeps it.
+        prepare_network(network, self.device, self.precision)
+        self.tokens = None if tokens is None else [token.encode("utf-8") for token in tokens]
+        self.max_image_bytes = max_image_bytes
+        self.model_info = dict(model_info or {})
+        self.metrics = Metrics()
+        self.images = ImageCache(image_cache_bytes)
+        self.registry = SessionRegistry(self.metrics, max_sessions=max_sessions, idle_timeout_s=idle_timeout_s,
+                                        max_pending_per_session=max_queued_per_session,
+                                        sweep_interval_s=sweep_interval_s, release=self._release_memory)
+
+    # ------------------------------------------------------------------ plumbing
+    async def authorize(self, request: Request) -> Optional[int]:
+        """The index of the request's token (None on a server without tokens); 401 without a valid one.
+        Every token is compared, in constant time, so the answer's timing tells nothing about them."""
+        if self.tokens is None:
+            return None
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():
+            raise ApiError(401, wire.KIND_UNAUTHORIZED, "this server needs a token: Authorization: Bearer TOKEN")
+        presented = given.strip().encode("latin-1")
+        match = None
+        for index, token in enumerate(self.tokens):
+            if hmac.compare_digest(presented, token) and match is None:
+                match = index
+        if match is None:
+            raise ApiError(401, wire.KIND_UNAUTHORIZED, "the bearer token is not one this server accepts")
+        return match
+
+    async def read_body(self, request: Request, limit: int) -> bytes:
+        """The request body, refused with 413 past ``limit`` bytes: by its Content-Length before anything is
+        read, and while it streams in (a chunked body states no length)."""
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not wire.is_whole_number(declared.strip()):
+                raise _bad("Content-Length is not a whole number")
+            if int(declared) > limit:
+                raise ApiError(413, wire.KIND_TOO_LARGE, f"the body is {int(declared)} bytes; this request takes "
+                               f"at most {limit}")
+        chunks = []
+        size = 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise ApiError(413, wire.KIND_TOO_LARGE, f"the body exceeds the {limit} bytes this request takes")
+                chunks.append(chunk)
+        except ClientDisconnect as error:
+            raise _bad("the client went away before its body arrived") from error
+        return b"".join(chunks)
+
+    async def read_json(self, request: Request) -> Dict[str, Any]:
+        body = await self.read_body(request, MAX_JSON_BYTES)
+        try:
+            value = json.loads(body) if body else {}
+        except ValueError as error:
+            raise _bad(f"the body is not valid JSON ({error})") from error
+        if not isinstance(value, dict):
+            raise _bad("the body must be a JSON object")
+        return value
+
+    async def answer(self, session_id: str, owner: Optional[int], kind: str,
+                     work: Callable[[InteractiveSession], _Outcome]) -> JSONResponse:
+        """Runs ``work(session)`` on the worker, behind the session's earlier requests, and answers its outcome
+        (encoded off the worker); the session's refusals become 400 "input" answers."""
+        def guarded(session: InteractiveSession) -> _Outcome:
+            try:
+                return work(session)
+            except SessionInputError as error:
+                raise ApiError(400, wire.KIND_INPUT, str(error)) from error
+
+        outcome = await asyncio.wrap_future(self.registry.run(session_id, owner, kind, guarded))
+        return JSONResponse(await run_in_threadpool(outcome.to_json))
+
+    def array_of(self, digest: str, what: str) -> np.ndarray:
+        array = self.images.get(digest)
+        if array is None:
+            raise ApiError(404, wire.KIND_UNKNOWN_IMAGE, f"the server does not hold the {what} {digest}: upload it "
+                           f"with PUT {wire.API}/images/{digest}", image=digest)
+        return array
+
+    def initial_mask(self, body: Mapping[str, Any]) -> Optional[Tuple[np.ndarray, Optional[_Geometry]]]:
+        """The uploaded initial mask a request names, with its geometry when it states one."""
+        if body.get("initial_mask") is None:
+            return None
+        array = self.array_of(_digest(body["initial_mask"], "initial_mask"), "initial mask")
+        if array.dtype != np.uint8:
+            raise _bad(f"an initial mask must be uploaded as uint8, not {array.dtype.name}")
+        geometry = body.get("initial_mask_geometry")
+        if geometry is None:
+            return array, None
+        if not isinstance(geometry, dict):
+            raise _bad("initial_mask_geometry must be an object")
+        return array, _Geometry.parse(geometry, "initial_mask_geometry")
+
+    @staticmethod
+    def mask_image(mask: Optional[Tuple[np.ndarray, Optional[_Geometry]]], image: sitk.Image) -> Optional[sitk.Image]:
+        """The initial mask as an image, on its stated grid or else the image's (the session checks it)."""
+        if mask is None:
+            return None
+        array, geometry = mask
+        return (geometry or _Geometry.of(image)).image(array)
+
+    def _release_memory(self) -> None:
+        """Hands the memory of dropped sessions back: the GPU's to the device, and the heap's to the system
+        (glibc would keep it for reuse, and the server's footprint would stay that of its busiest hour)."""
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
+        trim = _malloc_trim()
+        if trim is not None:
+            trim(0)
+
+    # ------------------------------------------------------------------ routes
+    async def health(self) -> Dict[str, Any]:
+        return {"status": "ok", "version": __version__, "sessions": len(self.registry),
+                "max_sessions": self.registry.max_sessions, "queue": self.registry.pending(),
+                "device": str(self.device), "precision": self.precision, "model": self.model_info,
+                "max_image_bytes": self.max_image_bytes}
+
+    async def metrics_text(self, request: Request) -> Response:
+        await self.authorize(request)
+        gauges = [
+            Gauge("ctsam3d_sessions_open", "Sessions open now.", len(self.registry)),
+            Gauge("ctsam3d_queue_length", "Jobs waiting for the network worker.", self.registry.pending()),
+            Gauge("ctsam3d_images_cached", "Uploaded arrays held.", len(self.images)),
+            Gauge("ctsam3d_images_cached_bytes", "Bytes of uploaded arrays held.", self.images.bytes),
+        ]
+        resident = resident_memory_bytes()
+        if resident is not None:
+            gauges.append(Gauge("process_resident_memory_bytes", "Resident memory of the server process.", resident))
+        if self.device.type == "cuda":
+            import torch
+
+            gauges += [
+                Gauge("ctsam3d_gpu_memory_allocated_bytes", "GPU memory held by tensors.",
+                      torch.cuda.memory_allocated(self.device)),
+                Gauge("ctsam3d_gpu_memory_reserved_bytes", "GPU memory reserved by torch's allocator.",
+                      torch.cuda.memory_reserved(self.device)),
+            ]
+        return Response(self.metrics.render(gauges), media_type=CONTENT_TYPE)
+
+    async def has_image(self, digest: str, request: Request) -> Response:
+        await self.authorize(request)
+        return Response(status_code=200 if wire.is_digest(digest) and self.images.get(digest) is not None else 404)
+
+    async def put_image(self, digest: str, request: Request) -> Response:
+        await self.authorize(request)
+        _digest(digest, "the image's name")
+        dtype = wire.parse_dtype(request.headers.get(wire.DTYPE_HEADER, ""))
+        shape = wire.parse_shape(request.headers.get(wire.SHAPE_HEADER, ""))
+        raw_bytes = math.prod(shape) * dtype.itemsize
+        if raw_bytes > self.max_image_bytes:
+            raise ApiError(413, wire.KIND_TOO_LARGE, f"the array is {raw_bytes / 2**20:.1f} MiB; this server takes "
+                           f"at most {self.max_image_bytes / 2**20:.1f} MiB (ctsam3d serve --max-image-mb)")
+        body = await self.read_body(request, wire.compressed_limit(raw_bytes))
+        array = await run_in_threadpool(_checked_upload, body, dtype, shape, digest)
+        self.images.put(digest, array)
+        return JSONResponse({"image": digest, "bytes": raw_bytes}, status_code=201)
+
+    async def open_session(self, request: Request) -> JSONResponse:
+        owner = await self.authorize(request)
+        body = await self.read_json(request)
+        array = self.array_of(_digest(body.get("image"), "image"), "image")
+        geometry = _Geometry.parse(body, "the image's")
+        options = _options(body.get("options"))
+        initial = self.initial_mask(body)
+        cautions: List[str] = []
+
+        def build() -> InteractiveSession:
+            image = geometry.image(array)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                try:
+                    session = InteractiveSession(self.network, image, device=self.device, precision=self.precision,
+                                                 initial_mask=self.mask_image(initial, image), **options)
+                except ValueError as error:  # SessionInputError, or an option the session refuses
+                    raise ApiError(400, wire.KIND_INPUT, str(error)) from error
+            cautions.extend(str(warning.message) for warning in caught)
+            return session
+
+        session_id, future = self.registry.open(owner, build)
+        await asyncio.wrap_future(future)
+        return JSONResponse({"session": session_id, "clicks": 0, "patches_open": 0, "device": str(self.device),
+                             "precision": self.precision, "warnings": cautions}, status_code=201)
+
+    async def click(self, session_id: str, request: Request) -> Response:
+        owner = await self.authorize(request)
+        body = await self.read_json(request)
+        point = _numbers(body.get("point_lps"), 3, "point_lps")
+        positive = _boolean(body.get("positive", True), "positive")
+        expected = _expected_clicks(body)
+
+        def work(session: InteractiveSession) -> _Outcome:
+            _check_count(session, expected)
+            _check_room(len(session.clicks) + 1)
+            return _Outcome.of(session, session.add_click(point, positive))
+
+        return await self.answer(session_id, owner, "click", work)
+
+    async def box(self, session_id: str, request: Request) -> Response:
+        owner = await self.authorize(request)
+        body = await self.read_json(request)
+        corners = _corners(body.get("corners_lps"), "corners_lps")
+        expected = _expected_clicks(body)
+
+        def work(session: InteractiveSession) -> _Outcome:
+            _check_count(session, expected)
+            _check_room(len(session.clicks) + 1)
+            update = session.add_box(*corners)
+            point_lps, positive = session.clicks[-1]
+            return _Outcome.of(session, update, click=[list(point_lps), positive])
+
+        return await self.answer(session_id, owner, "box", work)
+
+    async def undo(self, session_id: str, request: Request) -> Response:
+        owner = await self.authorize(request)
+        expected = _expected_clicks(await self.read_json(request))
+
+        def work(session: InteractiveSession) -> _Outcome:
+            _check_count(session, expected)
+            try:
+                return _Outcome.of(session, session.undo())
+            except IndexError as error:
+                raise ApiError(409, wire.KIND_NOTHING_TO_UNDO, str(error)) from error
+
+        return await self.answer(session_id, owner, "undo", work)
+
+    async def set_clicks(self, session_id: str, request: Request) -> Response:
+        owner = await self.authorize(request)
+        listed = (await self.read_json(request)).get("clicks")
+        if not isinstance(listed, list) or not all(isinstance(item, list) and len(item) == 2 for item in listed):
+            raise _bad("clicks must be a list of [[x, y, z], positive] pairs")
+        clicks = [(_numbers(point, 3, "a click's point"), _boolean(positive, "a click's sign"))
+                  for point, positive in listed]
+
+        def work(session: InteractiveSession) -> _Outcome:
+            _check_room(len(clicks))
+            return _Outcome.of(session, session.set_clicks(clicks))
+
+        return await self.answer(session_id, owner, "set_clicks", work)
+
+    async def reset(self, session_id: str, request: Request) -> Response:
+        owner = await self.authorize(request)
+        initial = self.initial_mask(await self.read_json(request))
+
+        def work(session: InteractiveSession) -> _Outcome:
+            session.reset(self.mask_image(initial, session.image))
+            return _Outcome.of(session, MaskUpdate.nothing())
+
+        return await self.answer(session_id, owner, "reset", work)
+
+    async def mask(self, session_id: str, request: Request) -> Response:
+        owner = await self.authorize(request)
+        def work(session: InteractiveSession) -> _Outcome:
+            return _Outcome.of(session, MaskUpdate((0, 0, 0), session.mask_array()))
+
+        return await self.answer(session_id, owner, "mask", work)
+
+    async def close_session(self, session_id: str, request: Request) -> Response:
+        owner = await self.authorize(request)
+        await asyncio.wrap_future(self.registry.close(session_id, owner))
+        return Response(status_code=204)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's ``malloc_trim``, where there is one (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def _checked_upload(body: bytes, dtype: np.dtype, shape: Tuple[int, int, int], digest: str) -> np.ndarray:
+    """The uploaded array, once it decompresses to exactly its stated size and has the digest it is named by."""
+    array = wire.decode_array(body, dtype, shape)
+    found = wire.array_digest(array)
+    if found != digest:
+        raise wire.WireError(f"the upload's SHA-256 (of its voxels, dtype and shape) is {found}, not the {digest} "
+                             "it was sent as")
+    return array
+
+
+class _RequestMetrics:
+    """ASGI middleware: each answered request's latency and status, labelled by route template (never by
+    the path itself, which holds session ids)."""
+
+    def __init__(self, app: Any, metrics: Metrics, routes: Callable[[], Sequence[Any]]) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    async def __call__(self, scope: Dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [500]
+
+        async def record_status(message: Dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            self.metrics.observe_request(self._route(scope), scope["method"], status[0], time.perf_counter() - started)
+
+    def _route(self, scope: Dict[str, Any]) -> str:
+        for route in self.routes():
+            match, _ = route.matches(scope)
+            if match != Match.NONE:
+                return route.path
+        return "other"
+
+
+def create_app(
+    network: Any,
+    *,
+    device: Any = "auto",
+    precision: str = "auto",
+    tokens: Optional[Sequence[str]] = None,
+    max_sessions: int = 32,
+    max_image_bytes: int = 1 << 30,
+    image_cache_bytes: Optional[int] = None,
+    idle_timeout_s: float = 1800.0,
+    sweep_interval_s: Optional[float] = None,
+    max_queued_per_session: int = 32,
+    model_info: Optional[Mapping[str, Any]] = None,
+) -> FastAPI:
+    """The server's FastAPI application around ``network`` (any ``PromptableNetwork``: tests and benchmarks
+    pass stand-ins), prepared once for ``device`` at ``precision``.
+
+    ``tokens``: bearer tokens, one of which every request but /health must bring (None: none needed, for a
+    server on loopback only). ``max_image_bytes`` bounds one uploaded array (decompressed);
+    ``image_cache_bytes`` (default: twice that) the uploaded arrays kept. Sessions idle for
+    ``idle_timeout_s`` are closed, checked every ``sweep_interval_s`` (default: a quarter of the timeout,
+    at most 30 s). ``model_info`` is shown by /health (e.g. the weights file and its SHA-256).
+    """
+    if max_sessions < 1 or max_image_bytes < 1 or idle_timeout_s <= 0 or max_queued_per_session < 1:
+        raise ValueError("max_sessions, max_image_bytes, idle_timeout_s and max_queued_per_session must be positive")
+    if tokens is not None and not tokens:
+        raise ValueError("tokens must hold at least one token (or be None for a loopback-only server)")
+    server = _Server(network, device=device, precision=precision, tokens=tokens, max_sessions=max_sessions,
+                     max_image_bytes=max_image_bytes,
+                     image_cache_bytes=image_cache_bytes if image_cache_bytes is not None else 2 * max_image_bytes,
+                     idle_timeout_s=idle_timeout_s, sweep_interval_s=sweep_interval_s,
+                     max_queued_per_session=max_queued_per_session, model_info=model_info)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        server.registry.start()
+        try:
+            yield
+        finally:
+            server.registry.stop()
+
+    app = FastAPI(title="CT-SAM3D", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.server = server
+    session = f"{wire.API}/sessions/{{session_id}}"
+    for path, methods, endpoint in [
+        ("/health", ["GET"], server.health),
+        ("/metrics", ["GET"], server.metrics_text),
+        (f"{wire.API}/images/{{digest}}", ["HEAD"], server.has_image),
+        (f"{wire.API}/images/{{digest}}", ["PUT"], server.put_image),
+        (f"{wire.API}/sessions", ["POST"], server.open_session),
+        (f"{session}/click", ["POST"], server.click),
+        (f"{session}/box", ["POST"], server.box),
+        (f"{session}/undo", ["POST"], server.undo),
+        (f"{session}/clicks", ["PUT"], server.set_clicks),
+        (f"{session}/reset", ["POST"], server.reset),
+        (f"{session}/mask", ["GET"], server.mask),
+        (session, ["DELETE"], server.close_session),
+    ]:
+        app.add_api_route(path, endpoint, methods=methods)
+
+    refusals: Dict[type, Tuple[int, str]] = {
+        UnknownSessionError: (404, wire.KIND_UNKNOWN_SESSION),
+        SessionsFullError: (503, wire.KIND_BUSY),
+        QueueFullError: (429, wire.KIND_BUSY),
+    }
+
+    async def refused(_: Request, error: Exception) -> JSONResponse:
+        if isinstance(error, ApiError):
+            headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+            return _error_response(error.status, error.kind, str(error), headers, **error.extra)
+        if isinstance(error, wire.WireError):
+            return _error_response(error.status, error.kind, str(error))
+        if isinstance(error, UnknownSessionError):
+            return _error_response(404, wire.KIND_UNKNOWN_SESSION, "no such session: it was closed, expired, or "
+                                   "never opened (with this token)")
+        status, kind = refusals[type(error)]
+        return _error_response(status, kind, str(error))
+
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        kind = wire.KIND_NOT_FOUND if error.status_code == 404 else wire.KIND_BAD_REQUEST
+        return _error_response(error.status_code, kind, str(error.detail), dict(error.headers or {}))
+
+    async def crashed(request: Request, error: Exception) -> JSONResponse:
+        log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+        return _error_response(500, wire.KIND_INTERNAL, f"internal server error ({type(error).__name__}; the "
+                               "server's log has the details)")
+
+    for error_type in (ApiError, wire.WireError, *refusals):
+        app.add_exception_handler(error_type, refused)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, crashed)
+    app.add_middleware(_RequestMetrics, metrics=server.metrics, routes=lambda: app.router.routes)
+    return app
+
+
+class BackgroundServer:
+    """An app served by uvicorn on a thread of this process, on loopback by default: for tests, benchmarks
+    and programs that embed the server. ``port`` 0 takes a free port (``port`` then tells which)."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+        self.app, self.host, self.port, self.log_level = app, host, port, log_level
+        self._server: Optional[uvicorn.Server] = None
+        self._thread: Optional[threading.Thread] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> BackgroundServer:
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host=self.host, port=self.port,
+                                                     log_level=self.log_level, lifespan="on"))
+        self._thread = threading.Thread(target=self._server.run, name="ctsam3d-uvicorn", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start on {self.host}:{self.port}")
+            time.sleep(0.01)
+        self.port = self._server.servers[0].sockets[0].getsockname()[1]
+        return self
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self._server is not None and self._thread is not None:
+            self._server.should_exit = True
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                raise RuntimeError(f"uvicorn on {self.url} did not stop within {timeout_s} s")
+
+    def __enter__(self) -> BackgroundServer:
+        return self.start() if self._server is None else self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()
