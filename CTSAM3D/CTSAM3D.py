@@ -67,10 +67,7 @@ class CTSAM3DWidget(ScriptedLoadableModuleWidget):
         self._cancelDownload = threading.Event()
         self._progress = (0, None)
 
-        weightsSection = ctk.ctkCollapsibleButton()
-        weightsSection.text = "Network weights"
-        self.layout.addWidget(weightsSection)
-        weightsForm = qt.QFormLayout(weightsSection)
+        weightsForm = self._addSection("Network weights")
         self.weightsPathEdit = ctk.ctkPathLineEdit()
         self.weightsPathEdit.filters = ctk.ctkPathLineEdit.Files
         self.weightsPathEdit.nameFilters = ["PyTorch checkpoint (*.pth *.pt)"]
@@ -102,10 +99,7 @@ class CTSAM3DWidget(ScriptedLoadableModuleWidget):
 
         self._setupServerSection()
 
-        modelSection = ctk.ctkCollapsibleButton()
-        modelSection.text = "Model"
-        self.layout.addWidget(modelSection)
-        modelForm = qt.QFormLayout(modelSection)
+        modelForm = self._addSection("Model")
         self.deviceCombo = qt.QComboBox()
         self.deviceCombo.addItems(list(DEVICES))
         self.deviceCombo.currentText = self.logic.device
@@ -131,11 +125,15 @@ class CTSAM3DWidget(ScriptedLoadableModuleWidget):
         self._statusTimer.connect("timeout()", self.updateStatus)
         self.updateStatus()
 
-    def _setupServerSection(self):
+    def _addSection(self, title):
+        """A collapsible section of the panel; returns its form layout."""
         section = ctk.ctkCollapsibleButton()
-        section.text = "Where the network runs"
+        section.text = title
         self.layout.addWidget(section)
-        form = qt.QFormLayout(section)
+        return qt.QFormLayout(section)
+
+    def _setupServerSection(self):
+        form = self._addSection("Where the network runs")
         self.runOnCombo = qt.QComboBox()
         self.runOnCombo.addItems(list(RUN_ON))
         self.runOnCombo.toolTip = (
