@@ -142,17 +142,18 @@ def run(args: argparse.Namespace) -> int:
 
 def _prompt(session: Any, box: Optional[Tuple[Point, Point]], clicks: List[Tuple[Point, bool]],
             initial_mask_path: Optional[Path]) -> None:
-    """Gives the session (local or remote) the box, first, and the clicks, printing what each took."""
+    """Gives the session (local or remote) the box, first, and the clicks, printing what each took and the
+    box of voxels it changed (the whole mask is built once, for the file)."""
     if initial_mask_path is not None:
         print(f"starting from {initial_mask_path} ({int(session.mask_array().sum())} voxels)")
     prompts = ([("box", box)] if box is not None else []) + [("click", click) for click in clicks]
     for number, (kind, prompt) in enumerate(prompts, start=1):
         if kind == "box":
-            session.add_box(*prompt)
+            update = session.add_box(*prompt)
             point_lps, positive = session.clicks[-1]
         else:
             point_lps, positive = prompt
-            session.add_click(point_lps, positive)
+            update = session.add_click(point_lps, positive)
         steps = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in session.last_timing.items()
                           if not name.startswith("patches_") and name != "total")
         steps += f"; total {session.last_timing['total'] * 1000:.0f} ms"
@@ -160,7 +161,10 @@ def _prompt(session: Any, box: Optional[Tuple[Point, Point]], clicks: List[Tuple
         coordinates = ", ".join(f"{v:.1f}" for v in point_lps)
         decoded = int(session.last_timing["patches_decoded"])
         what = "box, centre" if kind == "box" else f"click {number} ({sign})"
-        print(f"{what} at LPS ({coordinates}): {steps}; patches decoded: {decoded}, open: {session.patch_count}")
+        changed = "nothing" if update.empty else (
+            f"{'x'.join(str(n) for n in update.size)} voxels from index ({', '.join(str(i) for i in update.start)})")
+        print(f"{what} at LPS ({coordinates}): {steps}; patches decoded: {decoded}, open: {session.patch_count}; "
+              f"changed: {changed}")
 
 
 def _local_session(args: argparse.Namespace, image: Any, options: Dict[str, Any]) -> Any:

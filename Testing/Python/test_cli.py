@@ -1,6 +1,7 @@
 """The ``ctsam3d segment`` command end to end, as the README shows it."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -30,7 +31,15 @@ def test_segment_writes_a_mask_in_the_ct_geometry(tmp_path, data_dir, small_weig
     printed = capsys.readouterr().out
     assert "click 1 (+)" in printed and "decode" in printed and "encode" in printed
     assert "open: 1" in printed or "open: 2" in printed
+    changed = re.search(r"changed: (\d+)x(\d+)x(\d+) voxels from index \((\d+), (\d+), (\d+)\)", printed)
+    assert changed, printed
     mask = sitk.ReadImage(str(output))
+    # Only what the click changed: inside the printed box, and nothing outside it.
+    size, start = [int(v) for v in changed.groups()[:3]], [int(v) for v in changed.groups()[3:]]
+    inside = np.zeros(image.GetSize()[::-1], dtype=bool)
+    inside[tuple(slice(s, s + n) for s, n in zip(start[::-1], size[::-1]))] = True
+    written = sitk.GetArrayFromImage(mask) != 0
+    assert written[inside].any() and not written[~inside].any()
     assert mask.GetSize() == image.GetSize()
     np.testing.assert_allclose(mask.GetOrigin(), image.GetOrigin())
     np.testing.assert_allclose(mask.GetDirection(), image.GetDirection())
