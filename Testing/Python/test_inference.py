@@ -2,6 +2,8 @@
 agreement of whole decodes on patches of the real CTs (Dice >= 0.99). Speed is measured by
 bench/bench_inference.py, never here."""
 
+import copy
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
@@ -138,6 +140,7 @@ def test_padding_clicks_to_the_maximum_leaves_the_click_maps_unchanged():
 def test_sessions_on_one_network_share_one_preparation_until_its_weights_change(net, monkeypatch):
     """The warm-up (and on CUDA the graph's capture) happens once per loaded network, not per session."""
     precision = OPTIMISED[0]
+    net = copy.deepcopy(net)  # one that no earlier test has prepared
     made = []
     original = PreparedNetwork.__init__
 
