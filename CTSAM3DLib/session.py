@@ -58,8 +58,9 @@ _NESTED_STEPS = ("sample", "encode", "decode")
 SAMPLING = ("auto", "exact", "device")
 """How patches are cut from the CT: "exact" through SimpleITK on the CPU (bit-exact with the authors'
 pipeline), "device" with torch where the network runs (``geometry.DeviceVolume``: on a GPU the volume
-stays there; on a CPU it takes about half the time). "auto" is exact for the float32 network on a CPU
-(the path the parity tests check) and device otherwise."""
+stays there; on a CPU it takes about half the time). "auto" is device on CUDA and for the optimised
+precisions on a CPU; exact for the float32 network on a CPU (the path the parity tests check) and on
+Apple MPS (where torch's 3D grid_sample, which oblique scans need, is not implemented everywhere)."""
 
 
 @dataclass
@@ -192,7 +193,8 @@ class InteractiveSession:
         self.grid = SourceGrid(image)
         self._limits = PropagationLimits(self.lattice, self.grid, max_patches, self.cross_patch_box_lps)
         if sampling == "auto":
-            sampling = "exact" if (self.device.type, self.precision) == ("cpu", "float32") else "device"
+            on_device = self.device.type == "cuda" or (self.device.type == "cpu" and self.precision != "float32")
+            sampling = "device" if on_device else "exact"
         self.sampling = sampling
         self._device_volume = DeviceVolume(image, self.lattice, self.device) if sampling == "device" else None
         self.last_timing: Dict[str, float] = {}

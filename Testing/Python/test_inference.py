@@ -345,3 +345,12 @@ def test_a_session_sampling_on_the_device_agrees_with_the_exact_path(net, data_d
     assert exact_mask.sum() > 0 and patches == exact_patches > 1
     assert dice >= 0.999
     assert np.abs(probability - exact_probability).max() <= 1e-3
+
+
+def test_auto_sampling_is_exact_for_the_float32_cpu_path_and_on_the_device_for_the_others(net, data_dir):
+    image = sitk.ReadImage(str(data_dir / "abdomen-ct-3mm" / "ct.nii.gz"))
+    assert InteractiveSession(net, image, device="cpu", precision="float32").sampling == "exact"
+    for precision in OPTIMISED:
+        assert InteractiveSession(net, image, device="cpu", precision=precision).sampling == "device"
+    with pytest.raises(ValueError, match="unknown sampling 'gpu'"):
+        InteractiveSession(net, image, device="cpu", sampling="gpu")
