@@ -354,12 +354,16 @@ class DeviceVolume:
     click's work on the GPU. Values agree with ``Lattice.sample`` to rounding: on integer scans whose
     voxels the lattice points hit exactly, either side's rounding may truncate an integer value to the
     next one below, so about 1% of voxels differ by 1 HU there. The float32 network on a CPU keeps
-    ``Lattice.sample``, the path the parity tests check.
+    ``Lattice.sample``, the path the parity tests check. ``for_mask`` makes one that samples a 0/1 mask
+    as ``Lattice.sample_mask`` does.
     """
 
-    def __init__(self, image: sitk.Image, lattice: Lattice, device: torch.device) -> None:
+    def __init__(self, image: sitk.Image, lattice: Lattice, device: torch.device, *, outside: float = OUTSIDE_HU,
+                 bounded_by_lattice: bool = True, truncates: Optional[bool] = None) -> None:
         values = sitk.GetArrayViewFromImage(image)
-        self.truncates = bool(np.issubdtype(values.dtype, np.integer))
+        self.truncates = bool(np.issubdtype(values.dtype, np.integer)) if truncates is None else truncates
+        self.outside = outside
+        self.bounded_by_lattice = bounded_by_lattice
         if values.dtype not in (np.int16, np.uint8, np.float32):
             values = values.astype(np.float32)
         self._image = image  # the voxels' owner: on the CPU the tensor is a read-only view of them
@@ -369,8 +373,15 @@ class DeviceVolume:
         self.grid = SourceGrid(image)
         self.lattice = lattice
 
+    @classmethod
+    def for_mask(cls, mask: sitk.Image, lattice: Lattice, device: torch.device) -> DeviceVolume:
+        """A 0/1 mask (uint8: a quarter of float32's device memory) sampled as ``Lattice.sample_mask``
+        samples it: linear fractions at its border, 0 beyond its extent, nothing truncated."""
+        return cls(mask, lattice, device, outside=0.0, bounded_by_lattice=False, truncates=False)
+
     def sample(self, geometries: Sequence[PatchGeometry]) -> torch.Tensor:
-        """Hounsfield units of the patches, (N, S, S, S) float32 on the volume's device, (z, y, x)."""
+        """The patches' values (Hounsfield units for a CT), (N, S, S, S) float32 on the volume's device,
+        (z, y, x)."""
         return torch.stack([self._sample_one(geometry) for geometry in geometries])
 
     def _sample_one(self, geometry: PatchGeometry) -> torch.Tensor:
@@ -378,7 +389,7 @@ class DeviceVolume:
         size = geometry.size
         region = self.grid.region_of(geometry)
         if region is None:
-            return torch.full((size,) * 3, OUTSIDE_HU, device=device)
+            return torch.full((size,) * 3, self.outside, device=device)
         block = self.voxels[region.slices].to(torch.float32)
         aligned = self._sample_axis_aligned(geometry, region, block)
         if aligned is not None:
@@ -388,7 +399,7 @@ class DeviceVolume:
         inside = ((index >= -0.5) & (index < extent - 0.5)).all(dim=-1)
         lattice_index = torch.arange(size, device=device)
         start = geometry.start_index
-        for axis in range(3):  # (x, y, z) lattice axes are the volume's dims 2, 1, 0
+        for axis in range(3 if self.bounded_by_lattice else 0):  # (x, y, z) lattice axes are dims 2, 1, 0
             on_lattice = (lattice_index + start[axis] >= 0) & (lattice_index + start[axis] < self.lattice.size[axis])
             inside &= on_lattice.view([-1 if dim == 2 - axis else 1 for dim in range(3)])
         local = index - torch.tensor(region.start, dtype=torch.float32, device=device)
@@ -402,7 +413,7 @@ class DeviceVolume:
     def _finish(self, sampled: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
         if self.truncates:
             sampled = torch.trunc(sampled)
-        return torch.where(inside, sampled, torch.full_like(sampled, OUTSIDE_HU))
+        return torch.where(inside, sampled, torch.full_like(sampled, self.outside))
 
     def _sample_axis_aligned(self, geometry: PatchGeometry, region: SourceRegion,
                              block: torch.Tensor) -> Optional[torch.Tensor]:
@@ -420,8 +431,9 @@ class DeviceVolume:
             source = sources[axis]
             index = steps * float(matrix[source, axis]) + float(offset[source])
             lattice_index = steps + geometry.start_index[axis]
-            valid.append(((index >= -0.5) & (index < self.grid.size[source] - 0.5) & (lattice_index >= 0)
-                          & (lattice_index < self.lattice.size[axis])).to(device))
+            on_lattice = (lattice_index >= 0) & (lattice_index < self.lattice.size[axis])
+            in_image = (index >= -0.5) & (index < self.grid.size[source] - 0.5)
+            valid.append((in_image & on_lattice if self.bounded_by_lattice else in_image).to(device))
             positions.append((index - region.start[source]).to(device=device, dtype=torch.float32))
         # Block dim 2 - s carries source axis s: order it as the source axes moved by lattice z, y, x.
         ordered = block.permute(2 - sources[2], 2 - sources[1], 2 - sources[0])

@@ -200,6 +200,9 @@ class InteractiveSession:
         self.last_timing: Dict[str, float] = {}
         self._initial = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
         self._initial_image: Optional[sitk.Image] = None
+        """The initial mask as float32 for ``Lattice.sample_mask`` (exact sampling; None without one)."""
+        self._initial_volume: Optional[DeviceVolume] = None
+        """The initial mask where the network runs (device sampling; None without one)."""
         self._mask = self._initial.copy()
         self._patches: Dict[int, Patch] = {}
         self._next_patch_id = 0
@@ -294,11 +297,15 @@ class InteractiveSession:
                 )
             self._initial = (sitk.GetArrayFromImage(initial_mask) != 0).astype(np.uint8)
             self._initial_image = None
-            if self._initial.any():
+            self._initial_volume = None
+            if self._initial.any() and self.sampling == "device":
+                self._initial_volume = DeviceVolume.for_mask(self._as_image(self._initial), self.lattice, self.device)
+            elif self._initial.any():
                 self._initial_image = self._as_image(self._initial.astype(np.float32))
         else:
             self._initial[...] = 0
             self._initial_image = None
+            self._initial_volume = None
         self._patches.clear()
         self._history.clear()
         self._mask = self._initial.copy()
@@ -435,6 +442,8 @@ class InteractiveSession:
 
     def _initial_on(self, geometry: PatchGeometry) -> Optional[torch.Tensor]:
         """The initial mask on a patch (1,1,64^3), the patch's first mask prompt; None without one."""
+        if self._initial_volume is not None:
+            return self._initial_volume.sample([geometry])[:, None]
         if self._initial_image is None:
             return None
         return torch.from_numpy(self.lattice.sample_mask(self._initial_image, geometry))[None, None].to(self.device)

@@ -4,6 +4,7 @@ Real CTs of ../shared/data, stand-in networks with exactly known answers, and th
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from standins import PromptFollowingNet, ThresholdNet
 from test_cross_patch import rod_along_x, synthetic_ct
 
@@ -164,3 +165,34 @@ def test_the_command_starts_from_a_mask_and_takes_a_box(tmp_path, data_dir, abdo
     assert main(["segment", "--image", str(image_path), "--weights", str(random_weights), "--box", "1,2,3",
                  "--output", str(tmp_path / "x.nii.gz")]) == 2
     assert "a box is X1,Y1,Z1,X2,Y2,Z2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("orientation", ["as stored", "flipped", "oblique"])
+def test_the_initial_mask_sampled_on_the_device_is_the_exact_paths(abdomen, liver, orientation):
+    """With device sampling the start mask lives where the network runs (DeviceVolume.for_mask, uint8):
+    each patch's first mask prompt equals Lattice.sample_mask's to float rounding, in patches inside,
+    across and beside the liver, and the session's masks after clicks are the exact path's."""
+    from test_inference import reoriented
+
+    from CTSAM3DLib.geometry import DeviceVolume, Lattice
+
+    name = {"as stored": "original"}.get(orientation, orientation)
+    image, mask = reoriented(abdomen, name), reoriented(liver, name)
+    lattice = Lattice.of_image(image)
+    device_mask = DeviceVolume.for_mask(mask, lattice, torch.device("cpu"))
+    exact_image = sitk.Cast(mask, sitk.sitkFloat32)
+    inside = np.argwhere(sitk.GetArrayViewFromImage(mask))
+    centre = image.TransformIndexToPhysicalPoint([int(v) for v in inside[len(inside) // 2][::-1]])
+    geometry = lattice.patch_centred_on(lattice.nearest_index(centre))
+    for patch in (geometry, geometry.shifted((1, 0, 0)), geometry.shifted((-1, -1, 0)), geometry.shifted((3, 3, 3))):
+        np.testing.assert_allclose(device_mask.sample([patch])[0].numpy(), lattice.sample_mask(exact_image, patch),
+                                   atol=1e-3)
+    masks = []
+    for sampling in ("exact", "device"):
+        session = InteractiveSession(PromptFollowingNet(), image, device="cpu", initial_mask=mask, cross_patch=False,
+                                     sampling=sampling)
+        session.add_click(centre, positive=False)
+        session.add_click(np.add(centre, (20.0, 0.0, 0.0)), positive=True)
+        masks.append(session.mask_array().astype(bool))
+    exact, on_device = masks
+    assert 2 * (exact & on_device).sum() / (exact.sum() + on_device.sum()) >= 0.999
