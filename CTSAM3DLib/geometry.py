@@ -238,18 +238,11 @@ class SourceGrid:
     def patch_coordinates(self, region: SourceRegion, patch: PatchGeometry, device: torch.device) -> torch.Tensor:
         """Continuous (x, y, z) patch voxel coordinates of every voxel of ``region``:
         a tensor (nz, ny, nx, 3) on ``device``."""
-        matrix = torch.as_tensor(self.index_to_world / patch.spacing, dtype=torch.float32, device=device)
-        offset = (self.origin_lps - np.array(patch.origin_lps)) / patch.spacing
         x, y, z = (
             torch.arange(s, s + n, dtype=torch.float32, device=device) for s, n in zip(region.start, region.size)
         )
-        # Separable: each index axis contributes one column of the affine map.
-        return (
-            (z[:, None, None, None] * matrix[:, 2])
-            + (y[None, :, None, None] * matrix[:, 1])
-            + (x[None, None, :, None] * matrix[:, 0])
-            + torch.as_tensor(offset, dtype=torch.float32, device=device)
-        )
+        return affine_points(x, y, z, self.index_to_world / patch.spacing,
+                             (self.origin_lps - np.array(patch.origin_lps)) / patch.spacing)
 
     def axis_aligned_coordinates(
         self, region: SourceRegion, patch: PatchGeometry, device: torch.device
@@ -443,16 +436,23 @@ class DeviceVolume:
 
     def _source_indices(self, geometry: PatchGeometry, device: torch.device) -> torch.Tensor:
         """Continuous (x, y, z) source indices of the patch's lattice points, (S, S, S, 3) in (z, y, x) order."""
-        matrix = torch.as_tensor(self.grid.world_to_index * geometry.spacing, dtype=torch.float32, device=device)
-        offset = self.grid.world_to_index @ (np.array(geometry.origin_lps) - self.grid.origin_lps)
         steps = torch.arange(geometry.size, dtype=torch.float32, device=device)
-        return (
-            steps[:, None, None, None] * matrix[:, 2]
-            + steps[None, :, None, None] * matrix[:, 1]
-            + steps[None, None, :, None] * matrix[:, 0]
-            + torch.as_tensor(offset, dtype=torch.float32, device=device)
-        )
+        return affine_points(steps, steps, steps, self.grid.world_to_index * geometry.spacing,
+                             self.grid.world_to_index @ (np.array(geometry.origin_lps) - self.grid.origin_lps))
 
+
+def affine_points(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, matrix: np.ndarray,
+                  offset: np.ndarray) -> torch.Tensor:
+    """``matrix @ (x, y, z) + offset`` at every combination of the 1D coordinates ``x``, ``y``, ``z``
+    (float32 tensors on one device): (nz, ny, nx, 3) float32, built separably (each input axis adds
+    one column of the map)."""
+    columns = torch.as_tensor(matrix, dtype=torch.float32, device=x.device)
+    return (
+        z[:, None, None, None] * columns[:, 2]
+        + y[None, :, None, None] * columns[:, 1]
+        + x[None, None, :, None] * columns[:, 0]
+        + torch.as_tensor(offset, dtype=torch.float32, device=x.device)
+    )
 
 
 def moved_components(matrix: np.ndarray) -> Optional[List[int]]:

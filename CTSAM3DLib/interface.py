@@ -3,8 +3,8 @@
 - ``PromptableNetwork`` / ``CrossPatchNetwork``: what a session needs of a network. The CT-SAM3D
   network (``CTSAM3DLib.model.CTSAM3D``), its prepared forms (``CTSAM3DLib.inference``), the trainer
   and the test stand-ins all have this shape.
-- ``Click``, ``MaskUpdate``, ``SessionInputError``, ``ProgressCallback``: what a session takes and
-  gives back.
+- ``Click``, ``MaskUpdate``, ``SessionInputError``, ``ProgressCallback``, ``checked_point``: what a
+  session takes and gives back, and the check every click passes, here or on a server's client.
 
 This module needs numpy only (torch is named for type checkers), so that a client that runs the
 network elsewhere can use it without torch.
@@ -13,7 +13,7 @@ network elsewhere can use it without torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, List, NamedTuple, Optional, Protocol, Tuple, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, List, NamedTuple, Optional, Protocol, Tuple, runtime_checkable
 
 import numpy as np
 
@@ -55,6 +55,21 @@ class Click(NamedTuple):
 
 class SessionInputError(ValueError):
     """An image or click that the session cannot use; the session is left unchanged."""
+
+
+def checked_point(point_lps: Any, what: str = "a click") -> Tuple[float, float, float]:
+    """A world point (LPS mm) as three floats; SessionInputError naming ``what`` unless it is 3 finite
+    numbers."""
+    try:
+        point = np.asarray(point_lps, dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as error:
+        raise SessionInputError(f"{what} needs 3 numbers (LPS mm), got {point_lps!r}") from error
+    if point.shape != (3,):
+        raise SessionInputError(f"{what} needs 3 coordinates (LPS mm), got {point.size}")
+    if not np.all(np.isfinite(point)):
+        raise SessionInputError(f"{what}'s coordinates must be finite numbers, got "
+                                f"({', '.join(f'{v:g}' for v in point)})")
+    return tuple(float(v) for v in point)
 
 
 ProgressCallback = Callable[[int, int], None]

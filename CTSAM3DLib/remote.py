@@ -34,7 +34,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__
-from .interface import Click, MaskUpdate, ProgressCallback, SessionInputError
+from .interface import Click, MaskUpdate, ProgressCallback, SessionInputError, checked_point
 from .server import wire
 
 __all__ = ["RemoteSession", "ServerError", "server_health"]
@@ -179,23 +179,10 @@ class _InitialMask:
     """The mask as the session sees it: 0/1 uint8, (z, y, x)."""
 
 
-def _point(value: Any, what: str = "a click") -> Tuple[float, float, float]:
-    try:
-        point = np.asarray(value, dtype=np.float64).reshape(-1)
-    except (TypeError, ValueError) as error:
-        raise SessionInputError(f"{what} needs 3 numbers (LPS mm), got {value!r}") from error
-    if point.shape != (3,):
-        raise SessionInputError(f"{what} needs 3 coordinates (LPS mm), got {point.size}")
-    if not np.all(np.isfinite(point)):
-        raise SessionInputError(f"{what}'s coordinates must be finite numbers, got "
-                                f"({', '.join(f'{v:g}' for v in point)})")
-    return tuple(float(v) for v in point)
-
-
 def _corners(corners: Sequence[Any], what: str) -> Corners:
     if corners is None or len(corners) != 2:
         raise SessionInputError(f"{what} needs two corners of 3 finite coordinates (LPS mm)")
-    return _point(corners[0], f"{what}'s corner"), _point(corners[1], f"{what}'s corner")
+    return checked_point(corners[0], f"{what}'s corner"), checked_point(corners[1], f"{what}'s corner")
 
 
 def _geometry(image: sitk.Image) -> Dict[str, List[float]]:
@@ -296,7 +283,7 @@ class RemoteSession:
         """Adds a positive or negative click at a world point (LPS mm); returns what it changed. ``progress``
         hears (0, 1) before the request and (decoded, decoded) after it (the server does not report the
         patches as it goes); an exception from it before the request cancels the click."""
-        click = Click(_point(point_lps), bool(positive))
+        click = Click(checked_point(point_lps), bool(positive))
         update, _ = self._prompt("click", {"point_lps": list(click.point_lps), "positive": click.positive},
                                  progress)
         self._prompts.append(_Prompt(click))
@@ -321,7 +308,7 @@ class RemoteSession:
                    progress: Optional[ProgressCallback] = None) -> MaskUpdate:
         """Makes the click list equal ``clicks`` ((point_lps, positive) pairs), as
         ``InteractiveSession.set_clicks``: prompts they share with the current ones at the start stay."""
-        wanted = [Click(_point(point), bool(positive)) for point, positive in clicks]
+        wanted = [Click(checked_point(point), bool(positive)) for point, positive in clicks]
         if progress is not None:
             progress(0, 1)
         answer = self._on_session("PUT", "clicks", {"clicks": [[list(c.point_lps), c.positive] for c in wanted]})

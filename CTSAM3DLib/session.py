@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -44,6 +44,7 @@ from .interface import (
     ProgressCallback,
     PromptableNetwork,
     SessionInputError,
+    checked_point,
 )
 from .patch import Patch
 from .preprocess import normalize_hu
@@ -238,11 +239,8 @@ class InteractiveSession:
         """The current probability map (float32) on the input's grid; outside every patch, the initial
         mask (0 without one)."""
         volume = self._initial.astype(np.float32)
-        regions = [patch.region for patch in self._patches.values()]
-        if regions:
-            union = regions[0]
-            for region in regions[1:]:
-                union = union.union(region)
+        union = _enclosing(patch.region for patch in self._patches.values())
+        if union is not None:
             volume[union.slices] = self._probability_over(union)
         return self._as_image(volume)
 
@@ -324,12 +322,9 @@ class InteractiveSession:
         common = 0
         while common < min(len(wanted), len(current)) and wanted[common] == current[common]:
             common += 1
-        changed: Optional[SourceRegion] = None
-        for _ in range(len(current) - common):
-            changed = _union(changed, self._take_back())
-        for click in wanted[common:]:
-            changed = _union(changed, self._apply_click(click, progress))
-        return self._update(changed)
+        changed = [self._take_back() for _ in range(len(current) - common)]
+        changed += [self._apply_click(click, progress) for click in wanted[common:]]
+        return self._update(_enclosing(changed))
 
     # ----------------------------------------------------------------- internals
     def _apply_click(self, click: Click, progress: Optional[ProgressCallback]) -> Optional[SourceRegion]:
@@ -381,13 +376,7 @@ class InteractiveSession:
         return MaskUpdate(region.start, self._mask[region.slices].copy())
 
     def _checked_point(self, point_lps: Sequence[float]) -> Tuple[float, float, float]:
-        point = np.asarray(point_lps, dtype=np.float64).reshape(-1)
-        if point.shape != (3,):
-            raise SessionInputError(f"a click needs 3 coordinates (LPS mm), got {point.size}")
-        if not np.all(np.isfinite(point)):
-            raise SessionInputError(
-                f"click coordinates must be finite numbers, got ({', '.join(f'{v:g}' for v in point)})"
-            )
+        point = checked_point(point_lps)
         if not self.grid.contains(point):
             low, high = self.grid.bounds_lps()
             spans = ", ".join(f"{axis} {a:.1f} to {b:.1f}" for axis, a, b in zip("xyz", low, high))
@@ -395,7 +384,7 @@ class InteractiveSession:
                 f"click at LPS ({', '.join(f'{v:.1f}' for v in point)}) mm lies outside the image, which spans "
                 f"LPS {spans} mm"
             )
-        return tuple(float(v) for v in point)
+        return point
 
     def _report_progress(self, timing: Dict[str, float], pending: int) -> None:
         if self._progress is not None:
@@ -587,10 +576,7 @@ class InteractiveSession:
                 decided &= self.grid.inside_box(region, self.box_lps)
             rendered = (probability > MASK_THRESHOLD).cpu().numpy()
             self._mask[region.slices] = np.where(decided, rendered, self._initial[region.slices])
-        changed = None
-        for region in regions:
-            changed = _union(changed, region)
-        return changed
+        return _enclosing(regions)
 
     def _probability_over(self, region: SourceRegion) -> np.ndarray:
         probability, covered = self.grid.assemble(region, self._patch_results(), self.device)
@@ -610,7 +596,10 @@ class InteractiveSession:
             torch.cuda.synchronize(self.device)
 
 
-def _union(a: Optional[SourceRegion], b: Optional[SourceRegion]) -> Optional[SourceRegion]:
-    if a is None or b is None:
-        return a or b
-    return a.union(b)
+def _enclosing(regions: Iterable[Optional[SourceRegion]]) -> Optional[SourceRegion]:
+    """The smallest box holding every region given (None for none)."""
+    enclosing = None
+    for region in regions:
+        if region is not None:
+            enclosing = region if enclosing is None else enclosing.union(region)
+    return enclosing
