@@ -10,6 +10,8 @@ import sys
 import warnings
 from typing import Iterator, List, Optional
 
+from .torch_warnings import hide_torch_internal_warnings
+
 SUBCOMMAND_MODULES = [
     "CTSAM3DLib.commands.segment",
     "CTSAM3DLib.commands.download_weights",
@@ -71,12 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 @contextlib.contextmanager
 def warnings_in_our_words(command: str) -> Iterator[None]:
-    """Print each warning at once as one line naming the command, not as Python's source-line form."""
+    """Print each warning at once as one line naming the command, not as Python's source-line form;
+    warnings from torch's internals not at all (``torch_warnings``)."""
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"ctsam3d {command}: warning: {message}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
+        hide_torch_internal_warnings()
         warnings.showwarning = show
         yield
 

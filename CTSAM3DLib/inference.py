@@ -13,14 +13,14 @@
   here); float32 on CUDA (measured faster than float16 on an H200: cuDNN's 3D float16 kernels gain
   nothing there at equal accuracy, see BENCHMARKS.md); float32 on MPS (float16 there is unmeasured).
 
-On CUDA the decoder is compiled by default with ``torch.compile(mode="reduce-overhead")`` (CUDA
-graphs; measured 3 ms against 9 ms per decode on an H200) for fixed shapes: clicks are padded to
-``MAX_CLICKS`` so one graph serves every click of a single patch (batches of several patches, from
-cross-patch prompting, run uncompiled rather than compiling a graph per batch size). The graph is
-built while the network is prepared (tens of seconds the first time; inductor caches it on disk), so
-no click waits for it; where compilation fails (no Triton, an old GPU) a warning says so and decoding
-runs uncompiled. ``compile=False`` or ``CTSAM3D_COMPILE=0`` switches it off. Prepared networks are
-kept per network, device and precision (and weights version), so sessions share one warm-up.
+On CUDA, a single patch's encode and decode replay CUDA graphs (``CTSAM3DLib.cuda_graph``), captured
+when the network is prepared (well under a second; no compiler): clicks are padded to ``MAX_CLICKS`` and
+a mask prompt is always passed, so one graph serves every click of a patch. Batches of several patches
+(cross-patch prompting) and patches with more than ``MAX_CLICKS`` clicks run eagerly: large batches are
+bound by arithmetic, not launches. Where a capture fails, a warning says so and those calls run eagerly.
+``cuda_graphs=False`` or ``CTSAM3D_CUDA_GRAPHS=0`` switches the graphs off. Nothing is compiled, so no
+click ever waits for a compiler. Prepared networks are kept per network, device and precision (and
+weights version), so sessions share one warm-up.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Any, ContextManager, Dict, List, Optional, Tuple
 import torch
 
 from .constants import MAX_CLICKS, PATCH_SIZE
+from .cuda_graph import StaticCall
 from .interface import PromptableNetwork
 from .model import CTSAM3D
 from .model.fast_decoder import Int8SpadeDecoder
@@ -128,15 +129,25 @@ _PREPARED: weakref.WeakKeyDictionary[CTSAM3D, Dict[tuple, PreparedNetwork]] = we
 """Prepared forms of each loaded network, so that sessions on one network share one preparation."""
 
 
+def cuda_graphs_default() -> bool:
+    """Whether CUDA graphs are used when the caller does not say: yes, unless ``CTSAM3D_CUDA_GRAPHS=0``
+    (or the deprecated ``CTSAM3D_COMPILE=0``, from when the graphs came from torch.compile)."""
+    if "CTSAM3D_COMPILE" in os.environ:
+        warnings.warn("CTSAM3D_COMPILE is deprecated: the decoder is no longer compiled; use CTSAM3D_CUDA_GRAPHS=0 "
+                      "to switch its CUDA graphs off", FutureWarning, stacklevel=3)
+    switch = os.environ.get("CTSAM3D_CUDA_GRAPHS", os.environ.get("CTSAM3D_COMPILE", "1"))
+    return switch.strip() != "0"
+
+
 def prepare_network(net: PromptableNetwork, device: torch.device, precision: str = "auto",
-                    compile: Optional[bool] = None) -> PromptableNetwork:
+                    cuda_graphs: Optional[bool] = None) -> PromptableNetwork:
     """The network ready for ``device`` at ``precision`` (one of ``PRECISIONS``; see ``resolve_precision``).
 
-    A ``torch.nn.Module`` is moved there in eval mode; the CT-SAM3D network at "float32" without
-    compilation is returned itself, otherwise wrapped in a ``PreparedNetwork`` (made once per network,
-    device, precision and weights version) with the same ``encode``/``decode``/``cross_patch``. Any
-    other network runs as it is. ``compile`` (default: on CUDA, unless ``CTSAM3D_COMPILE=0``) compiles
-    the decoder into CUDA graphs; it is ignored elsewhere.
+    A ``torch.nn.Module`` is moved there in eval mode; the CT-SAM3D network at "float32" off CUDA is
+    returned itself, otherwise wrapped in a ``PreparedNetwork`` (made once per network, device,
+    precision and weights version) with the same ``encode``/``decode``/``cross_patch``. Any other
+    network runs as it is. ``cuda_graphs`` (default: ``cuda_graphs_default()``) replays a single
+    patch's encode and decode from CUDA graphs; it is ignored off CUDA.
     """
     precision = resolve_precision(net, device, precision)
     device = torch.device(device)
@@ -144,70 +155,73 @@ def prepare_network(net: PromptableNetwork, device: torch.device, precision: str
         net.to(device).eval()
     if not isinstance(net, CTSAM3D):
         return net
-    if compile is None:
-        compile = os.environ.get("CTSAM3D_COMPILE", "1") != "0"
-    compile = compile and device.type == "cuda"
+    if cuda_graphs is None:
+        cuda_graphs = cuda_graphs_default()
+    cuda_graphs = cuda_graphs and device.type == "cuda"
     # A load_state_dict copies into the parameters in place, which bumps their version counters.
-    key = (str(device), precision, compile, tuple(parameter._version for parameter in net.parameters()))
+    key = (str(device), precision, cuda_graphs, tuple(parameter._version for parameter in net.parameters()))
     prepared = _PREPARED.setdefault(net, {})
     if key not in prepared:
         prepared.clear()
-        if precision == "float32" and not compile:
+        if precision == "float32" and not cuda_graphs:
             warm_up(net, device)
             prepared[key] = net
         else:
-            prepared[key] = PreparedNetwork(net, device, precision, compile=compile)
+            prepared[key] = PreparedNetwork(net, device, precision, cuda_graphs=cuda_graphs)
     return prepared[key]
 
 
 @torch.no_grad()
-def warm_up(network: PromptableNetwork, device: torch.device, decodes: int = 1) -> None:
-    """One encode of an empty patch and ``decodes`` decodes of one click on it: the one-off work of a
-    network's first use (oneDNN primitives, cuDNN plans, a CUDA graph's capture), done before any
-    user's first click."""
+def warm_up(network: PromptableNetwork, device: torch.device) -> None:
+    """One encode of an empty patch and one decode of a click on it: the one-off work of a network's
+    first use (oneDNN primitives, cuDNN plans, loading CUDA kernels), done before any user's first click."""
     image = torch.zeros(1, 1, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE, device=device)
     points = torch.full((1, 1, 3), PATCH_SIZE / 2, device=device)
     labels = torch.ones(1, 1, dtype=torch.int64, device=device)
-    features = network.encode(image)
-    for _ in range(decodes):
-        network.decode(features, points, labels)
+    network.decode(network.encode(image), points, labels)
 
 
 class PreparedNetwork:
-    """``encode``/``decode``/``cross_patch`` of a loaded ``CTSAM3D`` run at another precision.
+    """``encode``/``decode``/``cross_patch`` of a loaded ``CTSAM3D`` run at another precision, or from
+    CUDA graphs.
 
     It reuses the network's own parameters: the int8 decoder keeps only their 8-bit codes (and a
     bfloat16 copy of its upscaling matrices), made once here; nothing is read from disk. Weights
     loaded into the network later are not seen: prepare it again (``prepare_network`` notices). Outputs
-    are float32 whatever the precision. It warms up here (one encode and decode of an empty patch), so
-    that one-off work (oneDNN primitives, CUDA graph capture) is not paid by a user's first click
-    (``warm_up``).
+    are float32 whatever the precision. It warms up here (``warm_up``, and the capture of the graphs),
+    so that no one-off work is paid by a user's first click.
     """
 
-    def __init__(self, net: Any, device: torch.device, precision: str, compile: bool = False) -> None:
+    def __init__(self, net: Any, device: torch.device, precision: str, cuda_graphs: bool = False) -> None:
         self.network = net
         self.device = device
         self.precision = precision
-        self.compiled = compile
         self._int8_decoder = None
         if precision == "int8":
             upscale_dtype = torch.bfloat16 if cpu_bfloat16_native() else torch.float32
             self._int8_decoder = Int8SpadeDecoder(net.mask_decoder, upscale_dtype)
-        self._decode_padded = None
-        if compile:
-            self._decode_padded = torch.compile(self._decode_fixed_shape, mode="reduce-overhead", dynamic=False)
-        self._warm_up()
+        self._graphed_encode: Optional[StaticCall] = None
+        self._graphed_decode: Optional[StaticCall] = None
+        if cuda_graphs:
+            self._capture_graphs()
+        warm_up(self, device)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether a single patch's encode and decode replay CUDA graphs."""
+        return self._graphed_decode is not None
 
     def __repr__(self) -> str:
-        return f"PreparedNetwork(precision={self.precision!r}, device={str(self.device)!r}, compiled={self.compiled})"
+        return (f"PreparedNetwork(precision={self.precision!r}, device={str(self.device)!r}, "
+                f"cuda_graphs={self.cuda_graphs})")
 
     # ------------------------------------------------------------------ interface
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> List[torch.Tensor]:
         """image (B,1,64^3) in [0,1] -> the four float32 feature maps of ``CTSAM3D.encode``."""
-        with self._autocast():
-            features = self.network.encode(image)
-        return [feature.float() for feature in features]
+        if self._graphed_encode is not None and self._graphed_encode.accepts(image):
+            return list(self._graphed_encode(image))
+        return self._encode_eager(image)
 
     @torch.no_grad()
     def decode(
@@ -218,14 +232,12 @@ class PreparedNetwork:
         mask_prompt: Optional[torch.Tensor] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """As ``CTSAM3D.decode``: -> probability (B,1,64^3) float32, quality (B,1) float32."""
-        if self._decode_padded is not None and labels.shape[0] == 1:
-            return self._decode_compiled(features, points, labels, mask_prompt)
+        if self._graphed_decode is not None and labels.shape[0] == 1 and labels.shape[1] <= MAX_CLICKS:
+            return self._graphed_decode(*features, *fixed_shape_prompt(points, labels, mask_prompt))
         if self._int8_decoder is not None:
             prompt = self.network.decoder_prompt(points, labels, mask_prompt, torch.float32)
             return self._int8_decoder(features, prompt)
-        with self._autocast():
-            probability, quality = self.network.decode(features, points, labels, mask_prompt)
-        return probability.float(), quality.float()
+        return self._decode_eager(*features, points, labels, mask_prompt)
 
     @torch.no_grad()
     def cross_patch(self, image: torch.Tensor, mask: torch.Tensor, neighbour_image: torch.Tensor) -> torch.Tensor:
@@ -234,45 +246,60 @@ class PreparedNetwork:
             return self.network.cross_patch(image, mask, neighbour_image).float()
 
     # ------------------------------------------------------------------ internals
-    def _warm_up(self) -> None:
-        """``warm_up`` (with the CUDA graph's capture: replays after the first two calls run from the
-        graph); a compilation that fails leaves the decoder uncompiled, with a warning."""
+    def _capture_graphs(self) -> None:
+        """Captures a single patch's encode and decode; a capture that fails leaves those calls eager,
+        with a warning."""
+        image = torch.zeros(1, 1, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE, device=self.device)
+        points = torch.full((1, 1, 3), PATCH_SIZE / 2, device=self.device)
+        labels = torch.ones(1, 1, dtype=torch.int64, device=self.device)
+        pool = torch.cuda.graph_pool_handle()
         try:
-            warm_up(self, self.device, decodes=3 if self._decode_padded is not None else 1)
-        except Exception as error:  # torch.compile reports a missing compiler or GPU support many ways
-            if self._decode_padded is None:
-                raise
-            warnings.warn(f"compiling the decoder failed ({type(error).__name__}: {error}); decoding uncompiled",
-                          stacklevel=3)
-            self._decode_padded = None
-            self.compiled = False
+            encode = StaticCall(self._encode_eager, [image], capture=True, pool=pool)
+            features = encode(image)
+            decode = StaticCall(self._decode_eager, [*features, *fixed_shape_prompt(points, labels, None)],
+                                capture=True, pool=pool)
+        except RuntimeError as error:  # a GPU or driver without graph support says so many ways
+            warnings.warn(f"capturing the network's CUDA graphs failed ({error}); it runs without them",
+                          stacklevel=4)
+            return
+        self._graphed_encode, self._graphed_decode = encode, decode
+
+    def _encode_eager(self, image: torch.Tensor) -> List[torch.Tensor]:
+        with self._autocast():
+            features = self.network.encode(image)
+        return [feature.float() for feature in features]
+
+    def _decode_eager(self, *inputs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """features..., points, labels, mask_prompt (as ``decode`` takes them, the features spread out)."""
+        *features, points, labels, mask_prompt = inputs
+        with self._autocast():
+            probability, quality = self.network.decode(list(features), points, labels, mask_prompt)
+        return probability.float(), quality.float()
 
     def _autocast(self) -> ContextManager:
         """Autocast for the precision; none for int8, whose encoder and cross-patch U-Net run in
-        float32 (bfloat16 saved at most 20 ms per patch there, for a larger error)."""
+        float32 (bfloat16 saved at most 20 ms per patch there, for a larger error). Its cache of cast
+        weights is off: a CUDA graph cannot record it."""
         dtype = _AUTOCAST_DTYPES.get(self.precision)
         if dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return torch.autocast(device_type=self.device.type, dtype=dtype, cache_enabled=False)
 
-    def _decode_compiled(self, features, points, labels, mask_prompt):
-        """Pads the clicks to MAX_CLICKS (label -1 is skipped by the click maps) and always passes
-        a mask prompt (zeros stand for none, as in ``CTSAM3D.decode``), so the shapes never change
-        and one CUDA graph serves every click."""
-        batch, count = labels.shape
-        if count > MAX_CLICKS:
-            raise ValueError(f"at most {MAX_CLICKS} clicks per patch, got {count}")
-        padded_points = points.new_zeros(batch, MAX_CLICKS, 3)
-        padded_points[:, :count] = points
-        padded_labels = labels.new_full((batch, MAX_CLICKS), -1)
-        padded_labels[:, :count] = labels
-        if mask_prompt is None:
-            mask_prompt = features[0].new_zeros(batch, 1, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE)
-        probability, quality = self._decode_padded(features, padded_points, padded_labels, mask_prompt.float())
-        # CUDA graphs reuse their output buffers on the next replay: hand out copies.
-        return probability.clone(), quality.clone()
 
-    def _decode_fixed_shape(self, features, points, labels, mask_prompt):
-        with self._autocast():
-            probability, quality = self.network.decode(features, points, labels, mask_prompt)
-        return probability.float(), quality.float()
+def fixed_shape_prompt(
+    points: torch.Tensor, labels: torch.Tensor, mask_prompt: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A decode's prompt in one shape for any number of clicks: the clicks padded to ``MAX_CLICKS``
+    (label -1 is skipped by the click maps) and a mask prompt always present (zeros stand for none, as
+    in ``CTSAM3D.decode``). points (B,N,3), labels (B,N), mask_prompt (B,1,64^3) or None
+    -> (B,MAX_CLICKS,3) float32, (B,MAX_CLICKS) int64, (B,1,64^3) float32."""
+    batch, count = labels.shape
+    if count > MAX_CLICKS:
+        raise ValueError(f"at most {MAX_CLICKS} clicks fit the fixed shape, got {count}")
+    padded_points = torch.zeros(batch, MAX_CLICKS, 3, dtype=torch.float32, device=points.device)
+    padded_points[:, :count] = points
+    padded_labels = torch.full((batch, MAX_CLICKS), -1, dtype=torch.int64, device=labels.device)
+    padded_labels[:, :count] = labels
+    if mask_prompt is None:
+        mask_prompt = torch.zeros(batch, 1, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE, device=points.device)
+    return padded_points, padded_labels, mask_prompt.float()

@@ -51,14 +51,16 @@ def touched_offsets(mask: torch.Tensor) -> List[Offset]:
     """The neighbours whose contact region the mask reaches: for (dx, dy, dz), the voxels with
     x = last (dx = 1), x = 0 (dx = -1) or any x (dx = 0), and likewise for y and z.
 
-    mask: (S, S, S) bool, (z, y, x) order.
+    mask: (S, S, S) bool, (z, y, x) order. The 26 answers are reduced on the mask's device and read
+    back at once (one wait for a GPU, not 26).
     """
-    faces = []
-    for offset in NEIGHBOUR_OFFSETS:
-        index = tuple({-1: 0, 0: slice(None), 1: -1}[step] for step in reversed(offset))
-        if bool(mask[index].any()):
-            faces.append(offset)
-    return faces
+    reached = mask
+    for axis in range(3):
+        # Along this axis: first slice, any slice, last slice, as steps -1, 0, 1.
+        reached = torch.stack([reached.select(axis, 0), reached.any(dim=axis), reached.select(axis, -1)], dim=axis)
+    reached = reached.cpu()
+    return [offset for offset in NEIGHBOUR_OFFSETS
+            if bool(reached[offset[2] + 1, offset[1] + 1, offset[0] + 1])]
 
 
 def heatmap_peaks(heatmap: torch.Tensor, threshold: float = PEAK_THRESHOLD, max_peaks: int = MAX_PEAKS) -> torch.Tensor:
@@ -67,14 +69,24 @@ def heatmap_peaks(heatmap: torch.Tensor, threshold: float = PEAK_THRESHOLD, max_
     heatmap: (S, S, S), (z, y, x) order. Returns (K, 3) float (x, y, z) voxel positions, K <= max_peaks,
     strongest first.
     """
-    volume = heatmap.to(torch.float32)[None, None]
+    return batched_heatmap_peaks(heatmap[None], threshold, max_peaks)[0]
+
+
+def batched_heatmap_peaks(heatmaps: torch.Tensor, threshold: float = PEAK_THRESHOLD,
+                          max_peaks: int = MAX_PEAKS) -> List[torch.Tensor]:
+    """``heatmap_peaks`` of each of (N, S, S, S) heatmaps, found together and read back to the CPU at
+    once: a list of N (K, 3) float tensors on the CPU."""
+    volume = heatmaps.to(torch.float32)[:, None]
     is_peak = F.max_pool3d(volume, 3, stride=1, padding=1) == volume
-    scores = torch.where(is_peak & (volume >= threshold), volume, torch.full_like(volume, -1.0)).flatten()
-    values, indices = torch.topk(scores, min(max_peaks, scores.numel()))
-    indices = indices[values >= threshold]
-    size = heatmap.shape[-1]
-    z, y, x = indices // (size * size), (indices // size) % size, indices % size
-    return torch.stack([x, y, z], dim=-1).to(torch.float32)
+    scores = torch.where(is_peak & (volume >= threshold), volume, torch.full_like(volume, -1.0)).flatten(1)
+    values, indices = (found.cpu() for found in torch.topk(scores, min(max_peaks, scores.shape[1]), dim=1))
+    size = heatmaps.shape[-1]
+    peaks = []
+    for row_values, row_indices in zip(values, indices):
+        kept = row_indices[row_values >= threshold]
+        z, y, x = kept // (size * size), (kept // size) % size, kept % size
+        peaks.append(torch.stack([x, y, z], dim=-1).to(torch.float32))
+    return peaks
 
 
 class NeighbourJob(NamedTuple):
@@ -158,7 +170,6 @@ def heatmap_prompts(heatmaps: torch.Tensor, jobs: List[NeighbourJob]) -> List[Tu
 
     heatmaps: (len(jobs), 1, S, S, S)."""
     prompts = []
-    for row, job in enumerate(jobs):
-        peaks = heatmap_peaks(heatmaps[row, 0]).cpu().numpy()
-        prompts.append(tuple(tuple(float(v) for v in job.geometry.to_world(peak)) for peak in peaks))
+    for job, peaks in zip(jobs, batched_heatmap_peaks(heatmaps[:, 0])):
+        prompts.append(tuple(tuple(float(v) for v in job.geometry.to_world(peak)) for peak in peaks.numpy()))
     return prompts

@@ -48,7 +48,15 @@ from .interface import (
 )
 from .patch import Patch
 from .preprocess import normalize_hu
-from .propagation import Box, NeighbourJob, PropagationLimits, heatmap_prompts, plan_level
+from .propagation import (
+    Box,
+    NeighbourJob,
+    PropagationLimits,
+    heatmap_peaks,
+    heatmap_prompts,
+    plan_level,
+    touched_offsets,
+)
 
 __all__ = ["Click", "InteractiveSession", "MaskUpdate", "ProgressCallback", "SessionInputError", "as_box",
            "readable_image", "validate_image"]
@@ -211,6 +219,8 @@ class InteractiveSession:
         self._progress: Optional[ProgressCallback] = None
         if initial_mask is not None:
             self.reset(initial_mask)
+        if self.device.type == "cuda":
+            self._warm_up_device_paths()
 
     # ----------------------------------------------------------------- state
     @property
@@ -590,6 +600,25 @@ class InteractiveSession:
         image = sitk.GetImageFromArray(array)
         image.CopyInformation(self.image)
         return image
+
+    def _warm_up_device_paths(self) -> None:
+        """Samples, pastes and searches for cross-patch peaks one patch at the image's centre, and throws
+        the results away: on CUDA every kernel's first use loads it (tens of milliseconds in all, on
+        this image's sampling path), which the user's first click would otherwise pay."""
+        low, high = self.grid.bounds_lps()
+        geometry = self.lattice.patch_centred_on(self.lattice.nearest_index((low + high) / 2))
+        images = self._sample([geometry], {})
+        inside = images > MASK_THRESHOLD
+        with torch.no_grad():
+            if self.cross_patch:
+                heatmap_peaks(self.net.cross_patch(images, inside.to(images.dtype), images)[0, 0])
+            touched_offsets(inside[0, 0])
+        region = self.grid.region_of(geometry)
+        if region is not None:
+            probability, covered = self.grid.assemble(region, [(geometry, region, images)], self.device)
+            (probability > MASK_THRESHOLD).cpu()
+            covered.cpu()
+        self._synchronize()
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":

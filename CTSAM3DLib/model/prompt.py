@@ -8,6 +8,8 @@ the authors' trained weights saw, so it is reproduced exactly (without a loop ov
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -29,18 +31,22 @@ def click_maps(
     size: int = PATCH_SIZE,
     radius: int = CLICK_RADIUS,
     sigma: float = CLICK_SIGMA,
+    kernel: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Positive and negative click maps.
 
     points: (B, N, 3) float, (x, y, z) voxel indices; truncated toward zero as the authors do.
     labels: (B, N): 1 positive, -1 padding (skipped), any other value negative.
+    kernel: ``gaussian_kernel(radius, sigma)`` already on the points' device (made here when None; a
+    CUDA graph cannot record the copy of a new one from the CPU).
     Returns (B, 2, size, size, size) float32, channel 0 positive, channel 1 negative, (z, y, x) order.
     """
     batch, count = labels.shape
     device = points.device
     if count == 0:
         return torch.zeros(batch, 2, size, size, size, device=device)
-    kernel = gaussian_kernel(radius, sigma).to(device)
+    if kernel is None:
+        kernel = gaussian_kernel(radius, sigma).to(device)
     centres = points.detach().to(torch.float32).trunc().long()
     axis = torch.arange(size, device=device)
     # offsets[b, n, a, i]: voxel i along axis a minus the click's coordinate on that axis,
@@ -94,6 +100,8 @@ class ClickMapEncoder(nn.Module):
         super().__init__()
         self.size = size
         self.pe_layer = PositionEmbeddingRandom()
+        # Not in the authors' state dict: made here, and moved with the network to its device.
+        self.register_buffer("kernel", gaussian_kernel(), persistent=False)
 
     def forward(self, points: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return click_maps(points, labels, self.size)
+        return click_maps(points, labels, self.size, kernel=self.kernel)

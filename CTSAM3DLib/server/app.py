@@ -53,6 +53,7 @@ from ..device import resolve_device
 from ..inference import prepare_network, resolve_precision
 from ..interface import MaskUpdate, SessionInputError
 from ..session import InteractiveSession
+from ..torch_warnings import hide_torch_internal_warnings
 from . import wire
 from .metrics import CONTENT_TYPE, Gauge, Metrics, resident_memory_bytes
 from .registry import ImageCache, QueueFullError, SessionRegistry, SessionsFullError, UnknownSessionError
@@ -403,6 +404,7 @@ class _Server:
             image = geometry.image(array)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
+                hide_torch_internal_warnings()
                 try:
                     session = InteractiveSession(self.network, image, device=self.device, precision=self.precision,
                                                  initial_mask=self.mask_image(initial, image), **options)

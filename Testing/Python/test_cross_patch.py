@@ -8,7 +8,7 @@ import SimpleITK as sitk
 import torch
 from standins import CrossPatchThresholdNet, ThresholdNet
 
-from CTSAM3DLib.propagation import NEIGHBOUR_OFFSETS, heatmap_peaks, touched_offsets
+from CTSAM3DLib.propagation import NEIGHBOUR_OFFSETS, batched_heatmap_peaks, heatmap_peaks, touched_offsets
 from CTSAM3DLib.session import InteractiveSession
 
 
@@ -73,6 +73,27 @@ def test_heatmap_peaks_are_the_strongest_local_maxima_above_threshold():
     assert peaks.tolist() == [[50.0, 40.0, 12.0], [10.0, 20.0, 30.0]]
     assert heatmap_peaks(heatmap, max_peaks=1).tolist() == [[50.0, 40.0, 12.0]]
     assert heatmap_peaks(torch.zeros(64, 64, 64)).shape == (0, 3)
+
+
+def test_touched_offsets_agree_with_a_test_of_each_contact_region():
+    """The 26 answers are reduced together (one read-back): each equals its own region's test."""
+    generator = torch.Generator().manual_seed(5)
+    position = {-1: 0, 0: slice(None), 1: -1}
+    for _ in range(20):
+        mask = torch.rand(16, 16, 16, generator=generator) > 0.9995
+        expected = [offset for offset in NEIGHBOUR_OFFSETS
+                    if bool(mask[position[offset[2]], position[offset[1]], position[offset[0]]].any())]
+        assert touched_offsets(mask) == expected
+
+
+def test_peaks_of_a_batch_are_each_heatmaps_own():
+    generator = torch.Generator().manual_seed(6)
+    heatmaps = torch.nn.functional.avg_pool3d(torch.rand(5, 1, 32, 32, 32, generator=generator) * 3, 5, 1, 2)[:, 0]
+    heatmaps[2] = 0
+    batched = batched_heatmap_peaks(heatmaps, threshold=0.5)
+    assert [len(peaks) for peaks in batched] == [3, 3, 0, 3, 3]
+    for heatmap, peaks in zip(heatmaps, batched):
+        assert torch.equal(peaks, heatmap_peaks(heatmap, threshold=0.5))
 
 
 @pytest.mark.parametrize("degrees", [(0.0, 0.0, 0.0), (0.0, 0.0, 25.0)])

@@ -12,8 +12,16 @@ import torch.nn.functional as F
 
 from CTSAM3DLib import InteractiveSession
 from CTSAM3DLib.constants import MAX_CLICKS
+from CTSAM3DLib.cuda_graph import StaticCall
 from CTSAM3DLib.geometry import Lattice
-from CTSAM3DLib.inference import PRECISIONS, PreparedNetwork, available_precisions, choose_precision, prepare_network
+from CTSAM3DLib.inference import (
+    PRECISIONS,
+    PreparedNetwork,
+    available_precisions,
+    choose_precision,
+    cuda_graphs_default,
+    prepare_network,
+)
 from CTSAM3DLib.model import build_model
 from CTSAM3DLib.model.decoder import SpadeMaskDecoder
 from CTSAM3DLib.model.fast_decoder import UpscaledHead, VoxelwiseUpscale
@@ -128,7 +136,7 @@ def test_a_patch_decodes_the_same_whatever_it_is_batched_with(net, data_dir, pre
 
 
 def test_padding_clicks_to_the_maximum_leaves_the_click_maps_unchanged():
-    """What the compiled GPU path relies on to keep one graph for every click count."""
+    """What the CUDA graph path relies on to keep one graph for every click count."""
     padded_points = torch.zeros(1, MAX_CLICKS, 3)
     padded_points[:, :2] = POINTS
     padded_labels = torch.full((1, MAX_CLICKS), -1)
@@ -155,24 +163,109 @@ def test_sessions_on_one_network_share_one_preparation_until_its_weights_change(
     assert prepare_network(net, CPU, precision) is not first and len(made) == 2
 
 
-def test_a_decoder_that_cannot_be_compiled_runs_uncompiled_with_a_warning(net, monkeypatch):
-    """Where torch.compile fails (no Triton, an unsupported GPU), it fails at its first call: during the
-    warm-up, which then falls back to the plain decoder and says so."""
+# ------------------------------------------------------------------ CUDA graphs: their logic on the CPU
+@pytest.fixture
+def graphs_run_eagerly(monkeypatch):
+    """``StaticCall`` without its capture (which needs a GPU): every call runs the function on the static
+    buffers, which is what a replay computes; the graph pool handle likewise needs none."""
+    monkeypatch.setattr(StaticCall, "_capture", lambda self, pool: None)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
 
-    def failing_compile(function, **options):
-        def compiled(*args, **kwargs):
-            raise RuntimeError("Cannot find a working triton installation")
-        return compiled
 
-    monkeypatch.setattr(torch, "compile", failing_compile)
-    with pytest.warns(UserWarning, match="compiling the decoder failed.*triton"):
-        prepared = PreparedNetwork(net, CPU, "float32", compile=True)
-    assert not prepared.compiled
+def test_a_static_call_copies_inputs_in_and_outputs_out():
+    doubled_sum = StaticCall(lambda a, b: (a * 2 + b,), [torch.zeros(2, 3), torch.zeros(2, 3)], capture=False)
+    generator = torch.Generator().manual_seed(3)
+    first_a, b = torch.rand(3, 2, generator=generator).t(), torch.rand(2, 3, generator=generator)  # strided
+    first = doubled_sum(first_a, b.double())[0]
+    torch.testing.assert_close(first, first_a * 2 + b)
+    second = doubled_sum(torch.ones(2, 3), torch.ones(2, 3))[0]
+    torch.testing.assert_close(first, first_a * 2 + b)  # the earlier result is the caller's own copy
+    torch.testing.assert_close(second, torch.full((2, 3), 3.0))
+    assert doubled_sum.accepts(torch.ones(2, 3), torch.ones(2, 3))
+    assert not doubled_sum.accepts(torch.ones(1, 3), torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"shapes \[\(2, 3\), \(2, 3\)\]"):
+        doubled_sum(torch.ones(3, 3), torch.ones(2, 3))
+
+
+def test_a_static_call_refuses_to_capture_off_cuda():
+    with pytest.raises(ValueError, match="CUDA devices only"):
+        StaticCall(lambda a: (a,), [torch.zeros(2)], capture=True)
+
+
+def test_graphed_calls_give_the_networks_own_numbers(net, graphs_run_eagerly):
+    """One patch goes through the fixed-shape calls (clicks padded, a mask prompt always present); batches
+    and more than MAX_CLICKS clicks go eagerly: every way gives the network's own result."""
+    prepared = PreparedNetwork(net, CPU, "float32", cuda_graphs=True)
+    assert prepared.cuda_graphs
+    eager_decodes = []
+    original = prepared._decode_eager
+    prepared._decode_eager = lambda *inputs: eager_decodes.append(inputs[-2].shape) or original(*inputs)
+    patch = torch.rand(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
+    many_points = torch.randint(0, 64, (1, MAX_CLICKS + 1, 3), generator=torch.Generator().manual_seed(1)).float()
+    many_labels = torch.randint(0, 2, (1, MAX_CLICKS + 1), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        features = net.encode(patch)
+        for ours, theirs in zip(prepared.encode(patch), features):
+            torch.testing.assert_close(ours, theirs)
+        first, _ = net.decode(features, POINTS[:, :1], LABELS[:, :1])
+        expected = [first, net.decode(features, POINTS, LABELS, first)[0],
+                    net.decode(features, many_points, many_labels, first)[0]]
+        got = [prepared.decode(features, POINTS[:, :1], LABELS[:, :1])[0],
+               prepared.decode(features, POINTS, LABELS, first)[0]]
+        assert not eager_decodes
+        got.append(prepared.decode(features, many_points, many_labels, first)[0])
+        batch = [torch.cat([level, level]) for level in features]
+        both, _ = prepared.decode(batch, POINTS.expand(2, -1, -1), LABELS.expand(2, -1), torch.cat([first, first]))
+    assert eager_decodes == [(1, MAX_CLICKS + 1), (2, 2)]
+    for ours, theirs in zip(got, expected):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[1:], expected[1], atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_capture_leaves_the_network_running_eagerly_with_a_warning(net, monkeypatch):
+    def failing_capture(self, pool):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(StaticCall, "_capture", failing_capture)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    with pytest.warns(UserWarning, match="capturing the network's CUDA graphs failed.*not permitted"):
+        prepared = PreparedNetwork(net, CPU, "float32", cuda_graphs=True)
+    assert not prepared.cuda_graphs
     patch = torch.rand(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected, _ = net.decode(net.encode(patch), POINTS, LABELS)
         probability, _ = prepared.decode(prepared.encode(patch), POINTS, LABELS)
     torch.testing.assert_close(probability, expected)
+
+
+def test_cuda_graphs_are_on_by_default_and_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.delenv("CTSAM3D_CUDA_GRAPHS", raising=False)
+    monkeypatch.delenv("CTSAM3D_COMPILE", raising=False)
+    assert cuda_graphs_default()
+    monkeypatch.setenv("CTSAM3D_CUDA_GRAPHS", "0")
+    assert not cuda_graphs_default()
+    monkeypatch.delenv("CTSAM3D_CUDA_GRAPHS")
+    monkeypatch.setenv("CTSAM3D_COMPILE", "0")
+    with pytest.warns(FutureWarning, match="CTSAM3D_COMPILE is deprecated"):
+        assert not cuda_graphs_default()
+
+
+def test_the_click_kernel_travels_with_the_network_and_stays_out_of_its_weights(net):
+    """A CUDA graph cannot record a copy from the CPU, so the Gaussian is a buffer of the network's."""
+    assert "prompt_encoder.kernel" not in net.state_dict()
+    generator = torch.Generator().manual_seed(4)
+    points = torch.rand(2, 5, 3, generator=generator) * 64
+    labels = torch.randint(-1, 2, (2, 5), generator=generator)
+    assert torch.equal(net.prompt_encoder(points, labels), click_maps(points, labels))
+
+
+def test_a_session_warming_its_device_paths_changes_nothing(net, data_dir):
+    """On CUDA a session runs its sampling, paste and peak search once when created; nothing of it stays."""
+    image = sitk.ReadImage(str(data_dir / "abdomen-ct-3mm" / "ct.nii.gz"))
+    session = InteractiveSession(net, image, device="cpu", precision="float32", sampling="device", max_patches=2)
+    session._warm_up_device_paths()
+    assert session.patch_count == 0 and session.clicks == [] and not session.mask_array().any()
+    assert session.last_timing == {}
 
 
 def test_auto_precision_is_float32_on_cuda_where_it_measured_fastest(monkeypatch):
