@@ -578,15 +578,36 @@ class InteractiveSession:
 
     def _render_into_mask(self, regions: List[SourceRegion]) -> Optional[SourceRegion]:
         """The mask over ``regions`` from the patches; where no patch reaches, or outside the box, the
-        initial mask. Returns the box holding them all (None for none)."""
-        for region in regions:
-            probability, covered = self.grid.assemble(region, self._patch_results(), self.device)
-            decided = covered.cpu().numpy()
+        initial mask. Returns the box holding them all (None for none).
+
+        Regions close together are rendered in one pass over their enclosing box, and each region
+        takes its part: a click carried into 16 patches touches 16 regions, each reached by its
+        neighbours, and sampling every patch once rather than once per region it reaches is ten times
+        less work. A voxel's value does not depend on the pass it is rendered in."""
+        enclosing = _enclosing(regions)
+        if enclosing is not None and _voxels(enclosing) <= 2 * sum(_voxels(region) for region in regions):
+            rendered = self._rendered(enclosing)
+            for region in regions:
+                self._mask[region.slices] = rendered[region.slices_within(enclosing)]
+        else:
+            for region in regions:
+                self._mask[region.slices] = self._rendered(region)
+        return enclosing
+
+    def _rendered(self, region: SourceRegion) -> np.ndarray:
+        """The mask over a region from the patches (see ``_render_into_mask``), (z, y, x)."""
+        probability, covered = self.grid.assemble(region, self._patch_results(), self.device)
+        inside = (probability > MASK_THRESHOLD) & covered
+        if self._initial_image is None and self._initial_volume is None:
+            # No initial mask: the patches' mask where they decide, 0 elsewhere, read back at once.
+            rendered = inside.cpu().numpy()
             if self.box_lps is not None:
-                decided &= self.grid.inside_box(region, self.box_lps)
-            rendered = (probability > MASK_THRESHOLD).cpu().numpy()
-            self._mask[region.slices] = np.where(decided, rendered, self._initial[region.slices])
-        return _enclosing(regions)
+                rendered &= self.grid.inside_box(region, self.box_lps)
+            return rendered
+        decided = covered.cpu().numpy()
+        if self.box_lps is not None:
+            decided &= self.grid.inside_box(region, self.box_lps)
+        return np.where(decided, inside.cpu().numpy(), self._initial[region.slices])
 
     def _probability_over(self, region: SourceRegion) -> np.ndarray:
         probability, covered = self.grid.assemble(region, self._patch_results(), self.device)
@@ -623,6 +644,10 @@ class InteractiveSession:
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _voxels(region: SourceRegion) -> int:
+    return int(np.prod(region.size))
 
 
 def _enclosing(regions: Iterable[Optional[SourceRegion]]) -> Optional[SourceRegion]:

@@ -189,9 +189,14 @@ def steady_state(weights: Path, data: Path, device: str, repeats: int,
         baseline = torch.cuda.memory_allocated()
     session = InteractiveSession(net, image, device=device, cross_patch=False)
     centre = np.array(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
-    session.add_click(centre)
-    refining = [timed(lambda k=k: session.add_click(centre + (k % 7 - 3.0, 2.0, 0.0), k % 3 != 0), device)
-                for k in range(repeats * 4)]
+    refining = []
+    for _ in range(repeats):
+        # Rounds of 10 refining clicks: a patch holds at most MAX_CLICKS in the fixed-shape (graphed) decode.
+        session.reset()
+        session.add_click(centre)
+        refining += [timed(lambda k=k: session.add_click(centre + (k % 7 - 3.0, 2.0, 0.0), k % 3 != 0), device)
+                     for k in range(10)]
+    network = network_alone(session.net, device, repeats * 4)
     new_patch = []
     for k in range(repeats * 2):
         session.reset()
@@ -211,9 +216,23 @@ def steady_state(weights: Path, data: Path, device: str, repeats: int,
         profile.write_text(python_profile(lambda: (wide.reset(), wide.add_click(LIVER_POINT_LPS), sync(device))))
     step_medians = {name: statistics.median(step.get(name, 0.0) for step in steps)
                     for name in ("sample", "encode", "decode", "cross_patch", "paste")}
-    return {"refining": statistics.median(refining), "new_patch": statistics.median(new_patch),
+    return {"refining": statistics.median(refining), "new_patch": statistics.median(new_patch), **network,
             "cross_patch_16": statistics.median(cross), "cross_patch_patches": patches,
             "cross_patch_steps": step_medians, "peak_mb": peak_mb}
+
+
+def network_alone(net, device: str, repeats: int) -> Dict[str, float]:
+    """Median seconds of the prepared network's encode and of a refining decode (one patch)."""
+    import torch
+
+    image = torch.rand(1, 1, 64, 64, 64, device=device)
+    points = torch.tensor([[[32.0, 32.0, 32.0], [40.0, 30.0, 27.0]]], device=device)
+    labels = torch.tensor([[1, 0]], device=device)
+    features = net.encode(image)
+    previous, _ = net.decode(features, points[:, :1], labels[:, :1])
+    encode = [timed(lambda: net.encode(image), device) for _ in range(repeats)]
+    decode = [timed(lambda: net.decode(features, points, labels, previous), device) for _ in range(repeats)]
+    return {"encode": statistics.median(encode), "decode": statistics.median(decode)}
 
 
 def python_profile(action: Callable[[], object]) -> str:
@@ -240,6 +259,7 @@ def agreement(weights: Path, data: Path, device: str, quick: bool) -> List[Tuple
 
     torch.set_num_threads(os.cpu_count() or 1)
     net = load_checkpoint(weights, device=device)
+    plain_net = load_checkpoint(weights, device=device)
     reference = load_checkpoint(weights, device="cpu")
     rows = []
     cases = sorted(p.parent for p in data.glob("*/ct.nii.gz"))
@@ -251,15 +271,35 @@ def agreement(weights: Path, data: Path, device: str, quick: bool) -> List[Tuple
         for mode, options in (("one patch", dict(cross_patch=False)), ("cross-patch, cap 4", dict(max_patches=4))):
             log(f"  agreement: {case.name}, {mode}")
             ours = InteractiveSession(net, image, device=device, **options)
+            exact = InteractiveSession(net, image, device=device, sampling="exact", **options)
+            os.environ["CTSAM3D_CUDA_GRAPHS"] = "0"
+            plain = InteractiveSession(plain_net, image, device=device, sampling="exact", **options)
+            del os.environ["CTSAM3D_CUDA_GRAPHS"]
             theirs = InteractiveSession(reference, image, device="cpu", precision="float32", sampling="exact",
                                         **options)
-            lowest = 1.0
+            per_click, exact_per_click, plain_per_click = [], [], []
             for point, positive in clicks[:2] if quick else clicks:
-                ours.add_click(point, positive)
-                theirs.add_click(point, positive)
-                lowest = min(lowest, dice(ours.mask_array(), theirs.mask_array()))
-            rows.append((case.name, mode, lowest))
+                for session in (ours, exact, theirs):
+                    session.add_click(point, positive)
+                # Full float32 convolutions (cuDNN uses TF32 by default), eager (a graph keeps its kernels).
+                torch.backends.cudnn.allow_tf32 = False
+                plain.add_click(point, positive)
+                torch.backends.cudnn.allow_tf32 = True
+                per_click.append(dice(ours.mask_array(), theirs.mask_array()))
+                exact_per_click.append(dice(exact.mask_array(), theirs.mask_array()))
+                plain_per_click.append(dice(plain.mask_array(), theirs.mask_array()))
+            rows.append((case.name, mode, min(per_click), {
+                "per_click": per_click, "exact_sampling_per_click": exact_per_click,
+                "exact_sampling_no_tf32_per_click": plain_per_click,
+                "patches": (ours.patch_count, theirs.patch_count),
+                "same_propagated_clicks": propagated(ours) == propagated(theirs)}))
     return rows
+
+
+def propagated(session) -> List[Tuple[float, ...]]:
+    """The cross-patch clicks of a session's patches, rounded to 0.1 mm."""
+    return sorted(tuple(round(v, 1) for v in point) for patch in session.patches
+                  for point in patch.propagated_points_lps)
 
 
 def dice(a, b) -> float:
@@ -337,11 +377,14 @@ def judge(results: Dict, judged: bool) -> Targets:
     for call in stall["calls"]:
         kinds.setdefault(call["kind"], []).append(call["seconds"])
     medians = {kind: statistics.median(values) for kind, values in kinds.items()}
-    stalls = [call for call in stall["calls"] if call["kind"] in ("refining", "new patch", "undo")
-              and (call["seconds"] > 3 * medians[call["kind"]] or call["seconds"] > 0.100)]
-    targets.check(f"scripted session, {len(stall['calls'])} calls: single-patch calls over 3x their kind's median "
-                  "or 100 ms", ", ".join(f"{c['call']} {ms(c['seconds'])}" for c in stalls) or "none",
-                  "none", not stalls)
+    # Undo is no click: it re-renders what the click touched, more where more patches overlap; the 100 ms
+    # bound still holds it.
+    stalls = [call for call in stall["calls"]
+              if (call["kind"] in ("refining", "new patch") and call["seconds"] > 3 * medians[call["kind"]])
+              or (call["kind"] != "multi-patch" and call["seconds"] > 0.100)]
+    targets.check(f"scripted session, {len(stall['calls'])} calls: single-patch clicks over 3x their kind's median, "
+                  "single-patch clicks and undos over 100 ms",
+                  ", ".join(f"{c['call']} {ms(c['seconds'])}" for c in stalls) or "none", "none", not stalls)
     targets.check("  medians by kind", ", ".join(f"{kind} {ms(m)} (n={len(kinds[kind])})"
                                                  for kind, m in sorted(medians.items())), "", None)
     targets.check("graphs torch.compile made during the scripted session", str(stall["compiled_graphs"]), "0",
@@ -349,6 +392,8 @@ def judge(results: Dict, judged: bool) -> Targets:
     steady = results["steady"]
     targets.check("refining click (add_click), median", ms(steady["refining"]), "<= 6 ms (goal 3)",
                   steady["refining"] <= 0.006)
+    targets.check("  the network alone: encode / refining decode (one patch), median",
+                  f"{ms(steady['encode'])} / {ms(steady['decode'])}", "", None)
     targets.check("new-patch click, median", ms(steady["new_patch"]), "<= 13 ms (goal 6)",
                   steady["new_patch"] <= 0.013)
     steps = ", ".join(f"{name} {ms(value)}" for name, value in steady["cross_patch_steps"].items())
@@ -359,9 +404,16 @@ def judge(results: Dict, judged: bool) -> Targets:
         targets.check("peak GPU memory of one session (beyond the prepared network)", f"{steady['peak_mb']:.0f} MB",
                       "<= 600 MB", steady["peak_mb"] <= 600)
     lowest = min(row[2] for row in results["agreement"])
-    targets.check("CUDA auto against CPU float32 exact, lowest mask Dice",
-                  "; ".join(f"{name} {mode} {value:.5f}" for name, mode, value in results["agreement"]),
+    targets.check("CUDA auto against CPU float32 exact, lowest mask Dice over 4 clicks",
+                  "; ".join(f"{name} {mode} {value:.5f}" for name, mode, value, _ in results["agreement"]),
                   ">= 0.999", lowest >= 0.999)
+    targets.check("  the same with exact (SimpleITK) sampling on CUDA; cross-patch clicks identical",
+                  "; ".join(f"{name} {mode} {min(more['exact_sampling_per_click']):.5f} "
+                            f"{'same' if more['same_propagated_clicks'] else 'DIFFERENT'}"
+                            for name, mode, _, more in results["agreement"]), "", None)
+    targets.check("  the same with exact sampling, no CUDA graphs and no TF32",
+                  "; ".join(f"{name} {mode} {min(more['exact_sampling_no_tf32_per_click']):.5f}"
+                            for name, mode, _, more in results["agreement"]), "", None)
     cli = results["cli"]
     targets.check("ctsam3d segment, one click into 16 patches: wall beyond Python + torch + weights",
                   f"{cli['beyond']:.2f} s ({cli['wall']:.2f} - {cli['base']:.2f})", "<= 5 s", cli["beyond"] <= 5.0)

@@ -386,3 +386,28 @@ def test_every_call_returns_exactly_what_it_changed(chest):
         sizes.append(np.prod(update.size))
     assert sizes[0] < viewer.size / 2  # four patches at most
     assert session.probability_in(update).shape == update.mask.shape
+
+
+@pytest.mark.parametrize("start", ["empty", "initial mask"])
+def test_the_mask_is_always_the_rendering_of_the_patches(chest, start):
+    """However a call's regions are rendered (one pass over their enclosing box when they lie close, as
+    cross-patch neighbours do; one pass each when far apart), the whole mask equals the patches' result
+    where they decide, and the initial mask elsewhere."""
+    from standins import CrossPatchThresholdNet
+
+    near = np.array(chest.TransformContinuousIndexToPhysicalPoint([250.0, 300.0, 70.0]))
+    far = np.array(chest.TransformContinuousIndexToPhysicalPoint([60.0, 90.0, 15.0]))
+    initial = None
+    if start == "initial mask":
+        array = np.zeros(chest.GetSize()[::-1], dtype=np.uint8)
+        array[60:80, 250:350, 200:300] = 1
+        initial = sitk.GetImageFromArray(array)
+        initial.CopyInformation(chest)
+    session = InteractiveSession(CrossPatchThresholdNet(), chest, device="cpu", max_patches=8, initial_mask=initial)
+    steps = [lambda: session.add_click(near), lambda: session.add_click(far), lambda: session.undo(),
+             lambda: session.set_clicks([(near, True), (far, True), (near + [5.0, 0.0, 0.0], False)])]
+    for step in steps:
+        step()
+        expected = (sitk.GetArrayFromImage(session.probability()) > 0.5).astype(np.uint8)
+        np.testing.assert_array_equal(session.mask_array(), expected)
+    assert session.patch_count > 2
