@@ -27,7 +27,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -58,11 +58,18 @@ from .propagation import (
     touched_offsets,
 )
 
-__all__ = ["Click", "InteractiveSession", "MaskUpdate", "ProgressCallback", "SessionInputError", "as_box",
-           "readable_image", "validate_image"]
+__all__ = ["Click", "InteractiveSession", "MaskUpdate", "PreviewCallback", "ProgressCallback", "SessionInputError",
+           "as_box", "readable_image", "validate_image"]
 
-_NESTED_STEPS = ("sample", "encode", "decode")
+_NESTED_STEPS = ("sample", "encode", "decode", "preview")
 """Timed steps that cross-patch prompting runs inside its own time."""
+
+PreviewCallback = Callable[[MaskUpdate], None]
+"""``preview(update)``: during a click that cross-patch prompting carries on, called before each further
+level of neighbours with the mask as it stands over what the click has changed so far (the box grows;
+``update`` has the meaning of a ``MaskUpdate`` against the mask before the click). The click's own
+result is still the call's return value, and the session's mask changes only then. An exception raised
+from it abandons the click, as from a ``ProgressCallback``."""
 
 SAMPLING = ("auto", "exact", "device")
 """How patches are cut from the CT: "exact" through SimpleITK on the CPU (bit-exact with the authors'
@@ -200,6 +207,7 @@ class InteractiveSession:
         """The box results are clipped to (``box_lps`` or the last ``add_box``), or None."""
         self.lattice = Lattice.of_image(image)
         self.grid = SourceGrid(image)
+        self._whole_image = SourceRegion((0, 0, 0), self.grid.size)
         self._limits = PropagationLimits(self.lattice, self.grid, max_patches, self.cross_patch_box_lps)
         if sampling == "auto":
             on_device = self.device.type == "cuda" or (self.device.type == "cpu" and self.precision != "float32")
@@ -217,6 +225,7 @@ class InteractiveSession:
         self._next_patch_id = 0
         self._history: List[_HistoryEntry] = []
         self._progress: Optional[ProgressCallback] = None
+        self._preview: Optional[PreviewCallback] = None
         if initial_mask is not None:
             self.reset(initial_mask)
         if self.device.type == "cuda":
@@ -262,15 +271,18 @@ class InteractiveSession:
 
     # ----------------------------------------------------------------- clicks
     def add_click(
-        self, point_lps: Sequence[float], positive: bool = True, progress: Optional[ProgressCallback] = None
+        self, point_lps: Sequence[float], positive: bool = True, progress: Optional[ProgressCallback] = None,
+        preview: Optional[PreviewCallback] = None,
     ) -> MaskUpdate:
         """Adds a positive or negative click at a world point (LPS mm); returns what it changed.
-        ``progress`` (see ``ProgressCallback``) follows the patches it decodes and may cancel it."""
-        return self._update(self._apply_click(Click(self._checked_point(point_lps), bool(positive)), progress))
+        ``progress`` (see ``ProgressCallback``) follows the patches it decodes and may cancel it;
+        ``preview`` (see ``PreviewCallback``) is shown the mask as it grows."""
+        click = Click(self._checked_point(point_lps), bool(positive))
+        return self._update(self._apply_click(click, progress, preview))
 
     def add_box(
         self, corner_a_lps: Sequence[float], corner_b_lps: Sequence[float],
-        progress: Optional[ProgressCallback] = None,
+        progress: Optional[ProgressCallback] = None, preview: Optional[PreviewCallback] = None,
     ) -> MaskUpdate:
         """Prompts with a box (two opposite LPS corners): a positive click at its centre, cross-patch
         prompting only into patches that reach into the box, and every result clipped to the box (outside
@@ -278,7 +290,7 @@ class InteractiveSession:
         box = as_box(corner_a_lps, corner_b_lps)
         previous, self.box_lps = self.box_lps, box
         try:
-            update = self.add_click((box[0] + box[1]) / 2, True, progress)
+            update = self.add_click((box[0] + box[1]) / 2, True, progress, preview)
         except BaseException:
             self.box_lps = previous
             raise
@@ -321,29 +333,32 @@ class InteractiveSession:
         self.last_timing = {}
 
     def set_clicks(
-        self, clicks: Sequence[Tuple[Sequence[float], bool]], progress: Optional[ProgressCallback] = None
+        self, clicks: Sequence[Tuple[Sequence[float], bool]], progress: Optional[ProgressCallback] = None,
+        preview: Optional[PreviewCallback] = None,
     ) -> MaskUpdate:
         """Makes the click list equal ``clicks`` ((point_lps, positive) pairs), undoing back to the
         longest common prefix and adding the rest: what a GUI calls when a prompt moves. Returns what
-        all of it changed. ``progress`` is handed to each click added; if it cancels one, the clicks
-        before it stay applied."""
+        all of it changed. ``progress`` and ``preview`` are handed to each click added; if one cancels a
+        click, the clicks before it stay applied."""
         wanted = [Click(self._checked_point(point), bool(positive)) for point, positive in clicks]
         current = self.clicks
         common = 0
         while common < min(len(wanted), len(current)) and wanted[common] == current[common]:
             common += 1
         changed = [self._take_back() for _ in range(len(current) - common)]
-        changed += [self._apply_click(click, progress) for click in wanted[common:]]
+        changed += [self._apply_click(click, progress, preview) for click in wanted[common:]]
         return self._update(_enclosing(changed))
 
     # ----------------------------------------------------------------- internals
-    def _apply_click(self, click: Click, progress: Optional[ProgressCallback]) -> Optional[SourceRegion]:
+    def _apply_click(self, click: Click, progress: Optional[ProgressCallback],
+                     preview: Optional[PreviewCallback] = None) -> Optional[SourceRegion]:
         """The work of a click, up to the mask array; returns the source box it re-rendered."""
         timing: Dict[str, float] = {}
         started = time.perf_counter()
         entry = _HistoryEntry(click)
         self._history.append(entry)
         self._progress = progress
+        self._preview = preview
         try:
             targets = [pid for pid in sorted(self._patches) if self._patches[pid].geometry.contains(click.point_lps)]
             self._report_progress(timing, pending=max(len(targets), 1))
@@ -360,6 +375,7 @@ class InteractiveSession:
             raise
         finally:
             self._progress = None
+            self._preview = None
         paste_started = time.perf_counter()
         changed = self._render_into_mask(self._regions_touched(entry))
         timing["paste"] = time.perf_counter() - paste_started
@@ -503,6 +519,7 @@ class InteractiveSession:
                               lambda pid: self._drop(pid, entry))
             if not jobs:
                 break
+            self._show_preview(entry, timing)
             self._report_progress(timing, pending=len(jobs))
             frontier = self._prompt_neighbours(jobs, entry, timing)
             self._report_progress(timing, pending=0)
@@ -578,21 +595,40 @@ class InteractiveSession:
 
     def _render_into_mask(self, regions: List[SourceRegion]) -> Optional[SourceRegion]:
         """The mask over ``regions`` from the patches; where no patch reaches, or outside the box, the
-        initial mask. Returns the box holding them all (None for none).
+        initial mask. Returns the box holding them all (None for none)."""
+        enclosing = _enclosing(regions)
+        self._paint(regions, enclosing, self._mask, self._whole_image)
+        return enclosing
+
+    def _show_preview(self, entry: _HistoryEntry, timing: Dict[str, float]) -> None:
+        """Shows ``self._preview`` the mask as it stands over what the click has changed so far (the
+        session's own mask changes only when the click is done)."""
+        if self._preview is None:
+            return
+        started = time.perf_counter()
+        regions = self._regions_touched(entry)
+        enclosing = _enclosing(regions)
+        if enclosing is not None:
+            mask = self._mask[enclosing.slices].copy()
+            self._paint(regions, enclosing, mask, enclosing)
+            self._preview(MaskUpdate(enclosing.start, mask))
+        timing["preview"] = timing.get("preview", 0.0) + time.perf_counter() - started
+
+    def _paint(self, regions: List[SourceRegion], enclosing: Optional[SourceRegion], target: np.ndarray,
+               covering: SourceRegion) -> None:
+        """Renders ``regions`` (``enclosing`` holds them) into ``target``, an array over ``covering``.
 
         Regions close together are rendered in one pass over their enclosing box, and each region
         takes its part: a click carried into 16 patches touches 16 regions, each reached by its
         neighbours, and sampling every patch once rather than once per region it reaches is ten times
         less work. A voxel's value does not depend on the pass it is rendered in."""
-        enclosing = _enclosing(regions)
         if enclosing is not None and _voxels(enclosing) <= 2 * sum(_voxels(region) for region in regions):
             rendered = self._rendered(enclosing)
             for region in regions:
-                self._mask[region.slices] = rendered[region.slices_within(enclosing)]
+                target[region.slices_within(covering)] = rendered[region.slices_within(enclosing)]
         else:
             for region in regions:
-                self._mask[region.slices] = self._rendered(region)
-        return enclosing
+                target[region.slices_within(covering)] = self._rendered(region)
 
     def _rendered(self, region: SourceRegion) -> np.ndarray:
         """The mask over a region from the patches (see ``_render_into_mask``), (z, y, x)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..cli import HelpFormatter
 from ..constants import MAX_OPEN_PATCHES
@@ -148,12 +148,13 @@ def _prompt(session: Any, box: Optional[Tuple[Point, Point]], clicks: List[Tuple
         print(f"starting from {initial_mask_path} ({int(session.mask_array().sum())} voxels)")
     prompts = ([("box", box)] if box is not None else []) + [("click", click) for click in clicks]
     for number, (kind, prompt) in enumerate(prompts, start=1):
+        progress = patch_progress("box" if kind == "box" else f"click {number}")
         if kind == "box":
-            update = session.add_box(*prompt)
+            update = session.add_box(*prompt, progress=progress)
             point_lps, positive = session.clicks[-1]
         else:
             point_lps, positive = prompt
-            update = session.add_click(point_lps, positive)
+            update = session.add_click(point_lps, positive, progress=progress)
         steps = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in session.last_timing.items()
                           if not name.startswith("patches_") and name != "total")
         steps += f"; total {session.last_timing['total'] * 1000:.0f} ms"
@@ -165,6 +166,23 @@ def _prompt(session: Any, box: Optional[Tuple[Point, Point]], clicks: List[Tuple
             f"{'x'.join(str(n) for n in update.size)} voxels from index ({', '.join(str(i) for i in update.start)})")
         print(f"{what} at LPS ({coordinates}): {steps}; patches decoded: {decoded}, open: {session.patch_count}; "
               f"changed: {changed}")
+
+
+def patch_progress(what: str) -> Callable[[int, int], None]:
+    """A session's progress callback that prints a line each time a click finds more patches to decode
+    (cross-patch prompting carrying it into neighbours): a large organ takes seconds on a CPU. The click's
+    own line follows when it is done."""
+    started = time.perf_counter()
+    known = 1
+
+    def show(done: int, planned: int) -> None:
+        nonlocal known
+        if planned > known:
+            known = planned
+            print(f"  {what}: {done} of {planned} patches decoded so far ({time.perf_counter() - started:.2f} s)",
+                  flush=True)
+
+    return show
 
 
 def _local_session(args: argparse.Namespace, image: Any, options: Dict[str, Any]) -> Any:

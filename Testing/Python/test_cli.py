@@ -107,3 +107,19 @@ def test_the_command_line_shows_its_own_warnings_and_none_from_torchs_internals(
         warnings.warn("the image's lowest value is 12", stacklevel=1)
     printed = capsys.readouterr().err
     assert printed == "ctsam3d segment: warning: the image's lowest value is 12\n"
+
+
+def test_a_click_that_reaches_several_patches_prints_its_progress(capsys):
+    """A large organ takes seconds on a CPU: the command says how far each such click has got."""
+    from standins import CrossPatchThresholdNet
+    from test_cross_patch import rod_along_x, synthetic_ct
+
+    from CTSAM3DLib import InteractiveSession
+    from CTSAM3DLib.commands.segment import _prompt
+
+    session = InteractiveSession(CrossPatchThresholdNet(), synthetic_ct(rod_along_x()), device="cpu")
+    _prompt(session, None, [((0.0, 0.0, 0.0), True)], None)
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split(" (")[0] for line in printed[:2]] == [
+        "  click 1: 1 of 3 patches decoded so far", "  click 1: 3 of 5 patches decoded so far"]
+    assert printed[2].startswith("click 1 (+) at LPS (0.0, 0.0, 0.0)") and "patches decoded: 5" in printed[2]

@@ -138,6 +138,46 @@ def test_progress_follows_the_patches_and_cancelling_leaves_the_session_unchange
     np.testing.assert_array_equal(session.mask_array(), after_first)
 
 
+def test_previews_show_the_mask_growing_before_the_click_is_done():
+    """Before each further level of neighbours the preview holds the mask so far: first the clicked patch
+    alone (what a capped session gives), then more; the session's own mask changes only at the end."""
+    image = synthetic_ct(rod_along_x())
+    session = InteractiveSession(CrossPatchThresholdNet(), image, device="cpu")
+    before = session.mask_array()
+    previews = []
+
+    def preview(update):
+        np.testing.assert_array_equal(session.mask_array(), before)
+        viewer = before.copy()
+        update.apply_to(viewer)
+        previews.append(viewer)
+
+    final = session.add_click([0.0, 0.0, 0.0], preview=preview)
+    assert len(previews) == 2  # before each of the two breadth-first levels
+    alone = InteractiveSession(CrossPatchThresholdNet(), image, device="cpu", max_patches=1)
+    alone.add_click([0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(previews[0], alone.mask_array())
+    grown = [int(view.sum()) for view in previews] + [int(session.mask_array().sum())]
+    assert grown == sorted(grown) and grown[0] < grown[-1]
+    viewer = before.copy()
+    final.apply_to(viewer)
+    np.testing.assert_array_equal(viewer, session.mask_array())
+
+    class CancelledError(Exception):
+        pass
+
+    def cancel(update):
+        raise CancelledError
+
+    after = session.mask_array()
+    with pytest.raises(CancelledError):
+        session.add_click([60.0, 0.0, 0.0], preview=cancel)
+    assert session.clicks == [((0.0, 0.0, 0.0), True)] and session.patch_count == 5
+    np.testing.assert_array_equal(session.mask_array(), after)
+    no_neighbours = InteractiveSession(CrossPatchThresholdNet(), image, device="cpu", cross_patch=False)
+    no_neighbours.add_click([0.0, 0.0, 0.0], preview=cancel)  # one patch: nothing to preview
+
+
 def test_without_cross_patch_the_mask_is_cut_at_the_patch():
     image = synthetic_ct(rod_along_x())
     session = InteractiveSession(CrossPatchThresholdNet(), image, device="cpu", cross_patch=False)
