@@ -58,8 +58,8 @@ class Editor:
         return int(round(xyz[0])), int(round(xyz[1]))
 
     def click(self, pointRAS, shift=False, control=False, wait=True):
-        interactor = effects.FakeInteractor(self.xyOf(pointRAS), shift=shift, control=control)
-        consumed = self.harness.processEvent(interactor, LEFT_PRESS, self.sliceWidget)
+        """A left click on ``pointRAS`` (the mouse moves there, press, release); whether the press was taken."""
+        consumed = self.harness.leftClick(self.xyOf(pointRAS), self.sliceWidget, shift=shift, control=control)
         if wait:
             self.wait()
         return consumed
