@@ -42,7 +42,10 @@ class CTSAM3D(ScriptedLoadableModule):
             "CT-SAM3D network by Guo et al. (alibaba-damo-academy/ct-sam3d). " + weights.LICENCE_NOTE
         )
         slicer.app.connect("startupCompleted()", self.registerEditorEffect)
-        # A running prediction or download must never hold up quitting.
+        # A running prediction or download must never hold up quitting. The main window closes while the
+        # effect or the panel may wait for a job in their own event loop, and aboutToQuit comes only once
+        # Slicer's main event loop has returned, which it cannot do before that wait ends.
+        slicer.app.connect("lastWindowClosed()", shutdownAllWorkers)
         slicer.app.connect("aboutToQuit()", shutdownAllWorkers)
 
     def registerEditorEffect(self):

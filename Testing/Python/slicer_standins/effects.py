@@ -554,33 +554,39 @@ class SliceViewWidgets:
 
     def _movePreview(self, sliceNode, xy) -> None:
         node = self._activePlaceNode()
-        if node is None or node.GetControlPointPlacementComplete():
-            return
-        ras = _xyToRAS(sliceNode, xy)
-        preview = _previewIndex(node)
-        if preview is None:
-            preview = node.AddControlPointWorld(vtk.vtkVector3d(*ras), "")
-        node.SetNthControlPointPositionWorld(preview, *ras, node.PositionPreview)
+        if node is not None and _takesAPoint(node):
+            _updatePlacedPoint(node, _xyToRAS(sliceNode, xy), node.PositionPreview)
 
     def _place(self, sliceNode, xy) -> None:
         node = self._activePlaceNode()
         if node is None:
             return
-        if node.GetControlPointPlacementComplete():
+        if not _takesAPoint(node):
             node = self.scene.AddNewNodeByClass(node.GetClassName())
             node.CreateDefaultDisplayNodes()
             self.createdPlaceNodes.append(node)
             slicer.modules.markups.logic().SetActiveList(node)
-        ras = _xyToRAS(sliceNode, xy)
-        preview = _previewIndex(node)
-        if preview is None:
-            node.AddControlPointWorld(vtk.vtkVector3d(*ras), "")
-        else:
-            node.SetNthControlPointPositionWorld(preview, *ras, node.PositionDefined)
+        _updatePlacedPoint(node, _xyToRAS(sliceNode, xy), node.PositionDefined)
         # Single place mode ends with one point of a point list, or with a whole ROI (its 2 corners).
         placedWhole = node.IsA("vtkMRMLMarkupsFiducialNode") or node.GetControlPointPlacementComplete()
         if not self.interactionNode.GetPlaceModePersistence() and placedWhole:
             self.interactionNode.SwitchToViewTransformMode()
+
+
+def _takesAPoint(node) -> bool:
+    """A node being placed (its preview point counts towards a complete placement) or not complete yet."""
+    return _previewIndex(node) is not None or not node.GetControlPointPlacementComplete()
+
+
+def _updatePlacedPoint(node, pointRAS, positionStatus) -> None:
+    """vtkSlicerMarkupsWidget::UpdatePreviewPoint (PlacePoint calls it with PositionDefined): the REAL display
+    node's UpdateActiveControlPointWorld moves the preview point, or adds one (with that status from the
+    start) when there is none."""
+    eventData = slicer.vtkMRMLInteractionEventData()
+    eventData.SetWorldPosition(list(pointRAS))
+    preview = _previewIndex(node)
+    node.GetDisplayNode().UpdateActiveControlPointWorld(
+        -1 if preview is None else preview, eventData, [1, 0, 0, 0, 1, 0, 0, 0, 1], "", "", positionStatus)
 
 
 def _xyToRAS(sliceNode, xy):
