@@ -9,7 +9,7 @@ import ctk
 import numpy as np
 import qt
 import slicer
-from CTSAM3DSlicerLib import dependencies, weights
+from CTSAM3DSlicerLib import CORE_ORIGIN, dependencies, weights
 from CTSAM3DSlicerLib.logic import CTSAM3DLogic
 from CTSAM3DSlicerLib.worker import InferenceWorker, shutdownAllWorkers, waitProcessingEvents
 from slicer.ScriptedLoadableModule import (
@@ -36,7 +36,8 @@ class CTSAM3D(ScriptedLoadableModule):
         self.parent.contributors = ["SlicerCTSAM3D developers"]
         self.parent.helpText = (
             "Interactive 3D segmentation of CT from clicks with CT-SAM3D. Set up the network weights and the "
-            "device here, then use the 'CT-SAM3D' effect in the Segment Editor."
+            "device here, then use the 'CT-SAM3D' effect in the Segment Editor.<p>"
+            f"Inference core (CTSAM3DLib) in use: {CORE_ORIGIN}."
         )
         self.parent.acknowledgementText = (
             "CT-SAM3D network by Guo et al. (alibaba-damo-academy/ct-sam3d). " + weights.LICENCE_NOTE
