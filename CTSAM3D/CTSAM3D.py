@@ -11,7 +11,7 @@ import qt
 import slicer
 from CTSAM3DSlicerLib import CORE_ORIGIN, dependencies, weights
 from CTSAM3DSlicerLib.logic import CTSAM3DLogic
-from CTSAM3DSlicerLib.worker import InferenceWorker, shutdownAllWorkers, waitProcessingEvents
+from CTSAM3DSlicerLib.worker import InferenceWorker, WorkerStoppedError, shutdownAllWorkers, waitProcessingEvents
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleTest,
@@ -252,6 +252,8 @@ class CTSAM3DWidget(ScriptedLoadableModuleWidget):
                                           cancellable=True, endpoint=endpoint)
         except DownloadCancelledError:
             slicer.util.showStatusMessage("CT-SAM3D weights download cancelled", 3000)
+        except WorkerStoppedError:
+            return  # Slicer is quitting: no message box on the way out (the partial file resumes next time)
         except Exception as error:
             slicer.util.errorDisplay(f"Download of the CT-SAM3D weights failed: {error}")
         else:

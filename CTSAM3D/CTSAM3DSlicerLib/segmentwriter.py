@@ -16,6 +16,7 @@ from CTSAM3DSlicerLib.coordinates import (
     writeMaskIntoOrientedImage,
     writeValuesIntoExtent,
 )
+from CTSAM3DSlicerLib.segmentprompts import sameNode
 
 SegmentKey = Tuple[str, str]
 """(segmentation node ID, segment ID)."""
@@ -98,7 +99,7 @@ class SegmentWriter:
         Effect.cxx:637-650 @v5.8.1), which would move the segment's old voxels inside the box into it."""
         parameterNode = self.scriptedEffect.parameterSetNode()
         return (
-            segmentationNode.GetID() == parameterNode.GetSegmentationNode().GetID()
+            sameNode(segmentationNode, parameterNode.GetSegmentationNode())
             and segmentId == parameterNode.GetSelectedSegmentID()
             and parameterNode.GetMaskMode() != slicer.vtkMRMLSegmentationNode.EditAllowedInsideSingleSegment
         )

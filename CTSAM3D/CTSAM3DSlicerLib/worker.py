@@ -36,7 +36,7 @@ class InferenceWorker:
     def __init__(self, name: str = "CTSAM3D") -> None:
         self._jobs: queue.SimpleQueue[Optional[tuple]] = queue.SimpleQueue()
         self._stopped = threading.Event()
-        self._running: Optional[concurrent.futures.Future] = None
+        self._runningJob: Optional[concurrent.futures.Future] = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         _workers.add(self)
@@ -54,7 +54,7 @@ class InferenceWorker:
         thread is a daemon, so it never holds up Slicer's exit), but its waiter is released now."""
         self._stopped.set()
         self._jobs.put(None)
-        running = self._running
+        running = self._runningJob
         if running is not None:
             _settle(running, error=WorkerStoppedError("CT-SAM3D's worker was shut down (Slicer is quitting)"))
 
@@ -73,7 +73,7 @@ class InferenceWorker:
                 continue
             if not future.set_running_or_notify_cancel():
                 continue
-            self._running = future
+            self._runningJob = future
             try:
                 result = function(*args)
             except BaseException as error:  # handed to the waiting main thread, which re-raises it
@@ -81,7 +81,7 @@ class InferenceWorker:
             else:
                 _settle(future, result=result)
             finally:
-                self._running = None
+                self._runningJob = None
         while True:
             try:
                 job = self._jobs.get_nowait()

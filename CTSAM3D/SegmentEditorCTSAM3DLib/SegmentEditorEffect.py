@@ -17,7 +17,7 @@ import slicer
 import vtk
 from CTSAM3DSlicerLib.logic import CTSAM3DLogic
 from CTSAM3DSlicerLib.promptrunner import PromptRunner
-from CTSAM3DSlicerLib.segmentprompts import POINT_EVENTS, SegmentPrompts, sameNode
+from CTSAM3DSlicerLib.segmentprompts import SegmentPrompts, sameNode
 from SegmentEditorEffects import AbstractScriptedSegmentEditorEffect
 
 from CTSAM3DLib.constants import MAX_OPEN_PATCHES
@@ -38,8 +38,6 @@ CLICK_TOLERANCE_PIXELS = 3.0
 # 164-192 at v5.8.1), and S, Delete and BackSpace over a markups point (vtkSlicerMarkupsWidget.cxx 65-68).
 SHORTCUTS = {"p": "togglePolarity", "u": "undoLastPrompt", "n": "finishSegment"}
 """Free keys (in a slice view while the effect is active) and the method each calls."""
-
-MARKUPS_EVENTS = POINT_EVENTS
 
 
 class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
@@ -448,8 +446,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         segmentPrompts.lock()
         self.runner.writer.forget(segmentPrompts.key)
         newSegmentId = segmentPrompts.segmentationNode.GetSegmentation().AddEmptySegment("")
-        self.scriptedEffect.parameterSetNode().SetSelectedSegmentID(newSegmentId)
-        self._followSelection()
+        self.scriptedEffect.parameterSetNode().SetSelectedSegmentID(newSegmentId)  # followed as any selection
         return newSegmentId
 
     def startBoxPlacement(self):

@@ -482,9 +482,9 @@ def _observersOn(node):
 
 
 def effectMarkupsEvents():
-    from SegmentEditorCTSAM3DLib.SegmentEditorEffect import MARKUPS_EVENTS
+    from CTSAM3DSlicerLib.segmentprompts import POINT_EVENTS
 
-    return MARKUPS_EVENTS
+    return POINT_EVENTS
 
 
 @pytest.mark.parametrize("slicerVersion", [(5, 8), (5, 12)])

@@ -250,6 +250,24 @@ def test_panel_cancel_stops_a_slow_download(tmp_path):
         widget.cleanup()
 
 
+def test_closing_slicer_during_a_download_stops_waiting_for_it(tmp_path, caplog):
+    """The main window closes (lastWindowClosed) while the panel waits for a download in its own event loop:
+    the wait ends at once, with no error box on the way out."""
+    widget = makeWidget()
+    slow = ModelScopeServer({"params.pth": PAYLOAD})
+    slow.chunk_delay = 0.5
+    try:
+        qt.QTimer.singleShot(100, lambda: slicer.app.emit("lastWindowClosed()"))
+        started = time.monotonic()
+        widget.startDownload(str(tmp_path / "params.pth"), endpoint=slow.endpoint)
+        assert time.monotonic() - started < 1.0, "Slicer waited for the download to end before quitting"
+        assert not widget._busy and not widget.progressBar.visible
+        assert "failed" not in caplog.text
+    finally:
+        slow.close()
+        widget.cleanup()
+
+
 def test_self_test_runs_whole_with_the_real_network_built_in_memory(tmp_path):
     """CTSAM3DTest as Slicer runs it (slicer.selfTests), on the real network with reference weights made in
     memory: no file is written (the 300 MB checkpoint of earlier versions), nothing is downloaded."""
