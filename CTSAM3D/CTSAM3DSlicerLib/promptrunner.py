@@ -46,9 +46,15 @@ class PromptRunner:
         self.changedDuringRun = False
         self._lastSubmitted = None
 
-    def forget(self) -> None:
+    def forgetLastRun(self) -> None:
         """Run the next request even if it equals the last one (its inputs changed in ways keys miss)."""
         self._lastSubmitted = None
+
+    def reset(self) -> None:
+        """Forget every segment's start and last write too (the scene, the source volume or the start option
+        changed): prompting begins again from what each segment holds."""
+        self._lastSubmitted = None
+        self.writer.forget()
 
     def cancel(self) -> None:
         """Stop the running prediction at its next batch of patches; the segment is left as it was."""

@@ -51,7 +51,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         AbstractScriptedSegmentEditorEffect.__init__(self, scriptedEffect)
         self.positivePolarity = True
         self._active = False
-        self._sceneObservations = []
+        self._editorObservations = []
         self._shown = None
         """The SegmentPrompts of the selected segment, observed and shown while the effect is active."""
         self._pending = None
@@ -210,8 +210,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def _onStartFromSegmentToggled(self, checked):
         self.scriptedEffect.setParameter("StartFromSegment", "on" if checked else "off")
-        self.runner.writer.forget()
-        self.runner.forget()
+        self.runner.reset()
 
     def _showPolarity(self):
         if not hasattr(self, "polarityButton"):
@@ -254,12 +253,12 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._active = True
         scene = self.scriptedEffect.scene()
         parameterNode = self.scriptedEffect.parameterSetNode()
-        self._sceneObservations = [
+        self._editorObservations = [
             (scene, scene.AddObserver(scene.StartCloseEvent, self._onSceneStartClose)),
             (parameterNode, parameterNode.AddObserver(vtk.vtkCommand.ModifiedEvent, self._onEditorNodeModified)),
         ]
         self._followSelection()
-        self.runner.forget()
+        self.runner.forgetLastRun()
         self.setStatus(f"Model {self.logic.modelState()}. Left-click in a slice view to add a prompt.")
 
     def deactivate(self):
@@ -283,9 +282,9 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if self._shown is not None:
             self._shown.unobserve()
             self._shown = None
-        for node, tag in self._sceneObservations:
+        for node, tag in self._editorObservations:
             node.RemoveObserver(tag)
-        self._sceneObservations = []
+        self._editorObservations = []
 
     def _leaveOwnPlaceMode(self):
         """Esc (the editor's "no effect" shortcut) deactivates the effect but would leave markups place mode
@@ -301,8 +300,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
 
     def _onSceneStartClose(self, caller, event):
         self._release()
-        self.runner.forget()
-        self.runner.writer.forget()
+        self.runner.reset()
         self.logic.releaseSession()
 
     def _onEditorNodeModified(self, caller, event):
@@ -315,8 +313,7 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         pass
 
     def sourceVolumeNodeChanged(self):
-        self.runner.forget()
-        self.runner.writer.forget()
+        self.runner.reset()
 
     # ------------------------------------------------------------- segments
     def _selectedPrompts(self):

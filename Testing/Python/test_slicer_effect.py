@@ -473,8 +473,9 @@ def test_place_with_markups_places_prompts_of_the_list_polarity(editor):
 
 
 def _sceneObservations(editor):
-    """(scene, observer tag) pairs the effect holds; tests check the tags against the real scene."""
-    return list(editor.effect._sceneObservations)
+    """(node, observer tag) pairs the effect holds on the scene and the editor's parameter node; tests check
+    the tags against the real nodes."""
+    return list(editor.effect._editorObservations)
 
 
 def _observersOn(node):
