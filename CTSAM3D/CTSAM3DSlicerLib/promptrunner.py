@@ -43,7 +43,7 @@ class PromptRunner:
         self._showProgress = showProgress
         self.running = False
         self.cancelled = threading.Event()
-        self.changedDuringRun = False
+        self._changedDuringRun = False
         self._lastSubmitted = None
 
     def forgetLastRun(self) -> None:
@@ -61,13 +61,15 @@ class PromptRunner:
         if self.running:
             self.cancelled.set()
 
-    def run(self, segmentPrompts: SegmentPrompts) -> None:
-        """Segment from the segment's prompts unless they are what was last sent; again while they change."""
+    def run(self, segmentPrompts: SegmentPrompts) -> bool:
+        """Segment from the segment's prompts unless they are what was last sent; again while they change.
+        Returns True when a change arrived during the run that it may not have taken up (it was cancelled or
+        failed, or the change was another segment's): the caller runs again."""
         if self.running:
-            self.changedDuringRun = True
-            return
+            self._changedDuringRun = True
+            return False
         self.running = True
-        self.changedDuringRun = False
+        self._changedDuringRun = False
         parameterNode = self.scriptedEffect.parameterSetNode()
         volumeNode = parameterNode.GetSourceVolumeNode()
         startFromSegment = self.scriptedEffect.parameter("StartFromSegment") != "off"
@@ -87,6 +89,7 @@ class PromptRunner:
             self.running = False
             self.cancelled.clear()
             self._showProgress()
+        return self._changedDuringRun
 
     def _request(self, segmentPrompts: SegmentPrompts, volumeNode, startFromSegment: bool) -> Optional[Request]:
         """The request for the segment now, or None with the reason shown as the status."""

@@ -62,6 +62,19 @@ class SegmentPrompts:
     def boxBoundsRAS(self):
         return prompts.boxBoundsRAS(self.box())
 
+    def positiveInBox(self) -> bool:
+        """Whether a positive prompt lies in the drawn box."""
+        bounds = self.boxBoundsRAS()
+        return bounds is not None and any(
+            prompt.positive and all(low <= value <= high for value, low, high in
+                                    zip(prompt.pointRAS, bounds[0::2], bounds[1::2]))
+            for prompt in self.ordered())
+
+    def addAtBoxCentre(self) -> None:
+        """A positive prompt at the centre of the drawn box."""
+        bounds = self.boxBoundsRAS()
+        self.add([(low + high) / 2 for low, high in zip(bounds[0::2], bounds[1::2])], True)
+
     def add(self, pointRAS, positive: bool) -> None:
         positiveList, negativeList = self.lists(create=True)
         node, other = (positiveList, negativeList) if positive else (negativeList, positiveList)

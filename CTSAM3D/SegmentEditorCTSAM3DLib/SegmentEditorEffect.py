@@ -11,7 +11,6 @@ Absolute imports only (Slicer may load this file as a top-level module named aft
 import math
 import os
 
-import numpy as np
 import qt
 import slicer
 import vtk
@@ -414,15 +413,24 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def togglePolarity(self):
         self.setPolarity(not self.positivePolarity)
 
+    def _editablePrompts(self, withBox=False):
+        """The selected segment's prompts with both lists (and the box) made, and observed while the effect
+        is active; None when no segment is selected."""
+        segmentPrompts = self._selectedPrompts()
+        if segmentPrompts is not None:
+            segmentPrompts.lists(create=True)
+            if withBox:
+                segmentPrompts.box(create=True)
+            self._observeShown()
+        return segmentPrompts
+
     def addPromptRAS(self, pointRAS, positive):
         """Add a prompt at world RAS to the selected segment's lists (the re-run follows)."""
         if not self.scriptedEffect.confirmCurrentSegmentVisible():
             return False
-        segmentPrompts = self._selectedPrompts()
+        segmentPrompts = self._editablePrompts()
         if segmentPrompts is None:
             return False
-        segmentPrompts.lists(create=True)
-        self._observeShown()
         segmentPrompts.add(pointRAS, positive)
         return True
 
@@ -449,12 +457,11 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def startBoxPlacement(self):
         """Let the markups ROI tool draw the segment's box (anew: on a drawn ROI the markups tools would
         make a new ROI node instead, vtkMRMLMarkupsDisplayableManager.cxx:888-915 @v5.8.1)."""
-        segmentPrompts = self._selectedPrompts()
+        segmentPrompts = self._editablePrompts(withBox=True)
         if segmentPrompts is None:
             return
-        box = segmentPrompts.box(create=True)
+        box = segmentPrompts.box()
         box.RemoveAllControlPoints()
-        self._observeShown()
         markupsLogic = slicer.modules.markups.logic()
         markupsLogic.SetActiveList(box)
         markupsLogic.StartPlaceMode(False)
@@ -469,11 +476,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def startMarkupsPlacement(self, positive):
         """Let the markups tools place the next prompt(s) of that polarity (persistent place mode; the
         effect leaves left clicks to them until the interaction mode changes back)."""
-        segmentPrompts = self._selectedPrompts()
+        segmentPrompts = self._editablePrompts()
         if segmentPrompts is None:
             return
-        positiveList, negativeList = segmentPrompts.lists(create=True)
-        self._observeShown()
+        positiveList, negativeList = segmentPrompts.lists()
         markupsLogic = slicer.modules.markups.logic()
         markupsLogic.SetActiveList(positiveList if positive else negativeList)
         markupsLogic.StartPlaceMode(True)
@@ -486,16 +492,10 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
     def _onBoxModified(self, caller, event):
         """A box drawn or changed: a positive prompt at its centre unless one lies inside it already, and a
         re-run (clipped to the box) once it rests."""
-        bounds = self._shown.boxBoundsRAS()
-        if bounds is None:
+        if self._shown.boxBoundsRAS() is None:
             return
-        low, high = np.array(bounds[0::2]), np.array(bounds[1::2])
-        inside = [p for p in self._shown.ordered()
-                  if p.positive and np.all(np.array(p.pointRAS) >= low) and np.all(np.array(p.pointRAS) <= high)]
-        if not inside:
-            self._shown.lists(create=True)
-            self._observeShown()
-            self._shown.add((low + high) / 2, True)
+        if not self._shown.positiveInBox():
+            self._editablePrompts().addAtBoxCentre()
         self._armRun(self._shown, MOVE_DEBOUNCE_MSEC)
 
     # ------------------------------------------------------------ prediction
@@ -520,7 +520,5 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         if segmentPrompts is None:
             self.setStatus("Select a segment (or add one) in the Segment Editor.")
             return
-        self.runner.run(segmentPrompts)
-        if self._active and not self.runner.running and self.runner.changedDuringRun:
-            self.runner.changedDuringRun = False
+        if self.runner.run(segmentPrompts) and self._active:
             self._runTimer.start(0)
