@@ -237,6 +237,7 @@ def test_closing_slicer_during_a_run_stops_waiting_for_it():
     editor.wait()
     assert time.monotonic() - started < 2.5, "Slicer waited for the prediction to end before quitting"
     assert not editor.segmentArray(editor.s1).any()
+    editor.harness.cleanup()
 
 
 def test_cleanup_disconnects_the_run_timer():

@@ -518,7 +518,7 @@ class SliceViewWidgets:
             display = node.GetDisplayNode()
             if display is None:
                 continue
-            display.SetActiveControlPoint(-1)
+            display.SetActiveComponent(display.ComponentNone, -1)
             if not display.GetVisibility() or node.GetLocked():
                 continue
             for index in range(node.GetNumberOfControlPoints()):
