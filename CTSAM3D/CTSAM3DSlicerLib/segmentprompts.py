@@ -103,14 +103,12 @@ class SegmentPrompts:
     def owns(self, node) -> bool:
         return any(sameNode(node, own) for own in self.nodes())
 
-    def pointUnderMouse(self) -> bool:
-        """True when the markups widget has picked one of the prompts (it hovers within its picking distance,
-        11-16 px: vtkSlicerMarkupsWidgetRepresentation2D.cxx:1175-1178 @v5.8.1), so a press there drags it."""
-        for node in self.lists():
-            display = None if node is None else node.GetDisplayNode()
-            if display is not None and display.GetActiveControlPoint() >= 0:
-                return True
-        return False
+    def pickedByMarkups(self) -> bool:
+        """True when the markups widget has picked one of these prompts or the box under the mouse (it hovers
+        within its picking distance, 11-16 px: vtkSlicerMarkupsWidgetRepresentation2D.cxx:1175-1178 @v5.8.1,
+        and makes it the display node's active component), so a press there drags or resizes it."""
+        return any(node.GetDisplayNode() is not None and node.GetDisplayNode().HasActiveComponent()
+                   for node in self.nodes())
 
     def observe(self, onPointsModified: Callable, onBoxModified: Callable) -> None:
         """Observe this segment's lists and box (again when one was made or removed since)."""

@@ -377,8 +377,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
         self._shiftPress = None
         if callerInteractor.GetControlKey() or callerInteractor.GetAltKey() or self._inPlaceMode():
             return False  # place mode: the markups tool takes the click
-        if self._shown is not None and self._shown.pointUnderMouse():
-            return False  # the markups widget drags the prompt it has picked
+        if self._shown is not None and self._shown.pickedByMarkups():
+            return False  # the markups widget drags the prompt, or resizes the box, it has picked
         xy = callerInteractor.GetEventPosition()
         pointRAS = self.xyToRas(xy, viewWidget)
         if callerInteractor.GetShiftKey() and eventId == vtk.vtkCommand.LeftButtonPressEvent:

@@ -269,3 +269,31 @@ def test_help_says_how_to_pan_place_negative_prompts_undo_and_switch_segments(ed
     helpText = editor.effect.helpText()
     for told in ("Shift+left-drag", "pans", "Shift+left-click", "Ctrl+Z", "brings", "another segment"):
         assert told in helpText, told
+
+
+def test_dragging_the_box_outline_resizes_the_box_and_adds_no_prompt():
+    """The ROI widget picks the box's outline (its handles) like a prompt: a press there resizes the box."""
+    from CTSAM3DSlicerLib.logic import defaultSessionFactory
+
+    editor = Editor(sessionFactory=defaultSessionFactory)
+    editor.logic.device = "cpu"
+    centre = editor.centre(scenes.BLOB_A)
+    editor.xyOf(centre)
+    editor.effect.boxButton.click()
+    drawBox(editor, centre - np.array([5.0, 4.0, 0.0]), centre + np.array([5.0, 4.0, 0.0]))
+    editor.wait()
+    before = editor.segmentMask(editor.s1)
+    bounds = [0.0] * 6
+    editor.effect.boxNode().GetRASBounds(bounds)
+    face = np.array([bounds[1], centre[1], centre[2]])
+    editor.harness.leftDrag(pixelOf(editor, face), pixelOf(editor, face + np.array([4.0, 0.0, 0.0])),
+                            editor.sliceWidget)
+    editor.wait()
+    positive, _ = editor.lists()
+    assert pointCount(positive) == 1, "the press on the box's outline added a prompt"
+    resized = [0.0] * 6
+    editor.effect.boxNode().GetRASBounds(resized)
+    assert resized[1] == pytest.approx(bounds[1] + 4.0, abs=0.5) and resized[0] == pytest.approx(bounds[0])
+    after = editor.segmentMask(editor.s1)
+    assert after.sum() > before.sum() and not (before & ~after).any(), "the resized box did not re-run"
+    editor.harness.cleanup()

@@ -460,10 +460,11 @@ point Slicer would not."""
 class SliceViewWidgets:
     """The widgets of a slice view that see a mouse event the editor did not abort (the displayable
     managers' interaction widgets, Libs/MRML/DisplayableManager):
-    - markups (vtkSlicerMarkupsWidget.cxx @v5.8.1): hovering within MARKUPS_PICK_PIXELS of a control point
-      makes it the display node's active control point; a press on it drags it (PointModifiedEvent on each
-      move); in place mode the active list shows a preview point under the mouse (UpdatePreviewPoint, a
-      control point with PositionPreview status) that a press defines (PlacePoint); when the active node
+    - markups (vtkSlicerMarkupsWidget.cxx @v5.8.1): hovering within MARKUPS_PICK_PIXELS of a control point,
+      or of a drawn ROI's outline on the slice, makes it the display node's active component; a press then
+      drags the point (PointModifiedEvent on each move) or moves that face of the ROI (its handles); in
+      place mode the active list shows a preview point under the mouse (UpdatePreviewPoint, a control
+      point with PositionPreview status) that a press defines (PlacePoint); when the active node
       cannot take more points the displayable manager makes a new node of its class and places there
       (vtkMRMLMarkupsDisplayableManager.cxx:888-915);
     - slice intersection (vtkMRMLSliceIntersectionWidget.cxx @v5.8.1): Shift+left drag pans the slice
@@ -483,8 +484,7 @@ class SliceViewWidgets:
         placing = self.interactionNode.GetCurrentInteractionMode() == self.interactionNode.Place
         if eventId == vtk.vtkCommand.MouseMoveEvent:
             if self._dragged is not None:
-                node, index = self._dragged
-                node.SetNthControlPointPositionWorld(index, *_xyToRAS(sliceNode, xy))
+                self._dragTo(sliceNode, xy)
             elif self._pan is not None:
                 self._panTo(sliceNode, xy)
             elif placing:
@@ -494,8 +494,8 @@ class SliceViewWidgets:
         elif eventId == vtk.vtkCommand.LeftButtonPressEvent:
             if placing:
                 self._place(sliceNode, xy)
-            elif self._activeControlPoint() is not None:
-                self._dragged = self._activeControlPoint()
+            elif self._activeComponent() is not None:
+                self._dragged = self._activeComponent()
                 self._dragged[0].InvokeEvent(slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent)
             elif interactor.GetShiftKey():
                 self._pan = (xy, slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS()),
@@ -511,34 +511,54 @@ class SliceViewWidgets:
         return [self.scene.GetNthNodeByClass(i, "vtkMRMLMarkupsFiducialNode")
                 for i in range(self.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode"))]
 
+    def _markupsNodes(self):
+        return self._pointLists() + [self.scene.GetNthNodeByClass(i, "vtkMRMLMarkupsROINode")
+                                     for i in range(self.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode"))]
+
     def _hover(self, sliceNode, xy) -> None:
-        rasToXY = np.linalg.inv(slicer.util.arrayFromVTKMatrix(sliceNode.GetXYToRAS()))
-        best = None
-        for node in self._pointLists():
+        """The nearest control point or ROI face within MARKUPS_PICK_PIXELS becomes its display node's
+        active component; every other markups node's is cleared (vtkSlicerMarkupsWidget::ProcessMouseMove)."""
+        candidates = []
+        for node in self._markupsNodes():
             display = node.GetDisplayNode()
             if display is None:
                 continue
             display.SetActiveComponent(display.ComponentNone, -1)
             if not display.GetVisibility() or node.GetLocked():
                 continue
-            for index in range(node.GetNumberOfControlPoints()):
-                if node.GetNthControlPointPositionStatus(index) != node.PositionDefined:
-                    continue
-                position = [0.0, 0.0, 0.0]
-                node.GetNthControlPointPositionWorld(index, position)
-                x, y, z, _ = rasToXY @ np.array([*position, 1.0])
-                distance = float(np.hypot(x - xy[0], y - xy[1]))
-                if abs(z) <= 0.5 and distance <= MARKUPS_PICK_PIXELS and (best is None or distance < best[0]):
-                    best = (distance, display, index)
-        if best is not None:
-            best[1].SetActiveControlPoint(best[2])
+            if node.IsA("vtkMRMLMarkupsROINode"):
+                candidates += [(distance, display, display.ComponentScaleHandle, face)
+                               for distance, face in _roiFacesNear(node, sliceNode, xy)]
+            else:
+                candidates += [(distance, display, display.ComponentControlPoint, index)
+                               for distance, index in _pointsNear(node, sliceNode, xy)]
+        if candidates:
+            _, display, componentType, index = min(candidates, key=lambda candidate: candidate[0])
+            display.SetActiveComponent(componentType, index)
 
-    def _activeControlPoint(self):
-        for node in self._pointLists():
+    def _activeComponent(self):
+        """(node, component type, index) the markups widget has picked, or None."""
+        for node in self._markupsNodes():
             display = node.GetDisplayNode()
-            if display is not None and display.GetActiveControlPoint() >= 0:
-                return node, display.GetActiveControlPoint()
+            if display is not None and display.HasActiveComponent():
+                return node, display.GetActiveComponentType(), display.GetActiveComponentIndex()
         return None
+
+    def _dragTo(self, sliceNode, xy) -> None:
+        node, componentType, index = self._dragged
+        pointRAS = _xyToRAS(sliceNode, xy)
+        if node.IsA("vtkMRMLMarkupsROINode"):
+            bounds = [0.0] * 6
+            node.GetRASBounds(bounds)
+            axis = index // 2
+            bounds[index] = pointRAS[axis]
+            low, high = np.minimum(bounds[0::2], bounds[1::2]), np.maximum(bounds[0::2], bounds[1::2])
+            wasModifying = node.StartModify()
+            node.SetXYZ(*((low + high) / 2))
+            node.SetRadiusXYZ(*((high - low) / 2))
+            node.EndModify(wasModifying)
+        else:
+            node.SetNthControlPointPositionWorld(index, *pointRAS)
 
     def _panTo(self, sliceNode, xy) -> None:
         startXY, sliceToRAS, xyToRAS = self._pan
@@ -587,6 +607,50 @@ def _updatePlacedPoint(node, pointRAS, positionStatus) -> None:
     preview = _previewIndex(node)
     node.GetDisplayNode().UpdateActiveControlPointWorld(
         -1 if preview is None else preview, eventData, [1, 0, 0, 0, 1, 0, 0, 0, 1], "", "", positionStatus)
+
+
+def _pointsNear(node, sliceNode, xy):
+    """(pixel distance, index) of the defined control points drawn on the slice within the picking distance."""
+    rasToXY = np.linalg.inv(slicer.util.arrayFromVTKMatrix(sliceNode.GetXYToRAS()))
+    for index in range(node.GetNumberOfControlPoints()):
+        if node.GetNthControlPointPositionStatus(index) != node.PositionDefined:
+            continue
+        position = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPositionWorld(index, position)
+        x, y, z, _ = rasToXY @ np.array([*position, 1.0])
+        distance = float(np.hypot(x - xy[0], y - xy[1]))
+        if abs(z) <= 0.5 and distance <= MARKUPS_PICK_PIXELS:
+            yield distance, index
+
+
+def _roiFacesNear(roi, sliceNode, xy):
+    """(pixel distance, face) of the faces of a drawn ROI whose outline on the slice passes within the picking
+    distance; face = 2 * RAS axis + (0: low side, 1: high side). Only unrotated, untransformed ROIs on slices
+    normal to an RAS axis (what the tests draw); anything else is refused rather than guessed."""
+    if roi.GetNumberOfDefinedControlPoints() == 0 or _previewIndex(roi) is not None:
+        return
+    sliceToRAS = slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS())
+    normalAxis = int(np.argmax(np.abs(sliceToRAS[:3, 2])))
+    objectToNode = slicer.util.arrayFromVTKMatrix(roi.GetObjectToNodeMatrix())
+    if (not np.isclose(abs(sliceToRAS[normalAxis, 2]), 1.0) or roi.GetParentTransformNode() is not None
+            or not np.allclose(objectToNode[:3, :3], np.eye(3))):
+        raise NotImplementedError("the stand-in picks ROI faces only for unrotated ROIs on axis-aligned slices")
+    xyToRAS = slicer.util.arrayFromVTKMatrix(sliceNode.GetXYToRAS())
+    mmPerPixel = float(np.linalg.norm(xyToRAS[:3, 0]))
+    mouseRAS = xyToRAS @ np.array([xy[0], xy[1], 0.0, 1.0])
+    bounds = [0.0] * 6
+    roi.GetRASBounds(bounds)
+    if not bounds[2 * normalAxis] <= mouseRAS[normalAxis] <= bounds[2 * normalAxis + 1]:
+        return
+    tolerance = MARKUPS_PICK_PIXELS * mmPerPixel
+    inPlane = [axis for axis in range(3) if axis != normalAxis]
+    for axis, along in (inPlane, inPlane[::-1]):
+        if not bounds[2 * along] - tolerance <= mouseRAS[along] <= bounds[2 * along + 1] + tolerance:
+            continue
+        for side in (0, 1):
+            distance = abs(mouseRAS[axis] - bounds[2 * axis + side]) / mmPerPixel
+            if distance <= MARKUPS_PICK_PIXELS:
+                yield distance, 2 * axis + side
 
 
 def _xyToRAS(sliceNode, xy):
