@@ -507,13 +507,10 @@ class SliceViewWidgets:
         elif eventId == vtk.vtkCommand.LeftButtonDoubleClickEvent and not placing:
             self.maximizeToggles += 1
 
-    def _pointLists(self):
-        return [self.scene.GetNthNodeByClass(i, "vtkMRMLMarkupsFiducialNode")
-                for i in range(self.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsFiducialNode"))]
-
     def _markupsNodes(self):
-        return self._pointLists() + [self.scene.GetNthNodeByClass(i, "vtkMRMLMarkupsROINode")
-                                     for i in range(self.scene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode"))]
+        return [self.scene.GetNthNodeByClass(i, className)
+                for className in ("vtkMRMLMarkupsFiducialNode", "vtkMRMLMarkupsROINode")
+                for i in range(self.scene.GetNumberOfNodesByClass(className))]
 
     def _hover(self, sliceNode, xy) -> None:
         """The nearest control point or ROI face within MARKUPS_PICK_PIXELS becomes its display node's
