@@ -9,9 +9,9 @@ import ctk
 import numpy as np
 import qt
 import slicer
-from CTSAM3DSlicerLib import dependencies, weights
+from CTSAM3DSlicerLib import CORE_ORIGIN, dependencies, weights
 from CTSAM3DSlicerLib.logic import CTSAM3DLogic
-from CTSAM3DSlicerLib.worker import InferenceWorker, shutdownAllWorkers, waitProcessingEvents
+from CTSAM3DSlicerLib.worker import InferenceWorker, WorkerStoppedError, shutdownAllWorkers, waitProcessingEvents
 from slicer.ScriptedLoadableModule import (
     ScriptedLoadableModule,
     ScriptedLoadableModuleTest,
@@ -36,13 +36,17 @@ class CTSAM3D(ScriptedLoadableModule):
         self.parent.contributors = ["SlicerCTSAM3D developers"]
         self.parent.helpText = (
             "Interactive 3D segmentation of CT from clicks with CT-SAM3D. Set up the network weights and the "
-            "device here, then use the 'CT-SAM3D' effect in the Segment Editor."
+            "device here, then use the 'CT-SAM3D' effect in the Segment Editor.<p>"
+            f"Inference core (CTSAM3DLib) in use: {CORE_ORIGIN}."
         )
         self.parent.acknowledgementText = (
             "CT-SAM3D network by Guo et al. (alibaba-damo-academy/ct-sam3d). " + weights.LICENCE_NOTE
         )
         slicer.app.connect("startupCompleted()", self.registerEditorEffect)
-        # A running prediction or download must never hold up quitting.
+        # A running prediction or download must never hold up quitting. The main window closes while the
+        # effect or the panel may wait for a job in their own event loop, and aboutToQuit comes only once
+        # Slicer's main event loop has returned, which it cannot do before that wait ends.
+        slicer.app.connect("lastWindowClosed()", shutdownAllWorkers)
         slicer.app.connect("aboutToQuit()", shutdownAllWorkers)
 
     def registerEditorEffect(self):
@@ -248,6 +252,8 @@ class CTSAM3DWidget(ScriptedLoadableModuleWidget):
                                           cancellable=True, endpoint=endpoint)
         except DownloadCancelledError:
             slicer.util.showStatusMessage("CT-SAM3D weights download cancelled", 3000)
+        except WorkerStoppedError:
+            return  # Slicer is quitting: no message box on the way out (the partial file resumes next time)
         except Exception as error:
             slicer.util.errorDisplay(f"Download of the CT-SAM3D weights failed: {error}")
         else:

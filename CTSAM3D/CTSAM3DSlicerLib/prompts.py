@@ -11,8 +11,6 @@ from __future__ import annotations
 import re
 from typing import List, NamedTuple, Optional, Tuple
 
-import numpy as np
-
 SEGMENTATION_REFERENCE_ROLE = "CTSAM3D.Segmentation"
 SEGMENT_ATTRIBUTE = "CTSAM3D.SegmentID"
 POLARITY_ATTRIBUTE = "CTSAM3D.Polarity"
@@ -85,8 +83,13 @@ def createBox(scene, segmentationNode, segmentId: str):
 
 
 def boxBoundsRAS(roi) -> Optional[Tuple[float, ...]]:
-    """World RAS bounds (xmin, xmax, ymin, ymax, zmin, zmax) of a placed ROI with a volume; else None."""
+    """World RAS bounds (xmin, xmax, ymin, ymax, zmin, zmax) of a drawn ROI with a volume; else None.
+
+    While the ROI tool draws, the ROI already reports bounds (one corner defined, the other a preview
+    point under the mouse: vtkMRMLMarkupsROINode.cxx:839-895 @v5.8.1); those are not the box yet."""
     if roi is None or roi.GetNumberOfDefinedControlPoints() == 0:
+        return None
+    if roi.GetNumberOfControlPoints() != roi.GetNumberOfDefinedControlPoints():
         return None
     bounds = [0.0] * 6
     roi.GetRASBounds(bounds)
@@ -115,7 +118,7 @@ def orderedPrompts(positiveList, negativeList) -> List[Prompt]:
         if node is None:
             continue
         for index in range(node.GetNumberOfControlPoints()):
-            if node.GetNthControlPointPositionStatus(index) != node.PositionDefined:
+            if not _isDefined(node, index):
                 continue
             rank = _rank(node.GetNthControlPointLabel(index))
             if rank is None:
@@ -142,10 +145,15 @@ def rankLabel(rank: int, positive: bool) -> str:
     return f"{'+' if positive else '-'}{rank}"
 
 
+def _isDefined(node, index: int) -> bool:
+    """False for the place tool's preview point (PositionPreview), which follows the mouse until a click."""
+    return node.GetNthControlPointPositionStatus(index) == node.PositionDefined
+
+
 def labelUnrankedPoints(node, positive: bool, otherList) -> None:
     """Give points placed with the markups tools (default labels) the next ranks."""
     for index in range(node.GetNumberOfControlPoints()):
-        if _rank(node.GetNthControlPointLabel(index)) is None:
+        if _isDefined(node, index) and _rank(node.GetNthControlPointLabel(index)) is None:
             node.SetNthControlPointLabel(index, rankLabel(nextRank(node, otherList), positive))
 
 
@@ -162,6 +170,8 @@ def removeLastPrompt(positiveList, negativeList) -> bool:
         if node is None:
             continue
         for index in range(node.GetNumberOfControlPoints()):
+            if not _isDefined(node, index):
+                continue
             rank = _rank(node.GetNthControlPointLabel(index)) or 0
             if best is None or rank >= best[0]:
                 best = (rank, node, index)
@@ -169,16 +179,3 @@ def removeLastPrompt(positiveList, negativeList) -> bool:
         return False
     best[1].RemoveNthControlPoint(best[2])
     return True
-
-
-def pointNearInSlice(
-    prompts: List[Prompt], xyToRAS: np.ndarray, xy, toleranceXY: float, halfThickness: float
-) -> bool:
-    """True when a prompt is drawn within ``toleranceXY`` pixels of ``xy`` on this slice (so a press
-    there is left to the markups widget, which drags the point)."""
-    rasToXY = np.linalg.inv(xyToRAS)
-    for prompt in prompts:
-        x, y, z, _ = rasToXY @ np.array([*prompt.pointRAS, 1.0])
-        if abs(z) <= halfThickness and np.hypot(x - xy[0], y - xy[1]) <= toleranceXY:
-            return True
-    return False

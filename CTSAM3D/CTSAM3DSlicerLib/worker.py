@@ -7,8 +7,9 @@ Python that gives the GIL up. Polling a worker from a QTimer therefore starves i
 GIL, broken every ``POLL_SECONDS`` to let Qt process events (as SlicerNNInteractive does).
 
 The worker is one long-lived daemon thread (CUDA/cuDNN caches are per thread, so a thread per job
-would pay their warm-up again); ``shutdownAllWorkers`` stops every worker when Slicer quits, without
-waiting for a running job. Jobs handed to it must not touch MRML, VTK or Qt.
+would pay their warm-up again); ``shutdownAllWorkers`` stops every worker when Slicer's main window
+closes, without waiting for a running job: whoever waits for that job gets WorkerStoppedError at once.
+Jobs handed to it must not touch MRML, VTK or Qt.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class InferenceWorker:
     def __init__(self, name: str = "CTSAM3D") -> None:
         self._jobs: queue.SimpleQueue[Optional[tuple]] = queue.SimpleQueue()
         self._stopped = threading.Event()
+        self._runningJob: Optional[concurrent.futures.Future] = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
         _workers.add(self)
@@ -49,9 +51,12 @@ class InferenceWorker:
 
     def shutdown(self) -> None:
         """Stop taking jobs and cancel the queued ones; a running job is left to end on its own (the
-        thread is a daemon, so it never holds up Slicer's exit)."""
+        thread is a daemon, so it never holds up Slicer's exit), but its waiter is released now."""
         self._stopped.set()
         self._jobs.put(None)
+        running = self._runningJob
+        if running is not None:
+            _settle(running, error=WorkerStoppedError("CT-SAM3D's worker was shut down (Slicer is quitting)"))
 
     @property
     def isRunning(self) -> bool:
@@ -68,12 +73,15 @@ class InferenceWorker:
                 continue
             if not future.set_running_or_notify_cancel():
                 continue
+            self._runningJob = future
             try:
                 result = function(*args)
             except BaseException as error:  # handed to the waiting main thread, which re-raises it
-                future.set_exception(error)
+                _settle(future, error=error)
             else:
-                future.set_result(result)
+                _settle(future, result=result)
+            finally:
+                self._runningJob = None
         while True:
             try:
                 job = self._jobs.get_nowait()
@@ -83,8 +91,19 @@ class InferenceWorker:
                 job[0].set_exception(WorkerStoppedError("CT-SAM3D's worker was shut down (Slicer is quitting)"))
 
 
+def _settle(future: concurrent.futures.Future, result: Any = None, error: Optional[BaseException] = None) -> None:
+    """Give ``future`` its outcome unless it has one (a shutdown fails a running job's future early)."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except concurrent.futures.InvalidStateError:
+        pass
+
+
 def shutdownAllWorkers() -> None:
-    """Shut down every worker (connected to the application's aboutToQuit)."""
+    """Shut down every worker (connected to the application's lastWindowClosed and aboutToQuit)."""
     for worker in list(_workers):
         worker.shutdown()
 

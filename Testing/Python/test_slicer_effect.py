@@ -16,6 +16,9 @@ pytestmark = pytest.mark.usefixtures("slicerEnv")
 EFFECT = "CT-SAM3D"
 LEFT_PRESS = vtk.vtkCommand.LeftButtonPressEvent
 KEY_PRESS = vtk.vtkCommand.KeyPressEvent
+BESIDE_B = ((scenes.BLOB_B[0][0], scenes.BLOB_B[0][1], scenes.BLOB_B[0][2] + 1.0), scenes.BLOB_B[1])
+"""Inside blob B one slice from its centre, where a prompt at B's centre is not drawn (so a press there is
+no press on that prompt, which the markups widget would drag)."""
 
 
 class Editor:
@@ -58,8 +61,8 @@ class Editor:
         return int(round(xyz[0])), int(round(xyz[1]))
 
     def click(self, pointRAS, shift=False, control=False, wait=True):
-        interactor = effects.FakeInteractor(self.xyOf(pointRAS), shift=shift, control=control)
-        consumed = self.harness.processEvent(interactor, LEFT_PRESS, self.sliceWidget)
+        """A left click on ``pointRAS`` (the mouse moves there, press, release); whether the press was taken."""
+        consumed = self.harness.leftClick(self.xyOf(pointRAS), self.sliceWidget, shift=shift, control=control)
         if wait:
             self.wait()
         return consumed
@@ -193,8 +196,7 @@ def test_shift_click_is_negative_and_click_order_is_kept(editor):
     editor.click(editor.centre(scenes.BLOB_A))
     editor.click(editor.centre(scenes.BLOB_B))
     np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA | editor.maskB)
-    besideB = ((scenes.BLOB_B[0][0] + 3.0, scenes.BLOB_B[0][1] - 3.0, scenes.BLOB_B[0][2]), scenes.BLOB_B[1])
-    assert editor.click(editor.centre(besideB), shift=True) is True
+    assert editor.click(editor.centre(BESIDE_B), shift=True) is False, "a Shift press goes on to the view (pan)"
     np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA)
     positive, negative = editor.lists()
     assert negative.GetNthControlPointLabel(0) == "-3"
@@ -312,8 +314,7 @@ def test_z_is_the_editor_undo_and_leaves_prompts_and_effect_consistent(editor):
     assert editor.lists()[0].GetNumberOfControlPoints() == 2
     assert editor.key("z", control=True) == "shortcut"
     assert not editor.segmentMask(editor.s1).any()
-    besideB = ((scenes.BLOB_B[0][0] + 3.0, scenes.BLOB_B[0][1] - 3.0, scenes.BLOB_B[0][2]), scenes.BLOB_B[1])
-    editor.click(editor.centre(besideB), shift=True)
+    editor.click(editor.centre(BESIDE_B), shift=True)
     np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA)
     assert [positive for _, positive in editor.logic._session.clicks] == [True, True, False]
 
@@ -437,7 +438,7 @@ def test_changes_during_a_prediction_are_coalesced_into_one_rerun():
 
     def changePromptsDuringTheRun():
         # Fired by the events the effect processes while it waits for the first prediction.
-        seenRunning.append(editor.effect._running)
+        seenRunning.append(editor.effect.runner.running)
         positive.AddControlPointWorld(*editor.centre(scenes.BLOB_B), "")
         positive.SetNthControlPointPositionWorld(1, *editor.centre(scenes.BLOB_B))
 
@@ -457,8 +458,7 @@ def test_place_with_markups_places_prompts_of_the_list_polarity(editor):
     editor.click(editor.centre(scenes.BLOB_B))
     assert editor.effect.positivePolarity
     editor.effect.placeNegativeButton.click()
-    besideB = ((scenes.BLOB_B[0][0] + 3.0, scenes.BLOB_B[0][1] - 3.0, scenes.BLOB_B[0][2]), scenes.BLOB_B[1])
-    assert editor.click(editor.centre(besideB)) is False, "the markups tool must get the click"
+    assert editor.click(editor.centre(BESIDE_B)) is False, "the markups tool must get the click"
     positive, negative = editor.lists()
     assert positive.GetNumberOfControlPoints() == 2 and negative.GetNumberOfControlPoints() == 1
     assert negative.GetNthControlPointLabel(0) == "-3"
@@ -468,13 +468,14 @@ def test_place_with_markups_places_prompts_of_the_list_polarity(editor):
     assert positive.GetNthControlPointLabel(2) == "+4"
     np.testing.assert_array_equal(editor.segmentMask(editor.s1), editor.maskA | editor.maskB)
     editor.harness.interactionNode.SwitchToViewTransformMode()
-    assert editor.click(editor.centre(scenes.BLOB_A) + 4.0, shift=True) is True
+    assert editor.click(editor.centre(scenes.BLOB_A) + 4.0, shift=True) is False, "a Shift press is the view's"
     assert negative.GetNumberOfControlPoints() == 2, "out of place mode, clicks are the effect's again"
 
 
 def _sceneObservations(editor):
-    """(scene, observer tag) pairs the effect holds; tests check the tags against the real scene."""
-    return list(editor.effect._sceneObservations)
+    """(node, observer tag) pairs the effect holds on the scene and the editor's parameter node; tests check
+    the tags against the real nodes."""
+    return list(editor.effect._editorObservations)
 
 
 def _observersOn(node):
@@ -482,9 +483,9 @@ def _observersOn(node):
 
 
 def effectMarkupsEvents():
-    from SegmentEditorCTSAM3DLib.SegmentEditorEffect import MARKUPS_EVENTS
+    from CTSAM3DSlicerLib.segmentprompts import POINT_EVENTS
 
-    return MARKUPS_EVENTS
+    return POINT_EVENTS
 
 
 @pytest.mark.parametrize("slicerVersion", [(5, 8), (5, 12)])

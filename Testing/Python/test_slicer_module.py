@@ -250,6 +250,24 @@ def test_panel_cancel_stops_a_slow_download(tmp_path):
         widget.cleanup()
 
 
+def test_closing_slicer_during_a_download_stops_waiting_for_it(tmp_path, caplog):
+    """The main window closes (lastWindowClosed) while the panel waits for a download in its own event loop:
+    the wait ends at once, with no error box on the way out."""
+    widget = makeWidget()
+    slow = ModelScopeServer({"params.pth": PAYLOAD})
+    slow.chunk_delay = 0.5
+    try:
+        qt.QTimer.singleShot(100, lambda: slicer.app.emit("lastWindowClosed()"))
+        started = time.monotonic()
+        widget.startDownload(str(tmp_path / "params.pth"), endpoint=slow.endpoint)
+        assert time.monotonic() - started < 1.0, "Slicer waited for the download to end before quitting"
+        assert not widget._busy and not widget.progressBar.visible
+        assert "failed" not in caplog.text
+    finally:
+        slow.close()
+        widget.cleanup()
+
+
 def test_self_test_runs_whole_with_the_real_network_built_in_memory(tmp_path):
     """CTSAM3DTest as Slicer runs it (slicer.selfTests), on the real network with reference weights made in
     memory: no file is written (the 300 MB checkpoint of earlier versions), nothing is downloaded."""
@@ -407,3 +425,60 @@ def test_panel_chooses_a_server_and_tests_the_connection_with_its_token():
         assert widget.logic.serverURL is None and weights.settingsValue("RunOn") == "computer"
     finally:
         server.stop()
+
+
+LOADED_FROM_A_MODULE_PATH = """
+import importlib.util, logging, sys
+from pathlib import Path
+logging.basicConfig(level=logging.INFO)
+# Slicer's own Python: no ctsam3d installed (drop this environment's editable install) and nothing of the
+# clone on sys.path until Slicer adds the module's folder.
+sys.meta_path[:] = [finder for finder in sys.meta_path if not finder.__module__.startswith("__editable__")]
+sys.path[:] = [entry for entry in sys.path if entry and Path(entry).resolve() != Path({repo!r})]
+assert importlib.util.find_spec("CTSAM3DLib") is None, "ctsam3d is installed in this process"
+sys.path.insert(0, {testing!r})
+import slicer
+import slicer_standins
+slicer_standins.installModules()
+sys.path.remove(str(slicer_standins.MODULE_DIR))
+sys.path.insert(0, {moduleFolder!r})
+slicer_standins.newScene({cache!r}, {temp!r})
+from slicer_standins.application import makeModuleParent
+import CTSAM3D
+module = CTSAM3D.CTSAM3D(makeModuleParent())
+slicer.app.emit("startupCompleted()")
+assert [e.name for e in slicer.qSlicerSegmentEditorEffectFactory.instance().registeredEffects()] == ["CT-SAM3D"]
+import CTSAM3DLib
+print("CORE", Path(CTSAM3DLib.__file__).parent)
+print("HELP", module.parent.helpText)
+"""
+
+
+@pytest.mark.parametrize("layout", ["source checkout", "build"])
+def test_module_loads_from_an_additional_module_path(tmp_path, layout):
+    """Slicer loads a module from a folder named in its additional module paths with only that folder on
+    sys.path: a clone's CTSAM3D/ folder (CTSAM3DLib one folder up), or a build's qt-scripted-modules
+    (CTSAM3DLib beside the module). Either way the module loads, registers the effect, and says which
+    CTSAM3DLib it uses."""
+    import shutil
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    moduleFolder = repo / "CTSAM3D"
+    if layout == "build":
+        moduleFolder = tmp_path / "qt-scripted-modules"
+        ignore = shutil.ignore_patterns("__pycache__", "CMakeLists.txt")
+        shutil.copytree(repo / "CTSAM3D", moduleFolder, ignore=ignore)
+        shutil.copytree(repo / "CTSAM3DLib", moduleFolder / "CTSAM3DLib", ignore=ignore)
+    script = LOADED_FROM_A_MODULE_PATH.format(
+        repo=str(repo), testing=str(Path(__file__).resolve().parent), moduleFolder=str(moduleFolder),
+        cache=str(tmp_path / "cache"), temp=str(tmp_path / "temp"))
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                               cwd=tmp_path)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    expected = repo / "CTSAM3DLib" if layout == "source checkout" else moduleFolder / "CTSAM3DLib"
+    assert f"CORE {expected}" in completed.stdout
+    said = "the source checkout" if layout == "source checkout" else "the copy installed beside the module"
+    assert f"CT-SAM3D: using CTSAM3DLib from {said}, {expected}" in completed.stderr
+    assert f"Inference core (CTSAM3DLib) in use: {said}, {expected}" in completed.stdout

@@ -75,7 +75,13 @@ class FakeApplication:
     def mainWindow(self):
         return None
 
+    SIGNALS = frozenset({"startupCompleted()", "aboutToQuit()", "lastWindowClosed()"})
+    """Signals the code connects to: qSlicerCoreApplication::startupCompleted, QCoreApplication::aboutToQuit
+    and QGuiApplication::lastWindowClosed (emitted when the main window closed and Slicer begins to quit)."""
+
     def connect(self, signal: str, slot: Callable) -> bool:
+        if signal not in self.SIGNALS:
+            raise AttributeError(f"qSlicerApplication has no signal {signal}")
         self._connections.setdefault(signal, []).append(slot)
         return True
 

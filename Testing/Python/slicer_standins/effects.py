@@ -13,6 +13,7 @@ import sys
 import types
 from typing import List, Optional
 
+import numpy as np
 import slicer
 import vtk
 
@@ -447,6 +448,219 @@ class FakeThreeDWidget:
         return "qMRMLThreeDWidget"
 
 
+# ------------------------------------------------------ slice view widgets
+MARKUPS_PICK_PIXELS = 11.0
+"""How near (display pixels) the mouse must be to a control point for the markups widget to take it:
+ControlPointSize / 2 + PickingTolerance (30) * ScreenScaleFactor (0.2)
+(vtkSlicerMarkupsWidgetRepresentation2D.cxx:1175-1178, vtkMRMLAbstractWidgetRepresentation.cxx:28,176
+@v5.8.1), 11 to 16 px with the default glyph scale; the smallest is taken, so the stand-in never picks a
+point Slicer would not."""
+
+
+class SliceViewWidgets:
+    """The widgets of a slice view that see a mouse event the editor did not abort (the displayable
+    managers' interaction widgets, Libs/MRML/DisplayableManager):
+    - markups (vtkSlicerMarkupsWidget.cxx @v5.8.1): hovering within MARKUPS_PICK_PIXELS of a control point,
+      or of a drawn ROI's outline on the slice, makes it the display node's active component; a press then
+      drags the point (PointModifiedEvent on each move) or moves that face of the ROI (its handles); in
+      place mode the active list shows a preview point under the mouse (UpdatePreviewPoint, a control
+      point with PositionPreview status) that a press defines (PlacePoint); when the active node
+      cannot take more points the displayable manager makes a new node of its class and places there
+      (vtkMRMLMarkupsDisplayableManager.cxx:888-915);
+    - slice intersection (vtkMRMLSliceIntersectionWidget.cxx @v5.8.1): Shift+left drag pans the slice
+      (:210-211, WidgetEventTranslateStart), a left double click maximizes or restores the view (:230)."""
+
+    def __init__(self, scene, interactionNode) -> None:
+        self.scene = scene
+        self.interactionNode = interactionNode
+        self.maximizeToggles = 0
+        self.createdPlaceNodes = []
+        self._dragged = None
+        self._pan = None
+
+    def processEvent(self, interactor, eventId: int, sliceWidget) -> None:
+        xy = interactor.GetEventPosition()
+        sliceNode = sliceWidget.mrmlSliceNode()
+        placing = self.interactionNode.GetCurrentInteractionMode() == self.interactionNode.Place
+        if eventId == vtk.vtkCommand.MouseMoveEvent:
+            if self._dragged is not None:
+                self._dragTo(sliceNode, xy)
+            elif self._pan is not None:
+                self._panTo(sliceNode, xy)
+            elif placing:
+                self._movePreview(sliceNode, xy)
+            else:
+                self._hover(sliceNode, xy)
+        elif eventId == vtk.vtkCommand.LeftButtonPressEvent:
+            if placing:
+                self._place(sliceNode, xy)
+            elif self._activeComponent() is not None:
+                self._dragged = self._activeComponent()
+                self._dragged[0].InvokeEvent(slicer.vtkMRMLMarkupsNode.PointStartInteractionEvent)
+            elif interactor.GetShiftKey():
+                self._pan = (xy, slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS()),
+                             slicer.util.arrayFromVTKMatrix(sliceNode.GetXYToRAS()))
+        elif eventId == vtk.vtkCommand.LeftButtonReleaseEvent:
+            if self._dragged is not None:
+                self._dragged[0].InvokeEvent(slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent)
+            self._dragged = self._pan = None
+        elif eventId == vtk.vtkCommand.LeftButtonDoubleClickEvent and not placing:
+            self.maximizeToggles += 1
+
+    def _markupsNodes(self):
+        return [self.scene.GetNthNodeByClass(i, className)
+                for className in ("vtkMRMLMarkupsFiducialNode", "vtkMRMLMarkupsROINode")
+                for i in range(self.scene.GetNumberOfNodesByClass(className))]
+
+    def _hover(self, sliceNode, xy) -> None:
+        """The nearest control point or ROI face within MARKUPS_PICK_PIXELS becomes its display node's
+        active component; every other markups node's is cleared (vtkSlicerMarkupsWidget::ProcessMouseMove)."""
+        candidates = []
+        for node in self._markupsNodes():
+            display = node.GetDisplayNode()
+            if display is None:
+                continue
+            display.SetActiveComponent(display.ComponentNone, -1)
+            if not display.GetVisibility() or node.GetLocked():
+                continue
+            if node.IsA("vtkMRMLMarkupsROINode"):
+                candidates += [(distance, display, display.ComponentScaleHandle, face)
+                               for distance, face in _roiFacesNear(node, sliceNode, xy)]
+            else:
+                candidates += [(distance, display, display.ComponentControlPoint, index)
+                               for distance, index in _pointsNear(node, sliceNode, xy)]
+        if candidates:
+            _, display, componentType, index = min(candidates, key=lambda candidate: candidate[0])
+            display.SetActiveComponent(componentType, index)
+
+    def _activeComponent(self):
+        """(node, component type, index) the markups widget has picked, or None."""
+        for node in self._markupsNodes():
+            display = node.GetDisplayNode()
+            if display is not None and display.HasActiveComponent():
+                return node, display.GetActiveComponentType(), display.GetActiveComponentIndex()
+        return None
+
+    def _dragTo(self, sliceNode, xy) -> None:
+        node, componentType, index = self._dragged
+        pointRAS = _xyToRAS(sliceNode, xy)
+        if node.IsA("vtkMRMLMarkupsROINode"):
+            bounds = [0.0] * 6
+            node.GetRASBounds(bounds)
+            axis = index // 2
+            bounds[index] = pointRAS[axis]
+            low, high = np.minimum(bounds[0::2], bounds[1::2]), np.maximum(bounds[0::2], bounds[1::2])
+            wasModifying = node.StartModify()
+            node.SetXYZ(*((low + high) / 2))
+            node.SetRadiusXYZ(*((high - low) / 2))
+            node.EndModify(wasModifying)
+        else:
+            node.SetNthControlPointPositionWorld(index, *pointRAS)
+
+    def _panTo(self, sliceNode, xy) -> None:
+        startXY, sliceToRAS, xyToRAS = self._pan
+        moved = xyToRAS @ np.array([xy[0], xy[1], 0.0, 1.0]) - xyToRAS @ np.array([startXY[0], startXY[1], 0.0, 1.0])
+        matrix = sliceNode.GetSliceToRAS()
+        for row in range(3):
+            matrix.SetElement(row, 3, sliceToRAS[row, 3] - moved[row])
+        sliceNode.UpdateMatrices()
+
+    def _activePlaceNode(self):
+        markupsLogic = slicer.modules.markups.logic()
+        return self.scene.GetNodeByID(markupsLogic.GetActiveListID() or "")
+
+    def _movePreview(self, sliceNode, xy) -> None:
+        node = self._activePlaceNode()
+        if node is not None and _takesAPoint(node):
+            _updatePlacedPoint(node, _xyToRAS(sliceNode, xy), node.PositionPreview)
+
+    def _place(self, sliceNode, xy) -> None:
+        node = self._activePlaceNode()
+        if node is None:
+            return
+        if not _takesAPoint(node):
+            node = self.scene.AddNewNodeByClass(node.GetClassName())
+            node.CreateDefaultDisplayNodes()
+            self.createdPlaceNodes.append(node)
+            slicer.modules.markups.logic().SetActiveList(node)
+        _updatePlacedPoint(node, _xyToRAS(sliceNode, xy), node.PositionDefined)
+        # Single place mode ends with one point of a point list, or with a whole ROI (its 2 corners).
+        placedWhole = node.IsA("vtkMRMLMarkupsFiducialNode") or node.GetControlPointPlacementComplete()
+        if not self.interactionNode.GetPlaceModePersistence() and placedWhole:
+            self.interactionNode.SwitchToViewTransformMode()
+
+
+def _takesAPoint(node) -> bool:
+    """A node being placed (its preview point counts towards a complete placement) or not complete yet."""
+    return _previewIndex(node) is not None or not node.GetControlPointPlacementComplete()
+
+
+def _updatePlacedPoint(node, pointRAS, positionStatus) -> None:
+    """vtkSlicerMarkupsWidget::UpdatePreviewPoint (PlacePoint calls it with PositionDefined): the REAL display
+    node's UpdateActiveControlPointWorld moves the preview point, or adds one (with that status from the
+    start) when there is none."""
+    eventData = slicer.vtkMRMLInteractionEventData()
+    eventData.SetWorldPosition(list(pointRAS))
+    preview = _previewIndex(node)
+    node.GetDisplayNode().UpdateActiveControlPointWorld(
+        -1 if preview is None else preview, eventData, [1, 0, 0, 0, 1, 0, 0, 0, 1], "", "", positionStatus)
+
+
+def _pointsNear(node, sliceNode, xy):
+    """(pixel distance, index) of the defined control points drawn on the slice within the picking distance."""
+    rasToXY = np.linalg.inv(slicer.util.arrayFromVTKMatrix(sliceNode.GetXYToRAS()))
+    for index in range(node.GetNumberOfControlPoints()):
+        if node.GetNthControlPointPositionStatus(index) != node.PositionDefined:
+            continue
+        position = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPositionWorld(index, position)
+        x, y, z, _ = rasToXY @ np.array([*position, 1.0])
+        distance = float(np.hypot(x - xy[0], y - xy[1]))
+        if abs(z) <= 0.5 and distance <= MARKUPS_PICK_PIXELS:
+            yield distance, index
+
+
+def _roiFacesNear(roi, sliceNode, xy):
+    """(pixel distance, face) of the faces of a drawn ROI whose outline on the slice passes within the picking
+    distance; face = 2 * RAS axis + (0: low side, 1: high side). Only unrotated, untransformed ROIs on slices
+    normal to an RAS axis (what the tests draw); anything else is refused rather than guessed."""
+    if roi.GetNumberOfDefinedControlPoints() == 0 or _previewIndex(roi) is not None:
+        return
+    sliceToRAS = slicer.util.arrayFromVTKMatrix(sliceNode.GetSliceToRAS())
+    normalAxis = int(np.argmax(np.abs(sliceToRAS[:3, 2])))
+    objectToNode = slicer.util.arrayFromVTKMatrix(roi.GetObjectToNodeMatrix())
+    if (not np.isclose(abs(sliceToRAS[normalAxis, 2]), 1.0) or roi.GetParentTransformNode() is not None
+            or not np.allclose(objectToNode[:3, :3], np.eye(3))):
+        raise NotImplementedError("the stand-in picks ROI faces only for unrotated ROIs on axis-aligned slices")
+    xyToRAS = slicer.util.arrayFromVTKMatrix(sliceNode.GetXYToRAS())
+    mmPerPixel = float(np.linalg.norm(xyToRAS[:3, 0]))
+    mouseRAS = xyToRAS @ np.array([xy[0], xy[1], 0.0, 1.0])
+    bounds = [0.0] * 6
+    roi.GetRASBounds(bounds)
+    if not bounds[2 * normalAxis] <= mouseRAS[normalAxis] <= bounds[2 * normalAxis + 1]:
+        return
+    tolerance = MARKUPS_PICK_PIXELS * mmPerPixel
+    inPlane = [axis for axis in range(3) if axis != normalAxis]
+    for axis, along in (inPlane, inPlane[::-1]):
+        if not bounds[2 * along] - tolerance <= mouseRAS[along] <= bounds[2 * along + 1] + tolerance:
+            continue
+        for side in (0, 1):
+            distance = abs(mouseRAS[axis] - bounds[2 * axis + side]) / mmPerPixel
+            if distance <= MARKUPS_PICK_PIXELS:
+                yield distance, 2 * axis + side
+
+
+def _xyToRAS(sliceNode, xy):
+    return sliceNode.GetXYToRAS().MultiplyPoint((float(xy[0]), float(xy[1]), 0.0, 1.0))[:3]
+
+
+def _previewIndex(node):
+    for index in range(node.GetNumberOfControlPoints()):
+        if node.GetNthControlPointPositionStatus(index) == node.PositionPreview:
+            return index
+    return None
+
+
 # ----------------------------------------------------------------- editor
 def _shortcutKeys():
     """The keys qMRMLSegmentEditorWidget::installKeyboardShortcuts registers, as (key, shift, control):
@@ -519,6 +733,7 @@ class SegmentEditorHarness:
         self._interactionObserver = self.interactionNode.AddObserver(
             vtk.vtkCommand.ModifiedEvent, self._onInteractionNodeModified
         )
+        self.sliceView = SliceViewWidgets(scene, self.interactionNode)
         self._closed = False
 
     def effectByName(self, name: str) -> ScriptedEffectAdaptor:
@@ -587,8 +802,8 @@ class SegmentEditorHarness:
     # ------------------------------------------------------------ events
     def processEvent(self, interactor, eventId: int, viewWidget) -> bool:
         """A view event as the view's observers see it: first the editor's (priority 1.0), which hands it to
-        the active effect and aborts it when the effect returns True; then, if not aborted, the markups
-        tools (a left press in place mode places a point in the active list). Returns True when aborted."""
+        the active effect and aborts it when the effect returns True; then, if not aborted, the view's own
+        widgets (markups, slice intersection). Returns True when aborted."""
         if self.activeEffect is not None:
             result = self.activeEffect._call("processInteractionEvents", interactor, eventId, viewWidget)
             if not isinstance(result, bool):
@@ -598,24 +813,40 @@ class SegmentEditorHarness:
                 result = False
             if result:
                 return True
-        self._markupsTools(interactor, eventId, viewWidget)
+        if viewWidget.className() == "qMRMLSliceWidget":
+            self.sliceView.processEvent(interactor, eventId, viewWidget)
         return False
 
-    def _markupsTools(self, interactor, eventId: int, viewWidget) -> None:
-        """vtkSlicerPointsWidget in place mode: a left press puts a point in the active list where clicked."""
-        if eventId != vtk.vtkCommand.LeftButtonPressEvent or viewWidget.className() != "qMRMLSliceWidget":
-            return
-        if self.interactionNode.GetCurrentInteractionMode() != self.interactionNode.Place:
-            return
-        markupsLogic = slicer.modules.markups.logic()
-        activeList = self.scene.GetNodeByID(markupsLogic.GetActiveListID() or "")
-        if activeList is None:
-            return
-        x, y = interactor.GetEventPosition()
-        ras = viewWidget.mrmlSliceNode().GetXYToRAS().MultiplyPoint((x, y, 0.0, 1.0))[:3]
-        activeList.AddControlPointWorld(*ras, "")
-        if not self.interactionNode.GetPlaceModePersistence():
-            self.interactionNode.SwitchToViewTransformMode()
+    def leftClick(self, xy, viewWidget, shift=False, control=False, alt=False) -> bool:
+        """What Qt/VTK deliver for one left click at ``xy``: the mouse moves there, press, release. Returns
+        whether the press was aborted by the editor."""
+        modifiers = {"shift": shift, "control": control, "alt": alt}
+        self.processEvent(FakeInteractor(xy, **modifiers), vtk.vtkCommand.MouseMoveEvent, viewWidget)
+        aborted = self.processEvent(FakeInteractor(xy, **modifiers), vtk.vtkCommand.LeftButtonPressEvent, viewWidget)
+        self.processEvent(FakeInteractor(xy, **modifiers), vtk.vtkCommand.LeftButtonReleaseEvent, viewWidget)
+        return aborted
+
+    def leftDrag(self, fromXY, toXY, viewWidget, shift=False, steps=4) -> bool:
+        """Press at ``fromXY``, move in ``steps`` to ``toXY``, release; returns whether the press was aborted."""
+        self.processEvent(FakeInteractor(fromXY, shift=shift), vtk.vtkCommand.MouseMoveEvent, viewWidget)
+        aborted = self.processEvent(FakeInteractor(fromXY, shift=shift), vtk.vtkCommand.LeftButtonPressEvent,
+                                    viewWidget)
+        for step in range(1, steps + 1):
+            xy = [round(a + (b - a) * step / steps) for a, b in zip(fromXY, toXY)]
+            self.processEvent(FakeInteractor(xy, shift=shift), vtk.vtkCommand.MouseMoveEvent, viewWidget)
+        self.processEvent(FakeInteractor(toXY, shift=shift), vtk.vtkCommand.LeftButtonReleaseEvent, viewWidget)
+        return aborted
+
+    def leftDoubleClick(self, firstXY, secondXY, viewWidget, shift=False) -> bool:
+        """Two quick clicks as VTK 9.2 under Qt delivers them (Slicer 5.8's VTK, SuperBuild/External_VTK.cmake
+        :141 @v5.8.1; QVTKInteractorAdapter turns Qt's MouseButtonDblClick into LeftButtonDoubleClickEvent):
+        press, release, double click, release. Returns whether the double click was aborted."""
+        self.leftClick(firstXY, viewWidget, shift=shift)
+        self.processEvent(FakeInteractor(secondXY, shift=shift), vtk.vtkCommand.MouseMoveEvent, viewWidget)
+        aborted = self.processEvent(
+            FakeInteractor(secondXY, shift=shift), vtk.vtkCommand.LeftButtonDoubleClickEvent, viewWidget)
+        self.processEvent(FakeInteractor(secondXY, shift=shift), vtk.vtkCommand.LeftButtonReleaseEvent, viewWidget)
+        return aborted
 
     def pressKey(self, keySym: str, viewWidget, shift=False, control=False, alt=False):
         """A key pressed with the mouse over ``viewWidget``: the editor's shortcuts take their keys first

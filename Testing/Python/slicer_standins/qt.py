@@ -22,6 +22,10 @@ class Signal:
     def disconnect(self, slot: Callable = None) -> None:
         self._slots = [] if slot is None else [s for s in self._slots if s != slot]
 
+    def slotCount(self) -> int:
+        """How many slots are connected (QObject::receivers(signal), test helper)."""
+        return len(self._slots)
+
     def emit(self, *args) -> None:
         if self._owner._signalsBlocked:
             return
