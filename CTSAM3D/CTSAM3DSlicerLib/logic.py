@@ -170,7 +170,10 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
             )
             self.progress = Progress("Loading the network")
             import CTSAM3DLib
+            from CTSAM3DLib.torch_warnings import hide_torch_internal_warnings
 
+            # torch is imported from here on; its internals' warnings are not for a Slicer user.
+            hide_torch_internal_warnings()
             return CTSAM3DLib.load_checkpoint(path, device=device)
 
         # Asked again while it loads (events are processed meanwhile): wait for that same load.

@@ -482,3 +482,26 @@ def test_module_loads_from_an_additional_module_path(tmp_path, layout):
     said = "the source checkout" if layout == "source checkout" else "the copy installed beside the module"
     assert f"CT-SAM3D: using CTSAM3DLib from {said}, {expected}" in completed.stderr
     assert f"Inference core (CTSAM3DLib) in use: {said}, {expected}" in completed.stdout
+
+
+def test_after_loading_the_network_torchs_internal_warnings_stay_out_of_slicer(tmp_path):
+    """Slicer's console shows every warning: torch's warnings about its own internals are dropped once the
+    network is loaded; the project's own and other code's still show."""
+    import warnings
+
+    import torch
+    from CTSAM3DSlicerLib import weights
+    from CTSAM3DSlicerLib.logic import CTSAM3DLogic
+
+    checkpoint = Path(tinyCheckpoint(tmp_path))
+    weights.recordChecksum(str(checkpoint), hashlib.sha256(checkpoint.read_bytes()).hexdigest(), "test")
+
+    def method(self):
+        return self
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        CTSAM3DLogic().loadModel(str(checkpoint), "cpu")
+        torch.jit.script_method(method)  # warns from inside torch, as its internals do
+        warnings.warn("the image's lowest value is 12", stacklevel=1)
+    assert [str(warning.message) for warning in shown] == ["the image's lowest value is 12"]
