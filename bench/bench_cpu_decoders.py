@@ -1,0 +1,245 @@
+"""The mask decoder on a CPU, candidate runtimes side by side on the same patches (issue 26).
+
+    python bench/bench_cpu_decoders.py [--repeats 5] [--output cpu-decoders.md]
+
+For one refining decode (two clicks and the previous mask as prompt) on the central patch of every CT in
+../shared/data, each candidate's median seconds on the chest CT's patch (taken in turns, so that machine
+noise hits all alike), its speed-up over the float32 network (the authors' decoder) and its lowest mask
+Dice against float32 over the CTs:
+
+- float32: ``SpadeMaskDecoder``, the network as the authors run it;
+- int8 (torch, today): ``Int8SpadeDecoder`` (oneDNN int8 convolutions, activation scales per call);
+- onnxruntime float32 / int8: the decoder exported to ONNX and run by ONNX Runtime; int8 is static
+  quantization (QDQ, per-channel weights);
+- openvino float32 / bfloat16: the decoder converted by OpenVINO from torch and compiled for its CPU
+  plugin with that inference precision;
+- openvino int8: the same, quantized by NNCF (post-training, static activation ranges).
+Static quantization is calibrated on the other CTs' patches (the timed chest CT is held out).
+
+A candidate whose package is missing is reported as such (``pip install onnx onnxruntime onnxscript
+openvino nncf``); none of them is a dependency of the project.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+from CTSAM3DLib.geometry import Lattice  # noqa: E402
+from CTSAM3DLib.inference import prepare_network  # noqa: E402
+from CTSAM3DLib.model import build_model  # noqa: E402
+from CTSAM3DLib.preprocess import normalize_hu  # noqa: E402
+from CTSAM3DLib.reference_weights import deterministic_state_dict  # noqa: E402
+
+CTS = ("chest-abdomen-ct", "abdomen-ct-3mm", "aorta-ct-1.5mm", "body-ct-3mm")
+POINTS = torch.tensor([[[32.0, 32.0, 32.0], [40.0, 30.0, 27.0]]])
+LABELS = torch.tensor([[1, 0]])
+Decoder = Callable[[List[np.ndarray], np.ndarray], np.ndarray]
+"""features (4 arrays), prompt (1,3,64^3) -> probability (1,1,64^3)."""
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def central_patch(path: Path) -> torch.Tensor:
+    image = sitk.ReadImage(str(path))
+    lattice = Lattice.of_image(image)
+    centre = image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()])
+    geometry = lattice.patch_centred_on(lattice.nearest_index(centre))
+    return torch.from_numpy(normalize_hu(lattice.sample(image, geometry)))[None, None]
+
+
+class DecoderOnly(torch.nn.Module):
+    """The SPADE decoder as one module of (features..., prompt), for export."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.decoder = net.mask_decoder
+
+    def forward(self, f0, f1, f2, f3, prompt):
+        probability, _ = self.decoder([f0, f1, f2, f3], prompt)
+        return probability
+
+
+def inputs_of(net, patch: torch.Tensor):
+    """A refining decode's inputs: the features and the prompt (mask prompt from a first click)."""
+    with torch.no_grad():
+        features = net.encode(patch)
+        first, _ = net.decode(features, POINTS[:, :1], LABELS[:, :1])
+        prompt = net.decoder_prompt(POINTS, LABELS, first, torch.float32)
+    return [f.numpy() for f in features], prompt.numpy()
+
+
+def export_onnx(net, example, folder: Path) -> Path:
+    path = folder / "decoder.onnx"
+    features, prompt = example
+    arguments = tuple(torch.from_numpy(a) for a in [*features, prompt])
+    torch.onnx.export(DecoderOnly(net).eval(), arguments, str(path), input_names=["f0", "f1", "f2", "f3", "prompt"],
+                      output_names=["probability"], opset_version=17, dynamo=False)
+    return path
+
+
+def quantize_onnx(path: Path, calibration, folder: Path) -> Path:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.items = iter([dict(zip(["f0", "f1", "f2", "f3", "prompt"], [*features, prompt]))
+                               for features, prompt in calibration])
+
+        def get_next(self):
+            return next(self.items, None)
+
+    output = folder / "decoder-int8.onnx"
+    quantize_static(str(path), str(output), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return output
+
+
+def onnxruntime_decoder(path: Path) -> Decoder:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda features, prompt: session.run(None, dict(zip(["f0", "f1", "f2", "f3", "prompt"],
+                                                               [*features, prompt])))[0]
+
+
+def openvino_model(net, example):
+    import openvino
+
+    features, prompt = example
+    return openvino.convert_model(DecoderOnly(net).eval(), example_input=tuple(torch.from_numpy(a)
+                                                                               for a in [*features, prompt]))
+
+
+def openvino_int8_model(model, calibration):
+    import nncf
+
+    return nncf.quantize(model, nncf.Dataset([[*features, prompt] for features, prompt in calibration]),
+                         subset_size=len(calibration))
+
+
+def openvino_decoder(model, precision: str) -> Decoder:
+    import openvino
+
+    compiled = openvino.Core().compile_model(model, "CPU", {
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": precision})
+    request = compiled.create_infer_request()
+    return lambda features, prompt: request.infer([*features, prompt])[compiled.output(0)].copy()
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a > 0.5, b > 0.5
+    total = a.sum() + b.sum()
+    return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "data")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--output", type=Path)
+    args = parser.parse_args(argv)
+    net = build_model("tiny")
+    net.load_state_dict(deterministic_state_dict(net), strict=True)
+    net.eval()
+    cases = [name for name in CTS if (args.data / name / "ct.nii.gz").exists()]
+    if not cases:
+        log(f"no CTs under {args.data}")
+        return 2
+    examples = {name: inputs_of(net, central_patch(args.data / name / "ct.nii.gz")) for name in cases}
+    int8 = prepare_network(net, torch.device("cpu"), "int8")
+
+    def torch_float32(features, prompt):
+        with torch.no_grad():
+            return net.mask_decoder([torch.from_numpy(f) for f in features], torch.from_numpy(prompt))[0].numpy()
+
+    def torch_int8(features, prompt):
+        return int8._int8_decoder([torch.from_numpy(f) for f in features], torch.from_numpy(prompt))[0].numpy()
+
+    candidates: Dict[str, Decoder] = {"float32 (authors' decoder)": torch_float32, "int8 (torch, today)": torch_int8}
+    missing: Dict[str, str] = {}
+    calibration = [examples[case] for case in cases[1:]] or [examples[cases[0]]]
+    builders = {
+        "onnxruntime float32": lambda folder: onnxruntime_decoder(export_onnx(net, examples[cases[0]], folder)),
+        "onnxruntime int8": lambda folder: onnxruntime_decoder(
+            quantize_onnx(export_onnx(net, examples[cases[0]], folder), calibration, folder)),
+        "openvino float32": lambda folder: openvino_decoder(openvino_model(net, examples[cases[0]]), "f32"),
+        "openvino bfloat16": lambda folder: openvino_decoder(openvino_model(net, examples[cases[0]]), "bf16"),
+        "openvino int8 (NNCF)": lambda folder: openvino_decoder(
+            openvino_int8_model(openvino_model(net, examples[cases[0]]), calibration), "f32"),
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        for name, build in builders.items():
+            log(f"building {name}")
+            try:
+                candidates[name] = build(Path(folder))
+            except Exception as error:  # a missing package or a converter's failure: say which
+                missing[name] = f"{type(error).__name__}: {error}".splitlines()[0][:160]
+        results = measure(candidates, examples, args.repeats)
+    report = table(results, missing, args)
+    print(report)
+    if args.output:
+        args.output.write_text(report)
+    return 0
+
+
+def measure(candidates: Dict[str, Decoder], examples, repeats: int) -> Dict[str, Dict[str, float]]:
+    reference = {name: candidates["float32 (authors' decoder)"](*example) for name, example in examples.items()}
+    times: Dict[str, List[float]] = {name: [] for name in candidates}
+    timed_example = next(iter(examples.values()))
+    for candidate in candidates.values():
+        candidate(*timed_example)  # warm-up
+    for round_number in range(repeats):
+        log(f"round {round_number + 1} of {repeats}")
+        for name, candidate in candidates.items():
+            started = time.perf_counter()
+            candidate(*timed_example)
+            times[name].append(time.perf_counter() - started)
+    results = {}
+    for name, candidate in candidates.items():
+        dices = [dice(candidate(*example), reference[case]) for case, example in examples.items()]
+        results[name] = {"seconds": statistics.median(times[name]), "dice": min(dices)}
+    return results
+
+
+def table(results, missing, args) -> str:
+    base = results["float32 (authors' decoder)"]["seconds"]
+    machine = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                machine = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    lines = [f"`python bench/bench_cpu_decoders.py --repeats {args.repeats}` on {machine}, "
+             f"{torch.get_num_threads()} threads, {os.cpu_count()} logical CPUs, torch {torch.__version__}", "",
+             "| candidate | refining decode (s) | speed-up over float32 | lowest mask Dice vs float32 |",
+             "| --- | --- | --- | --- |"]
+    for name, found in results.items():
+        lines.append(f"| {name} | {found['seconds']:.3f} | {base / found['seconds']:.2f}x | {found['dice']:.4f} |")
+    lines += [f"| {name} | not run: {why} | | |" for name, why in missing.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
