@@ -48,6 +48,10 @@ class CrossPatchNetwork(PromptableNetwork, Protocol):
         """image, mask (0/1) and the neighbour's image, each (B,1,64^3) -> click heatmap in the neighbour (B,1,64^3)."""
 
 
+Box = Tuple[np.ndarray, np.ndarray]
+"""(lowest, highest) LPS corners of an axis-aligned box."""
+
+
 class Click(NamedTuple):
     point_lps: Tuple[float, float, float]
     positive: bool

@@ -30,10 +30,8 @@ import torch.nn.functional as F
 
 from .constants import MASK_THRESHOLD
 from .geometry import Lattice, PatchGeometry, SourceGrid
+from .interface import Box
 from .patch import Offset, Patch
-
-Box = Tuple[np.ndarray, np.ndarray]
-"""(lowest, highest) LPS corners of an axis-aligned box."""
 
 NEIGHBOUR_OFFSETS: Tuple[Offset, ...] = tuple(
     offset for offset in itertools.product((-1, 0, 1), repeat=3) if offset != (0, 0, 0)

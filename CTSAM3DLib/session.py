@@ -25,19 +25,20 @@ Rules:
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field, replace
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .constants import MASK_THRESHOLD, MAX_OPEN_PATCHES, OUTSIDE_HU, PATCH_SIZE
+from .constants import MASK_THRESHOLD, MAX_OPEN_PATCHES, PATCH_SIZE
 from .device import resolve_device
-from .geometry import DeviceVolume, Lattice, PatchGeometry, SourceGrid, SourceRegion
+from .geometry import DeviceVolume, Lattice, PatchGeometry, SourceRegion
 from .inference import prepare_network, resolve_precision
+from .inputs import as_box, box_centre, readable_image, validate_image
 from .interface import (
+    Box,
     Click,
     CrossPatchNetwork,
     MaskUpdate,
@@ -49,7 +50,6 @@ from .interface import (
 from .patch import Patch
 from .preprocess import normalize_hu
 from .propagation import (
-    Box,
     NeighbourJob,
     PropagationLimits,
     heatmap_peaks,
@@ -57,6 +57,7 @@ from .propagation import (
     plan_level,
     touched_offsets,
 )
+from .rendering import PatchResult, SessionMask, enclosing_region
 
 __all__ = ["Click", "InteractiveSession", "MaskUpdate", "PreviewCallback", "ProgressCallback", "SessionInputError",
            "as_box", "readable_image", "validate_image"]
@@ -87,69 +88,6 @@ class _HistoryEntry:
     click: Click
     before: Dict[int, Optional[Patch]] = field(default_factory=dict)
     box_before: Optional[Tuple[Optional[Box], ...]] = None
-
-
-def as_box(corner_a_lps: Sequence[float], corner_b_lps: Sequence[float]) -> Box:
-    """The axis-aligned box spanned by two opposite LPS corners; SessionInputError for bad corners."""
-    corners = [np.asarray(corner, dtype=np.float64).reshape(-1) for corner in (corner_a_lps, corner_b_lps)]
-    if any(corner.shape != (3,) or not np.all(np.isfinite(corner)) for corner in corners):
-        raise SessionInputError("a box needs two corners of 3 finite coordinates (LPS mm)")
-    low, high = np.minimum(*corners), np.maximum(*corners)
-    if np.any(high - low <= 0):
-        raise SessionInputError("the box is flat: its corners must differ in x, y and z")
-    return low, high
-
-
-def validate_image(image: sitk.Image) -> None:
-    """Refuses images the session cannot segment; warns when the intensities do not look like CT.
-
-    NaN or infinite voxels are allowed where some voxels are finite: the session treats them as outside
-    the scan (``readable_image`` says how many)."""
-    if not isinstance(image, sitk.Image):
-        raise SessionInputError(f"expected a SimpleITK.Image, got {type(image).__name__}")
-    if image.GetDimension() != 3:
-        raise SessionInputError(f"expected a 3D image, got a {image.GetDimension()}D image")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise SessionInputError(
-            f"expected a scalar CT image, got {image.GetNumberOfComponentsPerPixel()} components per voxel "
-            "(vector or RGB image)"
-        )
-    if min(image.GetSize()) < 1:
-        raise SessionInputError(f"the image is empty (size {image.GetSize()})")
-    values = sitk.GetArrayViewFromImage(image)
-    finite = np.isfinite(values)
-    if not finite.any():
-        raise SessionInputError("every voxel of the image is NaN or infinite: nothing to segment")
-    finite_values = values if finite.all() else values[finite]
-    low, high = float(finite_values.min()), float(finite_values.max())
-    if low == high:
-        raise SessionInputError(f"the image is constant (every voxel is {low:g}): nothing to segment")
-    if low > -500:
-        warnings.warn(
-            f"the image's lowest value is {low:g}, with no air near -1000 HU: it may not be a CT in Hounsfield "
-            "units (e.g. MR), and CT-SAM3D's results will likely be poor",
-            stacklevel=3,
-        )
-
-
-def readable_image(image: sitk.Image) -> sitk.Image:
-    """``image`` itself, or, when it holds NaN or infinite voxels, a copy in which they are set to the
-    value of the space outside the scan (-1024 HU), with a warning that names how many there are."""
-    values = sitk.GetArrayViewFromImage(image)
-    bad = ~np.isfinite(values)
-    count = int(np.count_nonzero(bad))
-    if count == 0:
-        return image
-    slices = np.flatnonzero(bad.any(axis=(1, 2)))
-    warnings.warn(
-        f"the image holds {count} NaN or infinite voxels ({100 * count / bad.size:.2g}% of it, in "
-        f"{len(slices)} of its {bad.shape[0]} slices, z index {slices[0]} to {slices[-1]}): they are treated "
-        f"as outside the scan ({OUTSIDE_HU:g} HU)",
-        stacklevel=3,
-    )
-    filled = sitk.GetImageFromArray(np.where(bad, OUTSIDE_HU, values).astype(values.dtype))
-    filled.CopyInformation(image)
-    return filled
 
 
 class InteractiveSession:
@@ -206,21 +144,15 @@ class InteractiveSession:
         self.box_lps: Optional[Box] = self._fixed_box
         """The box results are clipped to (``box_lps`` or the last ``add_box``), or None."""
         self.lattice = Lattice.of_image(image)
-        self.grid = SourceGrid(image)
-        self._whole_image = SourceRegion((0, 0, 0), self.grid.size)
-        self._limits = PropagationLimits(self.lattice, self.grid, max_patches, self.cross_patch_box_lps)
         if sampling == "auto":
             on_device = self.device.type == "cuda" or (self.device.type == "cpu" and self.precision != "float32")
             sampling = "device" if on_device else "exact"
         self.sampling = sampling
         self._device_volume = DeviceVolume(image, self.lattice, self.device) if sampling == "device" else None
+        self._canvas = SessionMask(image, self.lattice, self.device, sample_on_device=sampling == "device")
+        self.grid = self._canvas.grid
+        self._limits = PropagationLimits(self.lattice, self.grid, max_patches, self.cross_patch_box_lps)
         self.last_timing: Dict[str, float] = {}
-        self._initial = np.zeros(image.GetSize()[::-1], dtype=np.uint8)
-        self._initial_image: Optional[sitk.Image] = None
-        """The initial mask as float32 for ``Lattice.sample_mask`` (exact sampling; None without one)."""
-        self._initial_volume: Optional[DeviceVolume] = None
-        """The initial mask where the network runs (device sampling; None without one)."""
-        self._mask = self._initial.copy()
         self._patches: Dict[int, Patch] = {}
         self._next_patch_id = 0
         self._history: List[_HistoryEntry] = []
@@ -248,26 +180,22 @@ class InteractiveSession:
     @property
     def mask(self) -> sitk.Image:
         """The current mask: uint8 0/1 with the input's size, origin, spacing and direction."""
-        return self._as_image(self._mask)
+        return self._canvas.as_image(self._canvas.array)
 
     def mask_array(self) -> np.ndarray:
         """A copy of the current mask as a (z, y, x) uint8 array."""
-        return self._mask.copy()
+        return self._canvas.array.copy()
 
     def probability(self) -> sitk.Image:
         """The current probability map (float32) on the input's grid; outside every patch, the initial
         mask (0 without one)."""
-        volume = self._initial.astype(np.float32)
-        union = _enclosing(patch.region for patch in self._patches.values())
-        if union is not None:
-            volume[union.slices] = self._probability_over(union)
-        return self._as_image(volume)
+        return self._canvas.as_image(self._canvas.probability(self._patch_results()))
 
     def probability_in(self, update: MaskUpdate) -> np.ndarray:
         """The current probability (float32, (z, y, x)) over an update's box, as ``probability()`` has it."""
         if update.empty:
             return np.zeros((0, 0, 0), dtype=np.float32)
-        return self._probability_over(SourceRegion(update.start, update.size))
+        return self._canvas.probability_over(SourceRegion(update.start, update.size), self._patch_results())
 
     # ----------------------------------------------------------------- clicks
     def add_click(
@@ -290,7 +218,7 @@ class InteractiveSession:
         box = as_box(corner_a_lps, corner_b_lps)
         previous, self.box_lps = self.box_lps, box
         try:
-            update = self.add_click((box[0] + box[1]) / 2, True, progress, preview)
+            update = self.add_click(box_centre(box), True, progress, preview)
         except BaseException:
             self.box_lps = previous
             raise
@@ -305,30 +233,9 @@ class InteractiveSession:
     def reset(self, initial_mask: Optional[sitk.Image] = None) -> None:
         """Forgets every click, patch and ``add_box`` box; starts again from ``initial_mask`` (on the
         image's grid; nonzero is inside), or from nothing."""
-        if initial_mask is not None:
-            if not isinstance(initial_mask, sitk.Image) or initial_mask.GetDimension() != 3:
-                raise SessionInputError("the initial mask must be a 3D SimpleITK.Image")
-            if not self.grid.same_grid(initial_mask):
-                raise SessionInputError(
-                    f"the initial mask's grid (size {initial_mask.GetSize()}, origin "
-                    f"{tuple(round(v, 2) for v in initial_mask.GetOrigin())}) is not the image's (size "
-                    f"{self.grid.size}, origin {tuple(round(float(v), 2) for v in self.grid.origin_lps)}): "
-                    "resample it onto the image first"
-                )
-            self._initial = (sitk.GetArrayFromImage(initial_mask) != 0).astype(np.uint8)
-            self._initial_image = None
-            self._initial_volume = None
-            if self._initial.any() and self.sampling == "device":
-                self._initial_volume = DeviceVolume.for_mask(self._as_image(self._initial), self.lattice, self.device)
-            elif self._initial.any():
-                self._initial_image = self._as_image(self._initial.astype(np.float32))
-        else:
-            self._initial[...] = 0
-            self._initial_image = None
-            self._initial_volume = None
+        self._canvas.start_from(initial_mask)
         self._patches.clear()
         self._history.clear()
-        self._mask = self._initial.copy()
         self.box_lps = self._fixed_box
         self.last_timing = {}
 
@@ -347,7 +254,7 @@ class InteractiveSession:
             common += 1
         changed = [self._take_back() for _ in range(len(current) - common)]
         changed += [self._apply_click(click, progress, preview) for click in wanted[common:]]
-        return self._update(_enclosing(changed))
+        return self._update(enclosing_region(changed))
 
     # ----------------------------------------------------------------- internals
     def _apply_click(self, click: Click, progress: Optional[ProgressCallback],
@@ -397,9 +304,7 @@ class InteractiveSession:
         return self._render_into_mask(touched)
 
     def _update(self, region: Optional[SourceRegion]) -> MaskUpdate:
-        if region is None:
-            return MaskUpdate.nothing()
-        return MaskUpdate(region.start, self._mask[region.slices].copy())
+        return self._canvas.update(region)
 
     def _checked_point(self, point_lps: Sequence[float]) -> Tuple[float, float, float]:
         point = checked_point(point_lps)
@@ -447,21 +352,13 @@ class InteractiveSession:
         for row, geometry in enumerate(geometries):
             pid = self._next_patch_id
             self._next_patch_id += 1
-            initial = self._initial_on(geometry)
+            initial = self._canvas.initial_on(geometry)
             self._patches[pid] = Patch(geometry, self.grid.region_of(geometry), images[row:row + 1],
                                        [level[row:row + 1] for level in features], probability=initial,
                                        initial=initial)
             entry.before[pid] = None
             pids.append(pid)
         return pids
-
-    def _initial_on(self, geometry: PatchGeometry) -> Optional[torch.Tensor]:
-        """The initial mask on a patch (1,1,64^3), the patch's first mask prompt; None without one."""
-        if self._initial_volume is not None:
-            return self._initial_volume.sample([geometry])[:, None]
-        if self._initial_image is None:
-            return None
-        return torch.from_numpy(self.lattice.sample_mask(self._initial_image, geometry))[None, None].to(self.device)
 
     def _patch_prompts(self, pid: int) -> Tuple[np.ndarray, np.ndarray]:
         """(x, y, z) voxel points and labels of a patch: its propagated clicks, then every user click
@@ -594,11 +491,9 @@ class InteractiveSession:
         return regions
 
     def _render_into_mask(self, regions: List[SourceRegion]) -> Optional[SourceRegion]:
-        """The mask over ``regions`` from the patches; where no patch reaches, or outside the box, the
-        initial mask. Returns the box holding them all (None for none)."""
-        enclosing = _enclosing(regions)
-        self._paint(regions, enclosing, self._mask, self._whole_image)
-        return enclosing
+        """The mask over ``regions`` from the patches (see ``CTSAM3DLib.rendering``); returns the box
+        holding them all (None for none)."""
+        return self._canvas.render(regions, self._patch_results(), self.box_lps)
 
     def _show_preview(self, entry: _HistoryEntry, timing: Dict[str, float]) -> None:
         """Shows ``self._preview`` the mask as it stands over what the click has changed so far (the
@@ -606,60 +501,17 @@ class InteractiveSession:
         if self._preview is None:
             return
         started = time.perf_counter()
-        regions = self._regions_touched(entry)
-        enclosing = _enclosing(regions)
-        if enclosing is not None:
-            mask = self._mask[enclosing.slices].copy()
-            self._paint(regions, enclosing, mask, enclosing)
-            self._preview(MaskUpdate(enclosing.start, mask))
+        update = self._canvas.preview(self._regions_touched(entry), self._patch_results(), self.box_lps)
+        if update is not None:
+            self._preview(update)
         timing["preview"] = timing.get("preview", 0.0) + time.perf_counter() - started
 
-    def _paint(self, regions: List[SourceRegion], enclosing: Optional[SourceRegion], target: np.ndarray,
-               covering: SourceRegion) -> None:
-        """Renders ``regions`` (``enclosing`` holds them) into ``target``, an array over ``covering``.
-
-        Regions close together are rendered in one pass over their enclosing box, and each region
-        takes its part: a click carried into 16 patches touches 16 regions, each reached by its
-        neighbours, and sampling every patch once rather than once per region it reaches is ten times
-        less work. A voxel's value does not depend on the pass it is rendered in."""
-        if enclosing is not None and _voxels(enclosing) <= 2 * sum(_voxels(region) for region in regions):
-            rendered = self._rendered(enclosing)
-            for region in regions:
-                target[region.slices_within(covering)] = rendered[region.slices_within(enclosing)]
-        else:
-            for region in regions:
-                target[region.slices_within(covering)] = self._rendered(region)
-
-    def _rendered(self, region: SourceRegion) -> np.ndarray:
-        """The mask over a region from the patches (see ``_render_into_mask``), (z, y, x)."""
-        probability, covered = self.grid.assemble(region, self._patch_results(), self.device)
-        inside = (probability > MASK_THRESHOLD) & covered
-        if self._initial_image is None and self._initial_volume is None:
-            # No initial mask: the patches' mask where they decide, 0 elsewhere, read back at once.
-            rendered = inside.cpu().numpy()
-            if self.box_lps is not None:
-                rendered &= self.grid.inside_box(region, self.box_lps)
-            return rendered
-        decided = covered.cpu().numpy()
-        if self.box_lps is not None:
-            decided &= self.grid.inside_box(region, self.box_lps)
-        return np.where(decided, inside.cpu().numpy(), self._initial[region.slices])
-
-    def _probability_over(self, region: SourceRegion) -> np.ndarray:
-        probability, covered = self.grid.assemble(region, self._patch_results(), self.device)
-        return np.where(covered.cpu().numpy(), probability.cpu().numpy(), self._initial[region.slices])
-
-    def _patch_results(self):
+    def _patch_results(self) -> List[PatchResult]:
         return [(patch.geometry, patch.region, patch.probability)
                 for _, patch in sorted(self._patches.items()) if patch.probability is not None]
 
-    def _as_image(self, array: np.ndarray) -> sitk.Image:
-        image = sitk.GetImageFromArray(array)
-        image.CopyInformation(self.image)
-        return image
-
     def _warm_up_device_paths(self) -> None:
-        """Samples, pastes and searches for cross-patch peaks one patch at the image's centre, and throws
+        """Samples, renders and searches for cross-patch peaks one patch at the image's centre, and throws
         the results away: on CUDA every kernel's first use loads it (tens of milliseconds in all, on
         this image's sampling path), which the user's first click would otherwise pay."""
         low, high = self.grid.bounds_lps()
@@ -672,24 +524,9 @@ class InteractiveSession:
             touched_offsets(inside[0, 0])
         region = self.grid.region_of(geometry)
         if region is not None:
-            probability, covered = self.grid.assemble(region, [(geometry, region, images)], self.device)
-            (probability > MASK_THRESHOLD).cpu()
-            covered.cpu()
+            self._canvas.preview([region], [(geometry, region, images)], self.box_lps)
         self._synchronize()
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-def _voxels(region: SourceRegion) -> int:
-    return int(np.prod(region.size))
-
-
-def _enclosing(regions: Iterable[Optional[SourceRegion]]) -> Optional[SourceRegion]:
-    """The smallest box holding every region given (None for none)."""
-    enclosing = None
-    for region in regions:
-        if region is not None:
-            enclosing = region if enclosing is None else enclosing.union(region)
-    return enclosing
