@@ -23,8 +23,6 @@ openvino nncf``); none of them is a dependency of the project.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -38,6 +36,8 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+
+from bench_inference import machine_description  # noqa: E402
 
 from CTSAM3DLib.geometry import Lattice  # noqa: E402
 from CTSAM3DLib.inference import prepare_network  # noqa: E402
@@ -223,16 +223,8 @@ def measure(candidates: Dict[str, Decoder], examples, repeats: int) -> Dict[str,
 
 def table(results, missing, args) -> str:
     base = results["float32 (authors' decoder)"]["seconds"]
-    machine = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                machine = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    lines = [f"`python bench/bench_cpu_decoders.py --repeats {args.repeats}` on {machine}, "
-             f"{torch.get_num_threads()} threads, {os.cpu_count()} logical CPUs, torch {torch.__version__}", "",
+    lines = [f"`python bench/bench_cpu_decoders.py --repeats {args.repeats}` on "
+             f"{machine_description(torch.device('cpu'))}, torch {torch.__version__}", "",
              "| candidate | refining decode (s) | speed-up over float32 | lowest mask Dice vs float32 |",
              "| --- | --- | --- | --- |"]
     for name, found in results.items():
