@@ -1,7 +1,10 @@
 """The interactive session: clicks in world coordinates in, a mask in the CT's own geometry out.
 
 One ``InteractiveSession`` owns all interaction state for one image: the open patches (each with
-its cached encoder features and latest probability), the clicks, and the undo history.
+its cached encoder features and latest probability), the clicks, and the undo history. It keeps the
+clicks and the history and runs each call; the patches and the network's work on them are
+``open_patches.OpenPatches``, the mask on the CT's grid ``rendering.SessionMask``, and what it accepts
+is checked by ``inputs``.
 
 Rules:
 - The first click opens a 64^3 patch centred on the lattice voxel nearest to it. A click inside
@@ -25,16 +28,16 @@ Rules:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-from .constants import MASK_THRESHOLD, MAX_OPEN_PATCHES, PATCH_SIZE
+from .constants import MASK_THRESHOLD, MAX_OPEN_PATCHES
 from .device import resolve_device
-from .geometry import DeviceVolume, Lattice, PatchGeometry, SourceRegion
+from .geometry import DeviceVolume, Lattice, SourceRegion
 from .inference import prepare_network, resolve_precision
 from .inputs import as_box, box_centre, readable_image, validate_image
 from .interface import (
@@ -47,23 +50,13 @@ from .interface import (
     SessionInputError,
     checked_point,
 )
+from .open_patches import OpenPatches, PatchChanges, StepTimes
 from .patch import Patch
-from .preprocess import normalize_hu
-from .propagation import (
-    NeighbourJob,
-    PropagationLimits,
-    heatmap_peaks,
-    heatmap_prompts,
-    plan_level,
-    touched_offsets,
-)
-from .rendering import PatchResult, SessionMask, enclosing_region
+from .propagation import PropagationLimits, heatmap_peaks, touched_offsets
+from .rendering import SessionMask, enclosing_region
 
 __all__ = ["Click", "InteractiveSession", "MaskUpdate", "PreviewCallback", "ProgressCallback", "SessionInputError",
            "as_box", "readable_image", "validate_image"]
-
-_NESTED_STEPS = ("sample", "encode", "decode", "preview")
-"""Timed steps that cross-patch prompting runs inside its own time."""
 
 PreviewCallback = Callable[[MaskUpdate], None]
 """``preview(update)``: during a click that cross-patch prompting carries on, called before each further
@@ -82,11 +75,11 @@ Apple MPS (where torch's 3D grid_sample, which oblique scans need, is not implem
 
 @dataclass
 class _HistoryEntry:
-    """What one click changed: each touched patch as it was before (None: opened by the click), and
-    for a box's click the box it replaced."""
+    """What one click changed: the patches (as they were before), and for a box's click the box it
+    replaced."""
 
     click: Click
-    before: Dict[int, Optional[Patch]] = field(default_factory=dict)
+    changes: PatchChanges = field(default_factory=dict)
     box_before: Optional[Tuple[Optional[Box], ...]] = None
 
 
@@ -151,13 +144,11 @@ class InteractiveSession:
         self._device_volume = DeviceVolume(image, self.lattice, self.device) if sampling == "device" else None
         self._canvas = SessionMask(image, self.lattice, self.device, sample_on_device=sampling == "device")
         self.grid = self._canvas.grid
-        self._limits = PropagationLimits(self.lattice, self.grid, max_patches, self.cross_patch_box_lps)
+        self._patches = OpenPatches(self.net, self.device, image, self.lattice, self.grid, self._device_volume,
+                                    PropagationLimits(self.lattice, self.grid, max_patches, self.cross_patch_box_lps),
+                                    self._canvas.initial_on)
         self.last_timing: Dict[str, float] = {}
-        self._patches: Dict[int, Patch] = {}
-        self._next_patch_id = 0
         self._history: List[_HistoryEntry] = []
-        self._progress: Optional[ProgressCallback] = None
-        self._preview: Optional[PreviewCallback] = None
         if initial_mask is not None:
             self.reset(initial_mask)
         if self.device.type == "cuda":
@@ -175,7 +166,7 @@ class InteractiveSession:
     @property
     def patches(self) -> List[Patch]:
         """Open patches, in the order they were opened."""
-        return [self._patches[pid] for pid in sorted(self._patches)]
+        return self._patches.in_order()
 
     @property
     def mask(self) -> sitk.Image:
@@ -189,13 +180,13 @@ class InteractiveSession:
     def probability(self) -> sitk.Image:
         """The current probability map (float32) on the input's grid; outside every patch, the initial
         mask (0 without one)."""
-        return self._canvas.as_image(self._canvas.probability(self._patch_results()))
+        return self._canvas.as_image(self._canvas.probability(self._patches.results()))
 
     def probability_in(self, update: MaskUpdate) -> np.ndarray:
         """The current probability (float32, (z, y, x)) over an update's box, as ``probability()`` has it."""
         if update.empty:
             return np.zeros((0, 0, 0), dtype=np.float32)
-        return self._canvas.probability_over(SourceRegion(update.start, update.size), self._patch_results())
+        return self._canvas.probability_over(SourceRegion(update.start, update.size), self._patches.results())
 
     # ----------------------------------------------------------------- clicks
     def add_click(
@@ -260,36 +251,43 @@ class InteractiveSession:
     def _apply_click(self, click: Click, progress: Optional[ProgressCallback],
                      preview: Optional[PreviewCallback] = None) -> Optional[SourceRegion]:
         """The work of a click, up to the mask array; returns the source box it re-rendered."""
-        timing: Dict[str, float] = {}
+        times = StepTimes()
         started = time.perf_counter()
         entry = _HistoryEntry(click)
         self._history.append(entry)
-        self._progress = progress
-        self._preview = preview
+
+        def report(pending: int) -> None:
+            if progress is not None:
+                progress(times.patches_decoded, times.patches_decoded + pending)
+
+        def show_preview() -> None:
+            if preview is not None:
+                with times.step("preview"):
+                    update = self._canvas.preview(self._patches.regions_touched(entry.changes),
+                                                  self._patches.results(), self.box_lps)
+                    if update is not None:
+                        preview(update)
+
         try:
-            targets = [pid for pid in sorted(self._patches) if self._patches[pid].geometry.contains(click.point_lps)]
-            self._report_progress(timing, pending=max(len(targets), 1))
+            targets = self._patches.containing(click.point_lps)
+            report(max(len(targets), 1))
             if not targets:
                 geometry = self.lattice.patch_centred_on(self.lattice.nearest_index(click.point_lps))
-                targets = self._open_patches([geometry], self._sample([geometry], timing), entry, timing)
-            self._decode(targets, entry, timing)
-            self._report_progress(timing, pending=0)
+                images = self._patches.sample([geometry], times)
+                targets = self._patches.open([geometry], images, entry.changes, times)
+            self._patches.decode(targets, self.clicks, entry.changes, times)
+            report(0)
             if self.cross_patch:
-                self._propagate(targets, entry, timing)
+                self._patches.propagate(targets, self.clicks, self.box_lps, entry.changes, times, report,
+                                        show_preview)
         except BaseException:
             self._history.pop()
-            self._restore(entry)
+            self._patches.restore(entry.changes)
             raise
-        finally:
-            self._progress = None
-            self._preview = None
-        paste_started = time.perf_counter()
-        changed = self._render_into_mask(self._regions_touched(entry))
-        timing["paste"] = time.perf_counter() - paste_started
-        timing["total"] = time.perf_counter() - started
-        timing["patches_decoded"] = float(timing.get("patches_decoded", 0))
-        timing["patches_open"] = float(len(self._patches))
-        self.last_timing = timing
+        with times.step("paste"):
+            changed = self._render_into_mask(self._patches.regions_touched(entry.changes))
+        times.add("total", time.perf_counter() - started)
+        self.last_timing = times.as_dict(len(self._patches))
         return changed
 
     def _take_back(self) -> Optional[SourceRegion]:
@@ -297,8 +295,8 @@ class InteractiveSession:
         if not self._history:
             raise IndexError("nothing to undo: the session has no clicks")
         entry = self._history.pop()
-        touched = self._regions_touched(entry)
-        self._restore(entry)
+        touched = self._patches.regions_touched(entry.changes)
+        self._patches.restore(entry.changes)
         if entry.box_before is not None:
             self.box_lps = entry.box_before[0]
         return self._render_into_mask(touched)
@@ -317,198 +315,10 @@ class InteractiveSession:
             )
         return point
 
-    def _report_progress(self, timing: Dict[str, float], pending: int) -> None:
-        if self._progress is not None:
-            done = int(timing.get("patches_decoded", 0))
-            self._progress(done, done + pending)
-
-    def _snapshot(self, entry: _HistoryEntry, pid: int) -> None:
-        """Remembers a patch as it was before this click first touched it."""
-        if pid not in entry.before:
-            entry.before[pid] = replace(self._patches[pid])
-
-    def _sample(self, geometries: List[PatchGeometry], timing: Dict[str, float]) -> torch.Tensor:
-        """The network inputs (N,1,64^3) of patches, on the device."""
-        started = time.perf_counter()
-        if self._device_volume is not None:
-            images = normalize_hu(self._device_volume.sample(geometries))[:, None]
-        else:
-            images = torch.cat([
-                torch.from_numpy(normalize_hu(self.lattice.sample(self.image, geometry)))[None, None]
-                for geometry in geometries
-            ]).to(self.device)
-        timing["sample"] = timing.get("sample", 0.0) + time.perf_counter() - started
-        return images
-
-    def _open_patches(self, geometries: List[PatchGeometry], images: torch.Tensor, entry: _HistoryEntry,
-                      timing: Dict[str, float]) -> List[int]:
-        """Encodes new patches (as one batch) and opens them; returns their ids."""
-        started = time.perf_counter()
-        with torch.no_grad():
-            features = self.net.encode(images)
-        self._synchronize()
-        timing["encode"] = timing.get("encode", 0.0) + time.perf_counter() - started
-        pids = []
-        for row, geometry in enumerate(geometries):
-            pid = self._next_patch_id
-            self._next_patch_id += 1
-            initial = self._canvas.initial_on(geometry)
-            self._patches[pid] = Patch(geometry, self.grid.region_of(geometry), images[row:row + 1],
-                                       [level[row:row + 1] for level in features], probability=initial,
-                                       initial=initial)
-            entry.before[pid] = None
-            pids.append(pid)
-        return pids
-
-    def _patch_prompts(self, pid: int) -> Tuple[np.ndarray, np.ndarray]:
-        """(x, y, z) voxel points and labels of a patch: its propagated clicks, then every user click
-        inside it in click order (later clicks overwrite earlier ones in the click maps)."""
-        patch = self._patches[pid]
-        geometry = patch.geometry
-        inside = [click for click in self.clicks if geometry.contains(click.point_lps)]
-        points_lps = list(patch.propagated_points_lps) + [click.point_lps for click in inside]
-        labels = [1] * len(patch.propagated_points_lps) + [1 if click.positive else 0 for click in inside]
-        points = np.array([np.round(geometry.to_voxel(point)) for point in points_lps], dtype=np.float32)
-        return points.reshape(-1, 3), np.array(labels, dtype=np.int64)
-
-    def _decode(self, pids: List[int], entry: _HistoryEntry, timing: Dict[str, float]) -> None:
-        """Runs the decoder once over all ``pids`` as one batch, each with its previous probability
-        as the mask prompt."""
-        for pid in pids:
-            self._snapshot(entry, pid)
-        prompts = [self._patch_prompts(pid) for pid in pids]
-        count = max(len(labels) for _, labels in prompts)
-        points = np.zeros((len(pids), count, 3), dtype=np.float32)
-        labels = np.full((len(pids), count), -1, dtype=np.int64)
-        for row, (patch_points, patch_labels) in enumerate(prompts):
-            points[row, : len(patch_labels)] = patch_points
-            labels[row, : len(patch_labels)] = patch_labels
-        patches = [self._patches[pid] for pid in pids]
-        features = [torch.cat(level, dim=0) for level in zip(*(patch.features for patch in patches))]
-        previous = [patch.probability for patch in patches]
-        mask_prompt = None
-        if any(p is not None for p in previous):
-            zeros = torch.zeros(1, 1, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE, device=self.device)
-            mask_prompt = torch.cat([zeros if p is None else p for p in previous], dim=0)
-        started = time.perf_counter()
-        with torch.no_grad():
-            probability, _ = self.net.decode(
-                features,
-                torch.from_numpy(points).to(self.device),
-                torch.from_numpy(labels).to(self.device),
-                mask_prompt,
-            )
-        self._synchronize()
-        timing["decode"] = timing.get("decode", 0.0) + time.perf_counter() - started
-        timing["patches_decoded"] = timing.get("patches_decoded", 0) + len(pids)
-        for row, patch in enumerate(patches):
-            patch.probability = probability[row : row + 1].to(torch.float32)
-
-    def _propagate(self, frontier: List[int], entry: _HistoryEntry, timing: Dict[str, float]) -> None:
-        """Cross-patch prompting, breadth-first from the patches a click changed (the policy is
-        ``propagation.plan_level``). Its time in ``timing`` ("cross_patch") leaves out the sampling,
-        encoding and decoding of the neighbours, which are added to those steps, so that the steps
-        add up to the click's total."""
-        started = time.perf_counter()
-        nested_before = sum(timing.get(step, 0.0) for step in _NESTED_STEPS)
-        while frontier:
-            jobs = plan_level(frontier, self._patches, self._limits, self.box_lps,
-                              lambda pid: self._drop(pid, entry))
-            if not jobs:
-                break
-            self._show_preview(entry, timing)
-            self._report_progress(timing, pending=len(jobs))
-            frontier = self._prompt_neighbours(jobs, entry, timing)
-            self._report_progress(timing, pending=0)
-        nested = sum(timing.get(step, 0.0) for step in _NESTED_STEPS) - nested_before
-        timing["cross_patch"] = time.perf_counter() - started - nested
-
-    def _prompt_neighbours(self, jobs: List[NeighbourJob], entry: _HistoryEntry, timing: Dict[str, float]) -> List[int]:
-        """Runs the cross-patch U-Net for every (parent, neighbour) pair as one batch, turns each
-        heatmap's peaks into clicks, and decodes the neighbours that got any."""
-        new_rows = [row for row, job in enumerate(jobs) if job.child is None]
-        new_images = self._sample([jobs[row].geometry for row in new_rows], timing) if new_rows else None
-        sampled = {row: new_images[index:index + 1] for index, row in enumerate(new_rows)}
-        parents = [self._patches[job.parent] for job in jobs]
-        neighbour_images = torch.cat([
-            sampled[row] if job.child is None else self._patches[job.child].image for row, job in enumerate(jobs)
-        ])
-        with torch.no_grad():
-            heatmaps = self.net.cross_patch(
-                torch.cat([parent.image for parent in parents]),
-                torch.cat([(parent.probability > MASK_THRESHOLD).to(parent.image.dtype) for parent in parents]),
-                neighbour_images,
-            )
-        prompts = heatmap_prompts(heatmaps, jobs)
-        for job, points in zip(jobs, prompts):
-            if not points and job.child is not None:
-                self._drop(job.child, entry)
-        opening = [row for row in new_rows if prompts[row]]
-        opened_ids: Dict[int, int] = {}
-        if opening:
-            opened = self._open_patches([jobs[row].geometry for row in opening],
-                                        torch.cat([sampled[row] for row in opening]), entry, timing)
-            opened_ids = dict(zip(opening, opened))
-        decoded = []
-        for row, job in enumerate(jobs):
-            target = opened_ids.get(row, job.child)
-            # A child dropped above (with its descendants) gets no prompt.
-            if not prompts[row] or target not in self._patches:
-                continue
-            self._snapshot(entry, target)
-            patch = self._patches[target]
-            patch.parent, patch.offset, patch.propagated_points_lps = job.parent, job.offset, prompts[row]
-            decoded.append(target)
-        if decoded:
-            self._decode(decoded, entry, timing)
-        return decoded
-
-    def _drop(self, pid: int, entry: _HistoryEntry) -> None:
-        """Closes a propagated patch and its descendants, except those holding a user click, which
-        stay open as patches of their own."""
-        for cid in [cid for cid, child in self._patches.items() if child.parent == pid]:
-            self._drop(cid, entry)
-        self._snapshot(entry, pid)
-        patch = self._patches[pid]
-        if any(patch.geometry.contains(click.point_lps) for click in self.clicks):
-            patch.parent, patch.offset, patch.propagated_points_lps = None, None, ()
-        else:
-            del self._patches[pid]
-
-    def _restore(self, entry: _HistoryEntry) -> None:
-        for pid, before in entry.before.items():
-            if before is None:
-                self._patches.pop(pid, None)
-            else:
-                self._patches[pid] = before
-
-    def _regions_touched(self, entry: _HistoryEntry) -> List[SourceRegion]:
-        regions = []
-        for pid, before in entry.before.items():
-            patch = self._patches.get(pid, before)
-            if patch is not None:
-                regions.append(patch.region)
-        return regions
-
     def _render_into_mask(self, regions: List[SourceRegion]) -> Optional[SourceRegion]:
         """The mask over ``regions`` from the patches (see ``CTSAM3DLib.rendering``); returns the box
         holding them all (None for none)."""
-        return self._canvas.render(regions, self._patch_results(), self.box_lps)
-
-    def _show_preview(self, entry: _HistoryEntry, timing: Dict[str, float]) -> None:
-        """Shows ``self._preview`` the mask as it stands over what the click has changed so far (the
-        session's own mask changes only when the click is done)."""
-        if self._preview is None:
-            return
-        started = time.perf_counter()
-        update = self._canvas.preview(self._regions_touched(entry), self._patch_results(), self.box_lps)
-        if update is not None:
-            self._preview(update)
-        timing["preview"] = timing.get("preview", 0.0) + time.perf_counter() - started
-
-    def _patch_results(self) -> List[PatchResult]:
-        return [(patch.geometry, patch.region, patch.probability)
-                for _, patch in sorted(self._patches.items()) if patch.probability is not None]
+        return self._canvas.render(regions, self._patches.results(), self.box_lps)
 
     def _warm_up_device_paths(self) -> None:
         """Samples, renders and searches for cross-patch peaks one patch at the image's centre, and throws
@@ -516,7 +326,7 @@ class InteractiveSession:
         this image's sampling path), which the user's first click would otherwise pay."""
         low, high = self.grid.bounds_lps()
         geometry = self.lattice.patch_centred_on(self.lattice.nearest_index((low + high) / 2))
-        images = self._sample([geometry], {})
+        images = self._patches.sample([geometry], StepTimes())
         inside = images > MASK_THRESHOLD
         with torch.no_grad():
             if self.cross_patch:
