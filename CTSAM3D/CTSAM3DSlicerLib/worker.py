@@ -58,10 +58,6 @@ class InferenceWorker:
         if running is not None:
             _settle(running, error=WorkerStoppedError("CT-SAM3D's worker was shut down (Slicer is quitting)"))
 
-    @property
-    def isRunning(self) -> bool:
-        return self._thread.is_alive()
-
     def _run(self) -> None:
         while True:
             job = self._jobs.get()

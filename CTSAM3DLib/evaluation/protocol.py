@@ -4,7 +4,7 @@ Any *click segmenter* works: an object with ``add_click(point_lps, positive)``, 
 and ``mask`` (the whole mask after the click, on the scan's grid). ``InteractiveSession`` is one;
 `RegionGrowingSession` (the classical baseline) is another.
 
-For one structure the simulated user (`CTSAM3DLib.clicks`) places the first, positive click at the
+For one structure the simulated user (`CTSAM3DLib.simulated_annotator`) places the first, positive click at the
 structure's most interior voxel, then each next click at the most interior voxel of the largest
 error region of the current mask (positive in a missed region, negative in an extra one). After
 each click the loop records Dice, surface Dice, HD95 and the wall time of ``add_click``. When the
@@ -21,9 +21,9 @@ from typing import List, Optional, Protocol, Sequence, Tuple
 import numpy as np
 import SimpleITK as sitk  # noqa: N813 (the name every SimpleITK user knows)
 
-from ..clicks import SimulatedClick, first_click, index_to_lps, next_click
 from ..constants import LATTICE_SPACING_MM, PATCH_SIZE
 from ..interface import MaskUpdate
+from ..simulated_annotator import SimulatedClick, first_click, index_to_lps, next_click
 from .metrics import SURFACE_TOLERANCE_MM, score
 
 PATCH_EXTENT_MM = PATCH_SIZE * LATTICE_SPACING_MM

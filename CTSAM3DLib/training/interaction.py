@@ -1,6 +1,6 @@
 """Iterative click simulation on a batch of patches, shared by training and validation.
 
-The simulated user is `CTSAM3DLib.clicks` (the one the evaluation protocol uses): the first click
+The simulated user is `CTSAM3DLib.simulated_annotator` (the one the evaluation protocol uses): the first click
 goes to the structure's most interior voxel, each later one into the largest current error region
 (positive where the structure was missed, negative where too much was taken). It runs on the CPU
 on the binarised prediction (SimpleITK's filters), one patch after the other or, given an executor
@@ -15,9 +15,9 @@ from typing import Callable, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
-from ..clicks import SimulatedClick, first_click, next_click
 from ..constants import LATTICE_SPACING_MM, MASK_THRESHOLD
 from ..model.prompt import click_maps
+from ..simulated_annotator import SimulatedClick, first_click, next_click
 
 SPACING_ZYX = (LATTICE_SPACING_MM,) * 3
 PADDING_LABEL = -1

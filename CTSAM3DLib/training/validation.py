@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..clicks import interior_point
 from ..constants import MASK_THRESHOLD
 from ..preprocess import normalize_hu
+from ..simulated_annotator import interior_point
 from .augment import cut_patch
 from .cache import CachedCase
 from .config import DataConfig, ValidationConfig

@@ -6,7 +6,6 @@ import pytest
 import SimpleITK as sitk  # noqa: N813 (the name every SimpleITK user knows)
 from standins import ThresholdNet
 
-from CTSAM3DLib.clicks import interior_point
 from CTSAM3DLib.evaluation.baseline import RegionGrowingSession
 from CTSAM3DLib.evaluation.protocol import (
     MIN_LATTICE_VOXELS,
@@ -15,6 +14,7 @@ from CTSAM3DLib.evaluation.protocol import (
     size_problem,
 )
 from CTSAM3DLib.session import InteractiveSession
+from CTSAM3DLib.simulated_annotator import interior_point
 
 
 def oblique_flipped(array_zyx, spacing=(1.2, 0.9, 2.0), origin=(30.0, -12.0, 7.0)):

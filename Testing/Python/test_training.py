@@ -17,9 +17,9 @@ from standins import TrainableStandIn
 from CTSAM3DLib import load_checkpoint
 from CTSAM3DLib.checkpoint import read_checkpoint
 from CTSAM3DLib.cli import main as cli_main
-from CTSAM3DLib.clicks import index_to_lps, interior_point
 from CTSAM3DLib.datasets import find_cases
 from CTSAM3DLib.session import InteractiveSession
+from CTSAM3DLib.simulated_annotator import index_to_lps, interior_point
 from CTSAM3DLib.training.config import config_from_dict
 from CTSAM3DLib.training.trainer import Trainer
 

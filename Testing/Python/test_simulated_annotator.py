@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813 (the name every SimpleITK user knows)
 
-from CTSAM3DLib.clicks import SimulatedClick, first_click, index_to_lps, interior_point, next_click
+from CTSAM3DLib.simulated_annotator import SimulatedClick, first_click, index_to_lps, interior_point, next_click
 
 
 def ball(shape, centre_zyx, radius_mm, spacing_zyx=(1.0, 1.0, 1.0)):
@@ -116,3 +116,15 @@ def test_index_to_lps_on_oblique_flipped_volume():
     index_zyx = (2, 4, 6)
     expected = np.array(image.GetOrigin()) + direction @ (np.array([6, 4, 2]) * np.array(image.GetSpacing()))
     np.testing.assert_allclose(index_to_lps(image, index_zyx), expected, atol=1e-9)
+
+
+def test_the_old_module_name_still_works_and_says_it_is_deprecated():
+    import importlib
+    import sys
+
+    from CTSAM3DLib import simulated_annotator
+
+    sys.modules.pop("CTSAM3DLib.clicks", None)
+    with pytest.warns(DeprecationWarning, match="CTSAM3DLib.simulated_annotator"):
+        old = importlib.import_module("CTSAM3DLib.clicks")
+    assert old.first_click is simulated_annotator.first_click
