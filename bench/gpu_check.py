@@ -87,8 +87,9 @@ def child_fresh(weights: Path, data: Path, device: str) -> Dict[str, float]:
             "later_new_patch": statistics.median(new_patch), "later_refining": statistics.median(refining)}
 
 
-def child_stall(weights: Path, data: Path, device: str) -> Dict[str, object]:
-    """A scripted session of 30 calls in a fresh process; every call's kind and time."""
+def child_stall(weights: Path, data: Path, device: str, quick: bool = False) -> Dict[str, object]:
+    """A scripted session of 30 calls in a fresh process; every call's kind and time (``quick``: caps of 2
+    patches where the real run has 4 and 16)."""
     import numpy as np
     import SimpleITK as sitk
     import torch
@@ -116,9 +117,10 @@ def child_stall(weights: Path, data: Path, device: str) -> Dict[str, object]:
                       "decoded": decoded, "patches": session.patch_count})
 
     mm = np.array
+    small, large = (2, 2) if quick else (4, 16)
     sessions = [
-        ("cross-patch, cap 4", dict(max_patches=4)),
-        ("cross-patch, cap 16", dict(max_patches=16)),
+        (f"cross-patch, cap {small}", dict(max_patches=small)),
+        (f"cross-patch, cap {large}", dict(max_patches=large)),
         ("cross-patch off", dict(cross_patch=False)),
     ]
     for label, options in sessions:
@@ -132,7 +134,7 @@ def child_stall(weights: Path, data: Path, device: str) -> Dict[str, object]:
         call(session, f"{label}: -100 mm x", lambda s=session: s.add_click(centre + mm((-100.0, 0, 0))))
         call(session, f"{label}: refine there", lambda s=session: s.add_click(centre + mm((-96.0, 4.0, 0))))
         call(session, f"{label}: negative there", lambda s=session: s.add_click(centre + mm((-106.0, 0, 4.0)), False))
-    box_session = InteractiveSession(net, image, device=device, max_patches=4)
+    box_session = InteractiveSession(net, image, device=device, max_patches=small)
     call(box_session, "box around the centre",
          lambda: box_session.add_box(centre - mm((25.0, 25.0, 20.0)), centre + mm((25.0, 25.0, 20.0))))
     call(box_session, "click in the box", lambda: box_session.add_click(centre + mm((5.0, 0, 0))))
@@ -169,9 +171,10 @@ def timed(action: Callable[[], object], device: str) -> float:
     return time.perf_counter() - started
 
 
-def run_child(kind: str, weights: Path, data: Path, device: str) -> Dict:
+def run_child(kind: str, weights: Path, data: Path, device: str, quick: bool) -> Dict:
     child = subprocess.run([sys.executable, __file__, "--child", kind, "--weights", str(weights), "--data", str(data),
-                            "--device", device], capture_output=True, text=True, check=False)
+                            "--device", device, *(["--quick"] if quick else [])], capture_output=True, text=True,
+                           check=False)
     lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
     if child.returncode != 0 or not lines:
         raise RuntimeError(f"the {kind} child failed: {child.stderr.strip()[-2000:]}")
@@ -179,8 +182,8 @@ def run_child(kind: str, weights: Path, data: Path, device: str) -> Dict:
 
 
 # ---------------------------------------------------------------------------- in this process
-def steady_state(weights: Path, data: Path, device: str, repeats: int,
-                 profile: Optional[Path] = None) -> Dict[str, object]:
+def steady_state(weights: Path, data: Path, device: str, repeats: int, profile: Optional[Path] = None,
+                 wide_patches: int = 16) -> Dict[str, object]:
     import numpy as np
     import SimpleITK as sitk
     import torch
@@ -210,7 +213,7 @@ def steady_state(weights: Path, data: Path, device: str, repeats: int,
     if device.startswith("cuda"):
         peak_mb = (torch.cuda.max_memory_allocated() - baseline) / 2**20
     network = network_alone(session.net, device, repeats * 4)
-    wide = InteractiveSession(net, image, device=device, max_patches=16)
+    wide = InteractiveSession(net, image, device=device, max_patches=wide_patches)
     cross, steps, patches = [], [], 0
     for _ in range(repeats + 1):
         wide.reset()
@@ -300,7 +303,7 @@ def python_profile(action: Callable[[], object]) -> str:
     return text.getvalue()
 
 
-def agreement(weights: Path, data: Path, device: str, quick: bool) -> List[Tuple[str, str, float]]:
+def agreement(weights: Path, data: Path, device: str, quick: bool) -> List[Tuple[str, str, float, Dict]]:
     """Dice of the CUDA ("auto") mask against CPU float32 (exact) after each of 4 clicks, one patch and
     cross-patch (cap 4), on every CT: the lowest per CT and mode."""
     import numpy as np
@@ -320,7 +323,9 @@ def agreement(weights: Path, data: Path, device: str, quick: bool) -> List[Tuple
         centre = np.array(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
         clicks = [(centre, True), (centre + (10.0, 0, 0), True), (centre + (0, -10.0, 10.0), False),
                   (centre + (60.0, 0, 0), True)]
-        for mode, options in (("one patch", dict(cross_patch=False)), ("cross-patch, cap 4", dict(max_patches=4))):
+        cap = 2 if quick else 4
+        modes = (("one patch", dict(cross_patch=False)), (f"cross-patch, cap {cap}", dict(max_patches=cap)))
+        for mode, options in modes:
             log(f"  agreement: {case.name}, {mode}")
             ours = InteractiveSession(net, image, device=device, **options)
             exact = InteractiveSession(net, image, device=device, sampling="exact", **options)
@@ -493,9 +498,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--profile", type=Path, help="also write where the 16-patch click's time goes (cProfile)")
     parser.add_argument("--child", choices=("fresh", "stall"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
-        body = child_fresh if args.child == "fresh" else child_stall
-        print(json.dumps(body(args.weights, args.data, args.device)))
+    if args.child == "fresh":
+        print(json.dumps(child_fresh(args.weights, args.data, args.device)))
+        return 0
+    if args.child == "stall":
+        print(json.dumps(child_stall(args.weights, args.data, args.device, args.quick)))
         return 0
     import torch
 
@@ -516,12 +523,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                            check=True, cwd=REPO_ROOT, capture_output=True)
         results: Dict[str, object] = {"machine": machine, "torch": torch.__version__}
         log("fresh processes")
-        results["fresh"] = [run_child("fresh", weights, args.data, args.device) for _ in range(1 if args.quick else 2)]
+        results["fresh"] = [run_child("fresh", weights, args.data, args.device, args.quick)
+                            for _ in range(1 if args.quick else 2)]
         log("scripted session")
-        results["stall"] = run_child("stall", weights, args.data, args.device)
+        results["stall"] = run_child("stall", weights, args.data, args.device, args.quick)
         log("steady state")
         results["steady"] = steady_state(weights, args.data, args.device, 2 if args.quick else args.repeats,
-                                         args.profile)
+                                         args.profile, wide_patches=2 if args.quick else 16)
         log("agreement with CPU float32")
         results["agreement"] = agreement(weights, args.data, args.device, args.quick)
         log("command line")
