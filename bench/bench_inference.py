@@ -7,7 +7,7 @@ Measures, with warm-up and medians over repeats, per device and precision:
   of sampling patches (exact SimpleITK, or torch where the network runs);
 - through ``InteractiveSession.add_click``: a click that opens a patch and a refining click (patch
   sampling and the mask update included), with the Dice and largest probability difference against
-  float32, and one click that cross-patch prompting carries into 16 patches;
+  float32, and one click that cross-patch prompting carries into 16 patches (``--cross-patch-cap``);
 - in a fresh process: the session's start, its first click and a later click that opens a patch
   (the warm-up a user would feel), and the peak memory.
 Then the agreement with float32 on patches of every CT in ../shared/data. Runs on the CPU, and on the
@@ -254,10 +254,10 @@ def overhead_rows(image, device, repeats) -> List[Dict]:
     return rows
 
 
-def session_rows(net, image, device, precisions, repeats, data_dir: Path) -> List[Dict]:
+def session_rows(net, image, device, precisions, repeats, data_dir: Path, cross_patch_cap: int = 16) -> List[Dict]:
     """New-patch and refining clicks through InteractiveSession, per precision taking turns
     within every repeat; masks and probabilities compared with the float32 session after the same
-    clicks; a click carried into 16 patches; then each precision's warm-up and peak memory in a
+    clicks; a click carried into ``cross_patch_cap`` patches; then each precision's warm-up and peak memory in a
     process of its own."""
     first, second, third = central_points(image)
     clicks = [(first, True), (second, True), (third, False)]
@@ -294,18 +294,18 @@ def session_rows(net, image, device, precisions, repeats, data_dir: Path) -> Lis
         })
     sessions.clear()
     for row in results:
-        row.update(cross_patch_run(net, image, device, row["precision"], max(1, repeats // 2)))
+        row.update(cross_patch_run(net, image, device, row["precision"], max(1, repeats // 2), cross_patch_cap))
         row.update(fresh_process(device, row["precision"], data_dir))
     return results
 
 
-def cross_patch_run(net, image, device, precision, repeats) -> Dict[str, float]:
+def cross_patch_run(net, image, device, precision, repeats, cap: int = 16) -> Dict[str, float]:
     """One click that cross-patch prompting carries into 16 patches (the reference weights' masks reach
     every neighbour, so the cap is what stops it): median seconds and the patches it opened."""
-    session = InteractiveSession(net, image, device=device, precision=precision, max_patches=16)
+    session = InteractiveSession(net, image, device=device, precision=precision, max_patches=cap)
     times = []
     for repeat in range(repeats + 1):
-        log(f"  16-patch click ({precision}), round {repeat + 1} of {repeats + 1}")
+        log(f"  {cap}-patch click ({precision}), round {repeat + 1} of {repeats + 1}")
         session.reset()
         seconds = timed(lambda: session.add_click(central_points(image)[0]), session.device)
         if repeat:
@@ -426,7 +426,7 @@ def report(device, machine, overhead, network, base, sessions, accuracy, volume_
         "seconds:",
         "",
         "| path | new-patch click | refining click | of which paste | speed-up new / refine "
-        "| mask Dice vs fp32 | max abs dp | 16-patch click |",
+        "| mask Dice vs fp32 | max abs dp | cross-patch click |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in sessions:
@@ -474,6 +474,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="precisions to compare (default: every one available on the device)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--skip-accuracy", action="store_true", help="skip the agreement table over every CT")
+    parser.add_argument("--cross-patch-cap", type=int, default=16,
+                        help="patches the cross-patch click may open (the reference weights' masks reach them all)")
     parser.add_argument("--output", type=Path, default=None, help="also write the tables to this markdown file")
     parser.add_argument("--fresh-child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -500,7 +502,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         log(f"{device}: {machine}; precisions {', '.join(precisions)}")
         overhead = overhead_rows(image, device, args.repeats)
         network, base = network_rows(net, image, device, precisions, args.repeats)
-        sessions = session_rows(net, image, device, precisions, args.repeats, args.data)
+        sessions = session_rows(net, image, device, precisions, args.repeats, args.data, args.cross_patch_cap)
         accuracy = [] if args.skip_accuracy else accuracy_rows(net, args.data, device, precisions)
         sections.append(report(device, machine, overhead, network, base, sessions, accuracy, volume_mb,
                                command.strip()))

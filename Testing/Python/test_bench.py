@@ -1,0 +1,37 @@
+"""Every script in bench/ runs one tiny round, so that none can rot unnoticed: it must exit 0 and print
+its results. Speed is not judged here (the scripts measure it, on quiet machines)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import DATA_DIR, REPO_ROOT
+
+BENCH = REPO_ROOT / "bench"
+
+TINY_ROUNDS = {
+    "bench_cpu_decoders.py": (["--repeats", "1"], "| int8 (torch, today) |"),
+    "bench_inference.py": (["--repeats", "1", "--precisions", "int8", "--skip-accuracy", "--devices", "cpu",
+                            "--cross-patch-cap", "2"], "| int8"),
+    "bench_server.py": (["--network", "stand-in", "--users", "1", "--clicks", "2", "--sessions", "2"],
+                        "| stand-in |"),
+    "bench_slicer_effect.py": (["--repeats", "1", "--skip-polled"], "effect in Slicer's event loop"),
+    "bench_training.py": (["--batch", "1", "--steps", "1", "--mode", "plain", "--device", "cpu"], "s/step"),
+    "gpu_check.py": (["--device", "cpu", "--quick"], "| refining click (add_click), median |"),
+}
+"""The smallest round of each script, and a piece of the results it prints; a new script must be added."""
+
+
+def test_every_bench_script_has_a_tiny_round():
+    assert sorted(path.name for path in BENCH.glob("*.py")) == sorted(TINY_ROUNDS)
+
+
+@pytest.mark.parametrize("script", sorted(TINY_ROUNDS))
+def test_a_bench_script_runs_one_tiny_round(script, data_dir):
+    arguments, printed = TINY_ROUNDS[script]
+    environment = {**os.environ, "CTSAM3D_SHARED": str(DATA_DIR.parent), "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, str(BENCH / script), *arguments], cwd=REPO_ROOT,
+                            capture_output=True, text=True, timeout=900, env=environment, check=False)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+    assert printed in result.stdout, f"{script} printed no results:\n{result.stdout[-2000:]}"
