@@ -17,22 +17,6 @@ ProgressCallback = Callable[[int, Optional[int]], None]
 
 CHUNK_BYTES = 1 << 20
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".gipl.gz", ".gipl", ".vtk", ".tif", ".tiff")
-"""Extensions of the 3D image formats SimpleITK writes and reads back with their geometry."""
-
-
-def image_suffix(path: PathLike) -> str:
-    """The image format's extension of ``path``; ValueError naming the choices when it has none."""
-    name = Path(path).name.lower()
-    for suffix in IMAGE_SUFFIXES:
-        if name.endswith(suffix) and len(name) > len(suffix):
-            return suffix
-    raise ValueError(
-        f"{path}: cannot tell the image format from the file name; end it with one of "
-        f"{', '.join(IMAGE_SUFFIXES)}"
-    )
-
-
 def check_output_path(path: PathLike) -> None:
     """Refuse, before any work, an output that could not be written: a folder, or a place whose nearest
     existing folder is not writable (missing folders are made only when the file is written)."""

@@ -9,10 +9,11 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..cli import HelpFormatter
 from ..constants import MAX_OPEN_PATCHES
-from ..files import check_output_path, image_suffix
+from ..files import check_output_path
+from ..image_files import image_suffix, read_image, write_image_atomically
 from ..inference import PRECISIONS
-from ..io import parse_numbers, parse_point, read_image, read_points_file, write_image_atomically
 from ..world import ras_to_lps
+from .prompt_files import parse_numbers, parse_point, read_points_file
 from .remote_options import add_server_arguments, check_server_arguments, server_errors
 
 Click = Tuple[Tuple[float, float, float], bool, bool]

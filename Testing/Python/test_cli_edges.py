@@ -18,8 +18,8 @@ from standins import CrossPatchThresholdNet, ThresholdNet
 from CTSAM3DLib import __version__
 from CTSAM3DLib.cli import attach_negative_values, build_parser, main
 from CTSAM3DLib.commands.segment import collect_clicks
+from CTSAM3DLib.image_files import read_image
 from CTSAM3DLib.inference import choose_precision
-from CTSAM3DLib.io import read_image
 from CTSAM3DLib.session import InteractiveSession, SessionInputError
 
 
