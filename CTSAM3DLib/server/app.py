@@ -51,9 +51,9 @@ from starlette.routing import Match
 from .. import __version__
 from ..device import resolve_device
 from ..inference import prepare_network, resolve_precision
-from ..interface import MaskUpdate, SessionInputError
+from ..interface import Click, MaskUpdate, SessionInputError, checked_point
 from ..session import InteractiveSession
-from . import wire
+from . import bounds, wire
 from .metrics import CONTENT_TYPE, Gauge, Metrics, resident_memory_bytes
 from .registry import ImageCache, QueueFullError, SessionRegistry, SessionsFullError, UnknownSessionError
 
@@ -149,10 +149,9 @@ class _Geometry:
         geometry = cls(_finite_numbers(body.get("origin"), 3, f"{what} origin"),
                        _finite_numbers(body.get("spacing"), 3, f"{what} spacing"),
                        _finite_numbers(body.get("direction"), 9, f"{what} direction"))
-        if min(geometry.spacing) <= 0:
-            raise _bad(f"{what} spacing must be positive")
-        if abs(np.linalg.det(np.reshape(geometry.direction, (3, 3)))) < 1e-6:
-            raise _bad(f"{what} direction is not an invertible 3x3 matrix")
+        problem = bounds.geometry_problem(geometry.origin, geometry.spacing, geometry.direction)
+        if problem:
+            raise _bad(f"{what} {problem}")
         return geometry
 
     @classmethod
@@ -167,7 +166,7 @@ class _Geometry:
         return image
 
 
-def _options(value: Any) -> Dict[str, Any]:
+def _options(value: Any, max_patches: int) -> Dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
@@ -180,6 +179,9 @@ def _options(value: Any) -> Dict[str, Any]:
         options["cross_patch"] = _boolean(value["cross_patch"], "cross_patch")
     if value.get("max_patches") is not None:
         options["max_patches"] = _whole(value["max_patches"], "max_patches")
+        if options["max_patches"] > max_patches:
+            raise ApiError(400, wire.KIND_INPUT, f"max_patches is at most {max_patches} on this server (ctsam3d "
+                           f"serve --max-patches), got {options['max_patches']}")
     for name in ("box_lps", "cross_patch_box_lps"):
         if value.get(name) is not None:
             options[name] = _corners(value[name], name)
@@ -223,8 +225,8 @@ class _Server:
 
     def __init__(self, network: Any, *, device: Any, precision: str, tokens: Optional[Sequence[str]],
                  max_sessions: int, max_image_bytes: int, image_cache_bytes: int, idle_timeout_s: float,
-                 sweep_interval_s: Optional[float], max_queued_per_session: int,
-                 model_info: Optional[Mapping[str, Any]]) -> None:
+                 sweep_interval_s: Optional[float], max_queued_per_session: int, max_patches: int,
+                 max_patch_source_voxels: int, model_info: Optional[Mapping[str, Any]]) -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(network, self.device, precision)
         self.network = network
@@ -233,6 +235,8 @@ class _Server:
         prepare_network(network, self.device, self.precision)
         self.tokens = None if tokens is None else [token.encode("utf-8") for token in tokens]
         self.max_image_bytes = max_image_bytes
+        self.max_patches = max_patches
+        self.max_patch_source_voxels = max_patch_source_voxels
         self.model_info = dict(model_info or {})
         self.metrics = Metrics()
         self.images = ImageCache(image_cache_bytes)
@@ -286,6 +290,8 @@ class _Server:
             value = json.loads(body) if body else {}
         except ValueError as error:
             raise _bad(f"the body is not valid JSON ({error})") from error
+        except RecursionError as error:
+            raise _bad("the body's JSON is nested too deeply") from error
         if not isinstance(value, dict):
             raise _bad("the body must be a JSON object")
         return value
@@ -395,7 +401,12 @@ class _Server:
         body = await self.read_json(request)
         array = self.array_of(_digest(body.get("image"), "image"), "image")
         geometry = _Geometry.parse(body, "the image's")
-        options = _options(body.get("options"))
+        options = _options(body.get("options"), self.max_patches)
+        covered = bounds.patch_source_voxels(array.shape[::-1], geometry.spacing, geometry.direction)
+        if covered > self.max_patch_source_voxels:
+            raise ApiError(400, wire.KIND_INPUT, f"at this spacing and direction one 96 mm patch covers {covered} "
+                           f"voxels of the image; this server takes at most {self.max_patch_source_voxels}: "
+                           "resample the image to a coarser spacing")
         initial = self.initial_mask(body)
         cautions: List[str] = []
 
@@ -467,8 +478,16 @@ class _Server:
                   for point, positive in listed]
 
         def work(session: InteractiveSession) -> _Outcome:
+            # A bounded step towards the clicks asked for; the answer's click count tells the client where
+            # the session stands, and it sends the request again for the rest.
             _check_room(len(clicks))
-            return _Outcome.of(session, session.set_clicks(clicks))
+            wanted = [Click(checked_point(point), positive) for point, positive in clicks]
+            current = session.clicks
+            common = 0
+            while common < min(len(wanted), len(current)) and wanted[common] == current[common]:
+                common += 1
+            step = clicks[:common + bounds.CLICKS_ADDED_PER_REQUEST]
+            return _Outcome.of(session, session.set_clicks(step))
 
         return await self.answer(session_id, owner, "set_clicks", work)
 
@@ -560,6 +579,8 @@ def create_app(
     idle_timeout_s: float = 1800.0,
     sweep_interval_s: Optional[float] = None,
     max_queued_per_session: int = 32,
+    max_patches: int = bounds.DEFAULT_MAX_PATCHES,
+    max_patch_source_voxels: int = bounds.DEFAULT_MAX_PATCH_SOURCE_VOXELS,
     model_info: Optional[Mapping[str, Any]] = None,
 ) -> FastAPI:
     """The server's FastAPI application around ``network`` (any ``PromptableNetwork``: tests and benchmarks
@@ -569,17 +590,22 @@ def create_app(
     server on loopback only). ``max_image_bytes`` bounds one uploaded array (decompressed);
     ``image_cache_bytes`` (default: twice that) the uploaded arrays kept. Sessions idle for
     ``idle_timeout_s`` are closed, checked every ``sweep_interval_s`` (default: a quarter of the timeout,
-    at most 30 s). ``model_info`` is shown by /health (e.g. the weights file and its SHA-256).
+    at most 30 s). ``max_patches`` bounds the option of that name a client may choose, and
+    ``max_patch_source_voxels`` the source voxels one patch may cover (see ``bounds``). ``model_info`` is
+    shown by /health (e.g. the weights file and its SHA-256).
     """
-    if max_sessions < 1 or max_image_bytes < 1 or idle_timeout_s <= 0 or max_queued_per_session < 1:
-        raise ValueError("max_sessions, max_image_bytes, idle_timeout_s and max_queued_per_session must be positive")
+    if min(max_sessions, max_image_bytes, idle_timeout_s, max_queued_per_session, max_patches,
+           max_patch_source_voxels) <= 0:
+        raise ValueError("max_sessions, max_image_bytes, idle_timeout_s, max_queued_per_session, max_patches and "
+                         "max_patch_source_voxels must be positive")
     if tokens is not None and not tokens:
         raise ValueError("tokens must hold at least one token (or be None for a loopback-only server)")
     server = _Server(network, device=device, precision=precision, tokens=tokens, max_sessions=max_sessions,
                      max_image_bytes=max_image_bytes,
                      image_cache_bytes=image_cache_bytes if image_cache_bytes is not None else 2 * max_image_bytes,
                      idle_timeout_s=idle_timeout_s, sweep_interval_s=sweep_interval_s,
-                     max_queued_per_session=max_queued_per_session, model_info=model_info)
+                     max_queued_per_session=max_queued_per_session, max_patches=max_patches,
+                     max_patch_source_voxels=max_patch_source_voxels, model_info=model_info)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from server_helpers import SlowNet, WatchedNet, free_port, request, wait_until, zlib_bomb
+from server_helpers import Servers, SlowNet, WatchedNet, free_port, inside, request, wait_until, zlib_bomb
 from standins import CrossPatchThresholdNet
 
 from CTSAM3DLib.interface import SessionInputError
@@ -34,24 +34,12 @@ def abdomen(data_dir):
     return sitk.ReadImage(str(data_dir / "abdomen-ct-3mm" / "ct.nii.gz"))
 
 
-def inside(image, x, y, z):
-    """The LPS point at a continuous (x, y, z) index."""
-    return image.TransformContinuousIndexToPhysicalPoint([float(x), float(y), float(z)])
-
-
 @pytest.fixture
 def serve():
-    """serve(network, **create_app options) -> a started BackgroundServer; all stopped after the test."""
-    started = []
-
-    def start(network=None, port=0, **options):
-        server = BackgroundServer(create_app(network or CrossPatchThresholdNet(), device="cpu", **options), port=port)
-        started.append(server.start())
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+    """serve(network, port, **create_app options) -> a started BackgroundServer; all stopped after the test."""
+    servers = Servers()
+    yield servers.start
+    servers.stop()
 
 
 def local(image, **options):

@@ -1,0 +1,122 @@
+"""``ctsam3d serve`` under hostile and careless clients (the attacks of ../shared/research/server-attack.md,
+scaled down): every request's work and memory bounded, nobody locked out, bad input a 4xx."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from server_helpers import Servers, inside, request
+from standins import CrossPatchThresholdNet
+
+from CTSAM3DLib.interface import SessionInputError
+from CTSAM3DLib.remote import RemoteSession
+from CTSAM3DLib.server import wire
+from CTSAM3DLib.session import InteractiveSession
+
+IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
+
+
+@pytest.fixture(scope="module")
+def abdomen(data_dir):
+    return sitk.ReadImage(str(data_dir / "abdomen-ct-3mm" / "ct.nii.gz"))
+
+
+@pytest.fixture
+def serve():
+    """serve(network, port, **create_app options) -> a started BackgroundServer; all stopped after the test."""
+    servers = Servers()
+    yield servers.start
+    servers.stop()
+
+
+def digest_of(image):
+    return wire.array_digest(sitk.GetArrayViewFromImage(image))
+
+
+def open_body(image, **changes):
+    body = {"image": digest_of(image), "origin": list(image.GetOrigin()), "spacing": list(image.GetSpacing()),
+            "direction": list(image.GetDirection())}
+    return {**body, **changes}
+
+
+# ------------------------------------------------------------------------------------------- work per request
+def test_max_patches_is_capped_by_the_server(serve, abdomen):
+    """One click with max_patches 10**9 held the worker 447 s: the server caps the option (--max-patches)."""
+    server = serve()
+    RemoteSession(server.url, abdomen).close()  # uploads the image
+    status, answer = request(server.url, "POST", f"{wire.API}/sessions",
+                             open_body(abdomen, options={"max_patches": 10**9}))
+    assert status == 400 and answer["kind"] == "input" and "at most 64" in answer["error"], answer
+    small = serve(max_patches=4)
+    with pytest.raises(SessionInputError, match="max_patches is at most 4 on this server"):
+        RemoteSession(small.url, abdomen, max_patches=5)
+    with RemoteSession(small.url, abdomen, max_patches=4) as session:
+        session.add_click(inside(abdomen, 60, 50, 15))
+        assert session.patch_count >= 1
+
+
+def test_set_clicks_adds_a_bounded_number_of_clicks_per_request(serve, abdomen):
+    """64 scattered clicks in one PUT held the worker 75 s: the server adds a few per request, the client
+    sends the rest, and the result is the local session's."""
+    server = serve()
+    rng = np.random.default_rng(3)
+    points = [inside(abdomen, *xyz) for xyz in rng.uniform([10, 10, 3], [110, 90, 27], size=(20, 3))]
+    clicks = [(point, bool(n % 3)) for n, point in enumerate(points)]
+    remote = RemoteSession(server.url, abdomen, cross_patch=False)
+    status, answer = request(server.url, "PUT", f"{wire.API}/sessions/{remote.session_id}/clicks",
+                             {"clicks": [[list(point), positive] for point, positive in clicks]})
+    assert status == 200 and answer["clicks"] == 8, answer
+    remote.close()
+
+    remote = RemoteSession(server.url, abdomen, cross_patch=False)
+    here = InteractiveSession(CrossPatchThresholdNet(), abdomen, device="cpu", cross_patch=False)
+    remote_update, local_update = remote.set_clicks(clicks), here.set_clicks(clicks)
+    assert remote_update.start == local_update.start
+    np.testing.assert_array_equal(remote_update.mask, local_update.mask)
+    np.testing.assert_array_equal(remote.mask_array(), here.mask_array())
+    assert remote.clicks == here.clicks and len(remote.clicks) == 20
+    # Back to a prefix, then the whole list again: still the local session's.
+    for wanted in (clicks[:3], clicks):
+        remote.set_clicks(wanted), here.set_clicks(wanted)
+        np.testing.assert_array_equal(remote.mask_array(), here.mask_array())
+    assert request(server.url, "GET", f"{wire.API}/sessions/{remote.session_id}/mask")[1]["clicks"] == 20
+
+
+def test_a_patch_covering_too_many_source_voxels_is_refused_at_open(serve, abdomen):
+    """A tiny spacing makes one 96 mm patch cover the whole (up to 1 GiB) image, and one click's rendering
+    take 38 bytes per voxel: refused when the session opens, before any work."""
+    server = serve(max_patch_source_voxels=100_000)
+    fine = sitk.Image(abdomen)
+    fine.SetSpacing([0.2, 0.2, 0.2])
+    with pytest.raises(SessionInputError, match="one 96 mm patch covers 369660 voxels of the image; this server "
+                                                "takes at most 100000: resample the image to a coarser spacing"):
+        RemoteSession(server.url, fine)
+    with RemoteSession(server.url, abdomen) as session:  # 3 mm: 34 x 34 x 30 voxels per patch
+        session.add_click(inside(abdomen, 60, 50, 15))
+        assert session.mask_array().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"spacing": [1e-300] * 3}, "spacing must lie between 0.001 and 1000 mm"),
+    ({"spacing": [1e300] * 3}, "spacing must lie between 0.001 and 1000 mm"),
+    ({"origin": [1e308] * 3}, "origin must lie within 1e+06 mm of zero"),
+    ({"direction": [100.0, 0, 0, 0, 100.0, 0, 0, 0, 100.0]}, "direction must be an orthonormal 3x3 matrix"),
+    ({"direction": [1.0, 0.5, 0, 0, 1.0, 0, 0, 0, 1.0]}, "direction must be an orthonormal 3x3 matrix"),
+])
+def test_an_unphysical_geometry_is_refused_with_400(serve, abdomen, changes, message):
+    """Spacing 1e-300 gave 500 at open; 1e300 gave 500 at the first click, after which the session kept the
+    failed click and undo failed too; a scaled or sheared direction was taken silently."""
+    server = serve()
+    RemoteSession(server.url, abdomen).close()
+    status, answer = request(server.url, "POST", f"{wire.API}/sessions", open_body(abdomen, **changes))
+    assert status == 400 and answer["kind"] == "bad_request" and message in answer["error"], answer
+    rotated = open_body(abdomen, direction=[0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0])
+    assert request(server.url, "POST", f"{wire.API}/sessions", rotated)[0] == 201
+
+
+def test_deeply_nested_json_is_a_400_not_a_500(serve):
+    server = serve()
+    for body in (b"[" * 100_000, b'{"image": ' + b"[" * 50_000 + b"}"):
+        status, answer = request(server.url, "POST", f"{wire.API}/sessions", body,
+                                 {"Content-Type": "application/json"})
+        assert status == 400 and answer["kind"] == "bad_request" and "nested too deeply" in answer["error"], answer
