@@ -49,13 +49,17 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from .. import __version__
+from ..constants import MAX_OPEN_PATCHES
 from ..device import resolve_device
 from ..inference import prepare_network, resolve_precision
 from ..interface import Click, MaskUpdate, SessionInputError, checked_point
 from ..session import InteractiveSession
 from . import bounds, wire
+from .budget import MemoryBudget, OverBudgetError, Reservation, default_budget_bytes
+from .images import ImageCache, SessionImages
 from .metrics import CONTENT_TYPE, Gauge, Metrics, resident_memory_bytes
-from .registry import ImageCache, QueueFullError, SessionRegistry, SessionsFullError, UnknownSessionError
+from .registry import QueueFullError, SessionRegistry, SessionsFullError, UnknownSessionError
+from .upload import receive_array, upload_overhead_bytes
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,15 @@ MAX_JSON_BYTES = 1 << 20
 MAX_SESSION_CLICKS = 256
 """Most clicks one session may hold: bounds the work of one request (set_clicks), which holds the
 worker that every user shares."""
+
+RENDERING_JOBS = ("click", "box", "set_clicks", "undo")
+"""Jobs that render patches into the mask: each reserves the memory that takes while it runs."""
+
+PATCH_OPENING_JOBS = ("click", "box", "set_clicks")
+"""Jobs that may open patches: they reserve room for as many as one click may open, too."""
+
+FALLBACK_BUDGET_BYTES = 8 << 30
+"""The memory budget where the machine's memory cannot be read."""
 
 SESSION_OPTIONS = ("cross_patch", "max_patches", "box_lps", "cross_patch_box_lps")
 """``InteractiveSession`` options a client may choose; device, precision and sampling are the server's."""
@@ -138,6 +151,17 @@ def _digest(value: Any, what: str) -> str:
     return value
 
 
+def _check_declared_length(request: Request, limit: int) -> None:
+    """413 when the request's Content-Length passes ``limit``, before anything is read."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not wire.is_whole_number(declared.strip()):
+            raise _bad("Content-Length is not a whole number")
+        if int(declared) > limit:
+            raise ApiError(413, wire.KIND_TOO_LARGE, f"the body is {int(declared)} bytes; this request takes "
+                           f"at most {limit}")
+
+
 @dataclass(frozen=True)
 class _Geometry:
     origin: List[float]
@@ -153,6 +177,9 @@ class _Geometry:
         if problem:
             raise _bad(f"{what} {problem}")
         return geometry
+
+    def key(self) -> Tuple[float, ...]:
+        return (*self.origin, *self.spacing, *self.direction)
 
     @classmethod
     def of(cls, image: sitk.Image) -> _Geometry:
@@ -186,6 +213,19 @@ def _options(value: Any, max_patches: int) -> Dict[str, Any]:
         if value.get(name) is not None:
             options[name] = _corners(value[name], name)
     return options
+
+
+@dataclass
+class _Hosted:
+    """A session as the registry keeps it: with its memory reservation (``state``: ``state_bytes`` plus its
+    open patches) and what bounds one job's work on it: the source voxels one patch covers, and the patches
+    one click may open."""
+
+    session: InteractiveSession
+    state: Reservation
+    state_bytes: int
+    patch_voxels: int
+    new_patches: int
 
 
 @dataclass
@@ -226,13 +266,15 @@ class _Server:
     def __init__(self, network: Any, *, device: Any, precision: str, tokens: Optional[Sequence[str]],
                  max_sessions: int, max_image_bytes: int, image_cache_bytes: int, idle_timeout_s: float,
                  sweep_interval_s: Optional[float], max_queued_per_session: int, max_patches: int,
-                 max_patch_source_voxels: int, model_info: Optional[Mapping[str, Any]]) -> None:
+                 max_patch_source_voxels: int, max_memory_bytes: int, model_info: Optional[Mapping[str, Any]]) -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(network, self.device, precision)
         self.network = network
         # Prepared (and warmed up) now rather than at the first user's click; every session then gets this
         # prepared network back from prepare_network, which keeps it.
         prepare_network(network, self.device, self.precision)
+        self.patch_bytes = bounds.PATCH_BYTES_ESTIMATE
+        self._patch_measured = False
         self.tokens = None if tokens is None else [token.encode("utf-8") for token in tokens]
         self.max_image_bytes = max_image_bytes
         self.max_patches = max_patches
@@ -240,6 +282,8 @@ class _Server:
         self.model_info = dict(model_info or {})
         self.metrics = Metrics()
         self.images = ImageCache(image_cache_bytes)
+        self.budget = MemoryBudget(max_memory_bytes, reclaim=self.images.reclaim)
+        self.session_images = SessionImages(self.budget)
         self.registry = SessionRegistry(self.metrics, max_sessions=max_sessions, idle_timeout_s=idle_timeout_s,
                                         max_pending_per_session=max_queued_per_session,
                                         sweep_interval_s=sweep_interval_s, release=self._release_memory)
@@ -265,13 +309,7 @@ class _Server:
     async def read_body(self, request: Request, limit: int) -> bytes:
         """The request body, refused with 413 past ``limit`` bytes: by its Content-Length before anything is
         read, and while it streams in (a chunked body states no length)."""
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not wire.is_whole_number(declared.strip()):
-                raise _bad("Content-Length is not a whole number")
-            if int(declared) > limit:
-                raise ApiError(413, wire.KIND_TOO_LARGE, f"the body is {int(declared)} bytes; this request takes "
-                               f"at most {limit}")
+        _check_declared_length(request, limit)
         chunks = []
         size = 0
         try:
@@ -300,14 +338,28 @@ class _Server:
                      work: Callable[[InteractiveSession], _Outcome]) -> JSONResponse:
         """Runs ``work(session)`` on the worker, behind the session's earlier requests, and answers its outcome
         (encoded off the worker); the session's refusals become 400 "input" answers."""
-        def guarded(session: InteractiveSession) -> _Outcome:
+        def guarded(hosted: _Hosted) -> _Outcome:
             try:
-                return work(session)
+                opens = kind in PATCH_OPENING_JOBS
+                work_bytes = (hosted.patch_voxels * bounds.RENDER_BYTES_PER_SOURCE_VOXEL
+                              + opens * hosted.new_patches * self.patch_bytes) if kind in RENDERING_JOBS else 0
+                with self.budget.reserve(work_bytes, f"the work of this {kind}"):
+                    return work(hosted.session)
             except SessionInputError as error:
                 raise ApiError(400, wire.KIND_INPUT, str(error)) from error
+            finally:
+                self._count_patches(hosted)
 
         outcome = await asyncio.wrap_future(self.registry.run(session_id, owner, kind, guarded))
         return JSONResponse(await run_in_threadpool(outcome.to_json))
+
+    def _count_patches(self, hosted: _Hosted) -> None:
+        """Counts the patches a job left open in the session's reservation, measuring one patch's memory
+        the first time there is one (the worker thread runs this, so no job changes it meanwhile)."""
+        patches = hosted.session.patches
+        if patches and not self._patch_measured:
+            self.patch_bytes, self._patch_measured = bounds.patch_bytes(patches[0]), True
+        hosted.state.resize(hosted.state_bytes + len(patches) * self.patch_bytes, force=True)
 
     def array_of(self, digest: str, what: str) -> np.ndarray:
         array = self.images.get(digest)
@@ -354,7 +406,8 @@ class _Server:
         return {"status": "ok", "version": __version__, "sessions": len(self.registry),
                 "max_sessions": self.registry.max_sessions, "queue": self.registry.pending(),
                 "device": str(self.device), "precision": self.precision, "model": self.model_info,
-                "max_image_bytes": self.max_image_bytes}
+                "max_image_bytes": self.max_image_bytes,
+                "memory": {"budget_bytes": self.budget.limit_bytes, "reserved_bytes": self.budget.used_bytes}}
 
     async def metrics_text(self, request: Request) -> Response:
         await self.authorize(request)
@@ -363,6 +416,8 @@ class _Server:
             Gauge("ctsam3d_queue_length", "Jobs waiting for the network worker.", self.registry.pending()),
             Gauge("ctsam3d_images_cached", "Uploaded arrays held.", len(self.images)),
             Gauge("ctsam3d_images_cached_bytes", "Bytes of uploaded arrays held.", self.images.bytes),
+            Gauge("ctsam3d_memory_budget_bytes", "The memory budget (--max-memory-mb).", self.budget.limit_bytes),
+            Gauge("ctsam3d_memory_reserved_bytes", "Bytes reserved in the memory budget now.", self.budget.used_bytes),
         ]
         resident = resident_memory_bytes()
         if resident is not None:
@@ -391,15 +446,25 @@ class _Server:
         if raw_bytes > self.max_image_bytes:
             raise ApiError(413, wire.KIND_TOO_LARGE, f"the array is {raw_bytes / 2**20:.1f} MiB; this server takes "
                            f"at most {self.max_image_bytes / 2**20:.1f} MiB (ctsam3d serve --max-image-mb)")
-        body = await self.read_body(request, wire.compressed_limit(raw_bytes))
-        array = await run_in_threadpool(_checked_upload, body, dtype, shape, digest)
-        self.images.put(digest, array)
+        compressed_limit = wire.compressed_limit(raw_bytes)
+        _check_declared_length(request, compressed_limit)
+        reservation = self.budget.reserve(raw_bytes + upload_overhead_bytes(raw_bytes), "this upload")
+        try:
+            array = await receive_array(request.stream(), dtype, shape, digest, compressed_limit)
+        except BaseException as error:
+            reservation.release()
+            if isinstance(error, ClientDisconnect):
+                raise _bad("the client went away before its body arrived") from error
+            raise
+        reservation.resize(raw_bytes)
+        self.images.put(digest, array, reservation)
         return JSONResponse({"image": digest, "bytes": raw_bytes}, status_code=201)
 
     async def open_session(self, request: Request) -> JSONResponse:
         owner = await self.authorize(request)
         body = await self.read_json(request)
-        array = self.array_of(_digest(body.get("image"), "image"), "image")
+        digest = _digest(body.get("image"), "image")
+        array = self.array_of(digest, "image")
         geometry = _Geometry.parse(body, "the image's")
         options = _options(body.get("options"), self.max_patches)
         covered = bounds.patch_source_voxels(array.shape[::-1], geometry.spacing, geometry.direction)
@@ -409,9 +474,21 @@ class _Server:
                            "resample the image to a coarser spacing")
         initial = self.initial_mask(body)
         cautions: List[str] = []
+        state_bytes = bounds.session_state_bytes(array)
+        new_patches = 1 if options.get("cross_patch") is False else options.get("max_patches", MAX_OPEN_PATCHES) + 1
+        state = self.budget.reserve(state_bytes, "a new session")
+        try:
+            image, give_back = await run_in_threadpool(self.session_images.acquire, (digest, geometry.key()),
+                                                       array.nbytes, lambda: geometry.image(array))
+        except BaseException:
+            state.release()
+            raise
 
-        def build() -> InteractiveSession:
-            image = geometry.image(array)
+        def release() -> None:
+            state.release()
+            give_back()
+
+        def build() -> _Hosted:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 try:
@@ -420,9 +497,13 @@ class _Server:
                 except ValueError as error:  # SessionInputError, or an option the session refuses
                     raise ApiError(400, wire.KIND_INPUT, str(error)) from error
             cautions.extend(str(warning.message) for warning in caught)
-            return session
+            return _Hosted(session, state, state_bytes, covered, new_patches)
 
-        session_id, future = self.registry.open(owner, build)
+        try:
+            session_id, future = self.registry.open(owner, build, release)
+        except BaseException:
+            release()
+            raise
         await asyncio.wrap_future(future)
         return JSONResponse({"session": session_id, "clicks": 0, "patches_open": 0, "device": str(self.device),
                              "precision": self.precision, "warnings": cautions}, status_code=201)
@@ -525,16 +606,6 @@ def _malloc_trim() -> Optional[Callable[[int], int]]:
         return None
 
 
-def _checked_upload(body: bytes, dtype: np.dtype, shape: Tuple[int, int, int], digest: str) -> np.ndarray:
-    """The uploaded array, once it decompresses to exactly its stated size and has the digest it is named by."""
-    array = wire.decode_array(body, dtype, shape)
-    found = wire.array_digest(array)
-    if found != digest:
-        raise wire.WireError(f"the upload's SHA-256 (of its voxels, dtype and shape) is {found}, not the {digest} "
-                             "it was sent as")
-    return array
-
-
 class _RequestMetrics:
     """ASGI middleware: each answered request's latency and status, labelled by route template (never by
     the path itself, which holds session ids)."""
@@ -581,6 +652,7 @@ def create_app(
     max_queued_per_session: int = 32,
     max_patches: int = bounds.DEFAULT_MAX_PATCHES,
     max_patch_source_voxels: int = bounds.DEFAULT_MAX_PATCH_SOURCE_VOXELS,
+    max_memory_bytes: Optional[int] = None,
     model_info: Optional[Mapping[str, Any]] = None,
 ) -> FastAPI:
     """The server's FastAPI application around ``network`` (any ``PromptableNetwork``: tests and benchmarks
@@ -591,7 +663,9 @@ def create_app(
     ``image_cache_bytes`` (default: twice that) the uploaded arrays kept. Sessions idle for
     ``idle_timeout_s`` are closed, checked every ``sweep_interval_s`` (default: a quarter of the timeout,
     at most 30 s). ``max_patches`` bounds the option of that name a client may choose, and
-    ``max_patch_source_voxels`` the source voxels one patch may cover (see ``bounds``). ``model_info`` is
+    ``max_patch_source_voxels`` the source voxels one patch may cover (see ``bounds``).
+    ``max_memory_bytes`` bounds uploads, cached images, sessions and the job on the worker together (see
+    ``budget``; default: half of this machine's memory). ``model_info`` is
     shown by /health (e.g. the weights file and its SHA-256).
     """
     if min(max_sessions, max_image_bytes, idle_timeout_s, max_queued_per_session, max_patches,
@@ -605,7 +679,9 @@ def create_app(
                      image_cache_bytes=image_cache_bytes if image_cache_bytes is not None else 2 * max_image_bytes,
                      idle_timeout_s=idle_timeout_s, sweep_interval_s=sweep_interval_s,
                      max_queued_per_session=max_queued_per_session, max_patches=max_patches,
-                     max_patch_source_voxels=max_patch_source_voxels, model_info=model_info)
+                     max_patch_source_voxels=max_patch_source_voxels,
+                     max_memory_bytes=max_memory_bytes or default_budget_bytes() or FALLBACK_BUDGET_BYTES,
+                     model_info=model_info)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -647,6 +723,8 @@ def create_app(
             return _error_response(error.status, error.kind, str(error), headers, **error.extra)
         if isinstance(error, wire.WireError):
             return _error_response(error.status, error.kind, str(error))
+        if isinstance(error, OverBudgetError):
+            return _error_response(503, wire.KIND_BUSY, str(error), {"Retry-After": str(error.retry_after_s)})
         if isinstance(error, UnknownSessionError):
             return _error_response(404, wire.KIND_UNKNOWN_SESSION, "no such session: it was closed, expired, or "
                                    "never opened (with this token)")
@@ -662,7 +740,7 @@ def create_app(
         return _error_response(500, wire.KIND_INTERNAL, f"internal server error ({type(error).__name__}; the "
                                "server's log has the details)")
 
-    for error_type in (ApiError, wire.WireError, *refusals):
+    for error_type in (ApiError, wire.WireError, OverBudgetError, *refusals):
         app.add_exception_handler(error_type, refused)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, crashed)

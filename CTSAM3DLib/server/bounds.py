@@ -10,7 +10,7 @@ clicks a ``set_clicks`` adds.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -69,3 +69,23 @@ def patch_source_voxels(size_xyz: Sequence[int], spacing: Sequence[float], direc
     edge_mm = PATCH_SIZE * LATTICE_SPACING_MM
     extent = edge_mm * np.abs(world_to_index).sum(axis=1) + 2
     return math.prod(int(min(math.ceil(span), n)) for span, n in zip(extent, size_xyz))
+
+
+def session_state_bytes(array: np.ndarray) -> int:
+    """What a session holds besides its patches and its (shared) image: its mask and its initial mask, one
+    byte per voxel each, and a float32 copy of voxels of a type the network's sampling cannot read as is."""
+    voxels = array.size
+    copied = 0 if array.dtype.name in ("int16", "uint8", "float32") else 4 * voxels
+    return 2 * voxels + copied
+
+
+PATCH_BYTES_ESTIMATE = 32 << 20
+"""What one open patch is taken to hold until one was measured (``patch_bytes``): CT-SAM3D's encoder features
+with the patch's input and probability are about 20 MB."""
+
+
+def patch_bytes(patch: Any) -> int:
+    """The memory one open patch (a ``Patch``) holds: its encoder features, input, probability and initial
+    mask."""
+    tensors = [*patch.features, patch.image, patch.probability, patch.initial]
+    return sum(t.element_size() * t.nelement() for t in tensors if t is not None)

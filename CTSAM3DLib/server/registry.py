@@ -13,12 +13,10 @@ import logging
 import secrets
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Optional, Tuple, TypeVar
-
-import numpy as np
 
 from .metrics import Metrics
 
@@ -162,6 +160,8 @@ class _Entry:
     owner: Optional[int]
     """Index of the token that opened the session (None on a server without tokens): only it may use it."""
     last_used: float
+    release: Callable[[], None]
+    """Gives back what the session holds outside itself (its memory reservations)."""
     pending: int = 0
     closed: bool = False
 
@@ -199,13 +199,16 @@ class SessionRegistry:
     def stop(self) -> None:
         self._queue.stop()
         with self._lock:
-            self._entries.clear()
+            for session_id in list(self._entries):
+                self._drop(session_id)
         self._release()
 
-    def open(self, owner: Optional[int], build: Callable[[], Any]) -> Tuple[str, Future]:
+    def open(self, owner: Optional[int], build: Callable[[], Any],
+             release: Callable[[], None] = lambda: None) -> Tuple[str, Future]:
         """Reserves a place and queues ``build()`` (which makes the session) on the worker; returns the new
         session's id and a Future that is done once the session is open (holding None, not the session, so
-        that only the registry keeps it alive). SessionsFullError when no place is left."""
+        that only the registry keeps it alive). SessionsFullError when no place is left. ``release`` runs
+        once the session is gone (closed, expired, or never opened)."""
         with self._lock:
             if len(self._entries) + self._opening >= self.max_sessions:
                 raise SessionsFullError(f"this server holds its maximum of {self.max_sessions} sessions; "
@@ -219,10 +222,11 @@ class SessionRegistry:
             except BaseException:
                 with self._lock:
                     self._opening -= 1
+                release()
                 raise
             with self._lock:
                 self._opening -= 1
-                self._entries[session_id] = _Entry(session, owner, time.monotonic())
+                self._entries[session_id] = _Entry(session, owner, time.monotonic(), release)
             self.metrics.sessions_created.inc()
 
         try:
@@ -230,8 +234,9 @@ class SessionRegistry:
         except BaseException:
             with self._lock:
                 self._opening -= 1
+            release()
             raise
-        future.add_done_callback(lambda done: self._forget_opening(done))
+        future.add_done_callback(lambda done: self._forget_opening(done, release))
         return session_id, future
 
     def run(self, session_id: str, owner: Optional[int], kind: str, work: Callable[[Any], T]) -> Future:
@@ -290,6 +295,7 @@ class SessionRegistry:
         if entry is not None:
             entry.closed = True
             entry.session = None
+            entry.release()
             self._dropped = True
 
     def _submit(self, key: str, kind: str, work: Callable[[], T]) -> Future:
@@ -310,48 +316,9 @@ class SessionRegistry:
             entry.pending -= 1
             entry.last_used = time.monotonic()
 
-    def _forget_opening(self, future: Future) -> None:
+    def _forget_opening(self, future: Future, release: Callable[[], None]) -> None:
         """An opening cancelled before it ran gives its reserved place back."""
         if future.cancelled():
             with self._lock:
                 self._opening -= 1
-
-
-class ImageCache:
-    """Uploaded arrays by digest, the least recently used dropped once they hold more than
-    ``capacity_bytes`` (the newest always stays, so that an image larger than the cache can still open a
-    session). Sessions keep their own copies: dropping an image here only means it must be sent again."""
-
-    def __init__(self, capacity_bytes: int) -> None:
-        self.capacity_bytes = capacity_bytes
-        self._arrays: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._arrays)
-
-    @property
-    def bytes(self) -> int:
-        with self._lock:
-            return self._bytes
-
-    def get(self, digest: str) -> Optional[np.ndarray]:
-        with self._lock:
-            array = self._arrays.get(digest)
-            if array is not None:
-                self._arrays.move_to_end(digest)
-            return array
-
-    def put(self, digest: str, array: np.ndarray) -> None:
-        array.flags.writeable = False
-        with self._lock:
-            previous = self._arrays.pop(digest, None)
-            if previous is not None:
-                self._bytes -= previous.nbytes
-            self._arrays[digest] = array
-            self._bytes += array.nbytes
-            while self._bytes > self.capacity_bytes and len(self._arrays) > 1:
-                _, dropped = self._arrays.popitem(last=False)
-                self._bytes -= dropped.nbytes
+            release()

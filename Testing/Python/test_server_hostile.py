@@ -1,14 +1,18 @@
 """``ctsam3d serve`` under hostile and careless clients (the attacks of ../shared/research/server-attack.md,
 scaled down): every request's work and memory bounded, nobody locked out, bad input a 4xx."""
 
+import http.client
+import json
+import socket
+
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from server_helpers import Servers, inside, request
+from server_helpers import Servers, inside, request, wait_until, zlib_bomb
 from standins import CrossPatchThresholdNet
 
 from CTSAM3DLib.interface import SessionInputError
-from CTSAM3DLib.remote import RemoteSession
+from CTSAM3DLib.remote import RemoteSession, ServerError
 from CTSAM3DLib.server import wire
 from CTSAM3DLib.session import InteractiveSession
 
@@ -120,3 +124,83 @@ def test_deeply_nested_json_is_a_400_not_a_500(serve):
         status, answer = request(server.url, "POST", f"{wire.API}/sessions", body,
                                  {"Content-Type": "application/json"})
         assert status == 400 and answer["kind"] == "bad_request" and "nested too deeply" in answer["error"], answer
+
+
+# ------------------------------------------------------------------------------------------- memory budget
+def raw_socket(port, head, body=b""):
+    connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+    connection.sendall(head.encode() + body)
+    return connection
+
+
+def answer_of(connection):
+    reply = http.client.HTTPResponse(connection)
+    reply.begin()
+    return reply.status, reply.headers, json.loads(reply.read())
+
+
+def test_uploads_beyond_the_memory_budget_are_refused_before_their_body_is_read(serve):
+    """Three 1 MB zlib bodies stating 1 GiB each took 5.2 GB at once (and 40 could run): an upload reserves its
+    array's bytes in the budget from its headers, so the next one that does not fit gets 503 and Retry-After
+    at once, without a byte of its body read."""
+    server = serve(max_memory_bytes=100 << 20, max_image_bytes=256 << 20)
+    stated = 64 << 20
+    bomb = zlib_bomb(stated, chunk_bytes=1 << 20)
+    head = (f"PUT {wire.API}/images/{'c' * 64} HTTP/1.1\r\nHost: x\r\n{wire.DTYPE_HEADER}: uint8\r\n"
+            f"{wire.SHAPE_HEADER}: 64,1024,1024\r\nContent-Length: {len(bomb)}\r\n\r\n")
+    slow = raw_socket(server.port, head, bomb[:1000])  # holds its reservation while it trickles
+    wait_until(lambda: request(server.url, "GET", "/health")[1]["memory"]["reserved_bytes"] >= stated,
+               what="the first upload's reservation")
+    refused = raw_socket(server.port, head)
+    status, headers, answer = answer_of(refused)
+    refused.close()
+    assert status == 503 and answer["kind"] == "busy" and "memory budget (100 MiB" in answer["error"], answer
+    assert headers["Retry-After"] == "10"
+    slow.sendall(bomb[1000:])
+    status, _, answer = answer_of(slow)
+    assert status == 400 and "SHA-256" in answer["error"], answer  # inflated to its end, digest checked
+    slow.close()
+    assert request(server.url, "GET", "/health")[1]["memory"]["reserved_bytes"] == 0
+    connection = raw_socket(server.port, head, bomb)  # the budget is free again
+    assert answer_of(connection)[0] == 400
+    connection.close()
+
+
+def test_sessions_share_the_uploaded_image_and_are_bounded_by_the_budget(serve, abdomen):
+    """Each session copied the image (+1 GiB per session on a 512 MiB image, 64 GiB from one token): sessions
+    on one upload and geometry share one read-only image, hold only their masks, and a session that the
+    budget cannot take is refused (503) when it opens."""
+    voxels = int(np.prod(abdomen.GetSize()))
+    image_bytes = 2 * voxels  # int16
+    server = serve(max_memory_bytes=int(4.5 * image_bytes))
+    state = server.app.state.server
+    sessions = [RemoteSession(server.url, abdomen, cross_patch=False)]
+    reserved = [state.budget.used_bytes]
+    assert reserved[0] == image_bytes + image_bytes + 2 * voxels  # cached upload, shared image, masks
+    with pytest.raises(ServerError, match="memory budget") as refused:
+        while len(sessions) < 4:
+            sessions.append(RemoteSession(server.url, abdomen, cross_patch=False))
+            reserved.append(state.budget.used_bytes)
+    assert refused.value.status == 503
+    assert len(state.session_images) == 1
+    # The second session took its masks only; the third fitted once the cached upload (which no session
+    # needs) was dropped.
+    assert len(sessions) == 3 and reserved[1] - reserved[0] == 2 * voxels
+    assert reserved[2] == image_bytes + 3 * 2 * voxels <= state.budget.limit_bytes
+    assert request(server.url, "HEAD", f"{wire.API}/images/{digest_of(abdomen)}")[0] == 404
+    for session in sessions:
+        session.close()
+    assert state.budget.used_bytes == 0 and len(state.session_images) == 0
+
+
+def test_a_click_whose_work_the_budget_cannot_take_is_refused_and_changes_nothing(serve, abdomen):
+    server = serve(max_memory_bytes=8 << 20)  # the session fits; a click's patches (32 MiB estimated) do not
+    session = RemoteSession(server.url, abdomen, cross_patch=False)
+    with pytest.raises(ServerError, match="memory budget .* cannot take the work of this click") as refused:
+        session.add_click(inside(abdomen, 60, 50, 15))
+    assert refused.value.status == 503
+    status, answer = request(server.url, "GET", f"{wire.API}/sessions/{session.session_id}/mask")
+    assert status == 200 and answer["clicks"] == 0 and answer["patches_open"] == 0
+    assert session.clicks == [] and session.mask_array().sum() == 0
+    with pytest.raises(IndexError):
+        session.undo()
