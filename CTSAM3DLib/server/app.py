@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -151,6 +152,38 @@ def _digest(value: Any, what: str) -> str:
     return value
 
 
+class ClientGoneError(Exception):
+    """The client hung up before its answer was ready (nobody reads the answer)."""
+
+
+async def _unless_client_leaves(request: Request, job: Future) -> Any:
+    """The result of a job on the worker; when the client hangs up first the job is cancelled (if it has not
+    started: a running one finishes) and ClientGoneError raised, so that work nobody waits for is dropped."""
+    outcome = asyncio.wrap_future(job)
+    gone = asyncio.ensure_future(_disconnection(request))
+    try:
+        await asyncio.wait({outcome, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not outcome.done():
+        job.cancel()
+        outcome.add_done_callback(_ignore_outcome)
+        raise ClientGoneError()
+    return outcome.result()
+
+
+async def _disconnection(request: Request) -> None:
+    """Returns once the client has hung up (its body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _ignore_outcome(outcome: asyncio.Future) -> None:
+    """Retrieves an abandoned job's outcome, so that asyncio does not log it as never retrieved."""
+    if not outcome.cancelled():
+        outcome.exception()
+
+
 def _check_declared_length(request: Request, limit: int) -> None:
     """413 when the request's Content-Length passes ``limit``, before anything is read."""
     declared = request.headers.get("content-length")
@@ -264,7 +297,8 @@ class _Server:
     """The application's state and its route handlers (``create_app`` wires them into FastAPI)."""
 
     def __init__(self, network: Any, *, device: Any, precision: str, tokens: Optional[Sequence[str]],
-                 max_sessions: int, max_image_bytes: int, image_cache_bytes: int, idle_timeout_s: float,
+                 max_sessions: int, max_sessions_per_token: int, max_image_bytes: int, image_cache_bytes: int,
+                 idle_timeout_s: float,
                  sweep_interval_s: Optional[float], max_queued_per_session: int, max_patches: int,
                  max_patch_source_voxels: int, max_memory_bytes: int, model_info: Optional[Mapping[str, Any]]) -> None:
         self.device = resolve_device(device)
@@ -285,6 +319,7 @@ class _Server:
         self.budget = MemoryBudget(max_memory_bytes, reclaim=self.images.reclaim)
         self.session_images = SessionImages(self.budget)
         self.registry = SessionRegistry(self.metrics, max_sessions=max_sessions, idle_timeout_s=idle_timeout_s,
+                                        max_sessions_per_owner=max_sessions_per_token,
                                         max_pending_per_session=max_queued_per_session,
                                         sweep_interval_s=sweep_interval_s, release=self._release_memory)
 
@@ -334,7 +369,7 @@ class _Server:
             raise _bad("the body must be a JSON object")
         return value
 
-    async def answer(self, session_id: str, owner: Optional[int], kind: str,
+    async def answer(self, request: Request, session_id: str, owner: Optional[int], kind: str,
                      work: Callable[[InteractiveSession], _Outcome]) -> JSONResponse:
         """Runs ``work(session)`` on the worker, behind the session's earlier requests, and answers its outcome
         (encoded off the worker); the session's refusals become 400 "input" answers."""
@@ -350,8 +385,12 @@ class _Server:
             finally:
                 self._count_patches(hosted)
 
-        outcome = await asyncio.wrap_future(self.registry.run(session_id, owner, kind, guarded))
+        outcome = await _unless_client_leaves(request, self.registry.run(session_id, owner, kind, guarded))
         return JSONResponse(await run_in_threadpool(outcome.to_json))
+
+    def _close_orphan(self, opening: Future, session_id: str, owner: Optional[int]) -> None:
+        if not opening.cancelled() and opening.exception() is None:
+            self.registry.close(session_id, owner)
 
     def _count_patches(self, hosted: _Hosted) -> None:
         """Counts the patches a job left open in the session's reservation, measuring one patch's memory
@@ -504,7 +543,12 @@ class _Server:
         except BaseException:
             release()
             raise
-        await asyncio.wrap_future(future)
+        try:
+            await _unless_client_leaves(request, future)
+        except ClientGoneError:
+            # Opened after all (the client left while it ran): nobody will use it or close it.
+            future.add_done_callback(lambda done: self._close_orphan(done, session_id, owner))
+            raise
         return JSONResponse({"session": session_id, "clicks": 0, "patches_open": 0, "device": str(self.device),
                              "precision": self.precision, "warnings": cautions}, status_code=201)
 
@@ -520,7 +564,7 @@ class _Server:
             _check_room(len(session.clicks) + 1)
             return _Outcome.of(session, session.add_click(point, positive))
 
-        return await self.answer(session_id, owner, "click", work)
+        return await self.answer(request, session_id, owner, "click", work)
 
     async def box(self, session_id: str, request: Request) -> Response:
         owner = await self.authorize(request)
@@ -535,7 +579,7 @@ class _Server:
             point_lps, positive = session.clicks[-1]
             return _Outcome.of(session, update, click=[list(point_lps), positive])
 
-        return await self.answer(session_id, owner, "box", work)
+        return await self.answer(request, session_id, owner, "box", work)
 
     async def undo(self, session_id: str, request: Request) -> Response:
         owner = await self.authorize(request)
@@ -548,7 +592,7 @@ class _Server:
             except IndexError as error:
                 raise ApiError(409, wire.KIND_NOTHING_TO_UNDO, str(error)) from error
 
-        return await self.answer(session_id, owner, "undo", work)
+        return await self.answer(request, session_id, owner, "undo", work)
 
     async def set_clicks(self, session_id: str, request: Request) -> Response:
         owner = await self.authorize(request)
@@ -570,7 +614,7 @@ class _Server:
             step = clicks[:common + bounds.CLICKS_ADDED_PER_REQUEST]
             return _Outcome.of(session, session.set_clicks(step))
 
-        return await self.answer(session_id, owner, "set_clicks", work)
+        return await self.answer(request, session_id, owner, "set_clicks", work)
 
     async def reset(self, session_id: str, request: Request) -> Response:
         owner = await self.authorize(request)
@@ -580,14 +624,14 @@ class _Server:
             session.reset(self.mask_image(initial, session.image))
             return _Outcome.of(session, MaskUpdate.nothing())
 
-        return await self.answer(session_id, owner, "reset", work)
+        return await self.answer(request, session_id, owner, "reset", work)
 
     async def mask(self, session_id: str, request: Request) -> Response:
         owner = await self.authorize(request)
         def work(session: InteractiveSession) -> _Outcome:
             return _Outcome.of(session, MaskUpdate((0, 0, 0), session.mask_array()))
 
-        return await self.answer(session_id, owner, "mask", work)
+        return await self.answer(request, session_id, owner, "mask", work)
 
     async def close_session(self, session_id: str, request: Request) -> Response:
         owner = await self.authorize(request)
@@ -645,6 +689,7 @@ def create_app(
     precision: str = "auto",
     tokens: Optional[Sequence[str]] = None,
     max_sessions: int = 32,
+    max_sessions_per_token: Optional[int] = None,
     max_image_bytes: int = 1 << 30,
     image_cache_bytes: Optional[int] = None,
     idle_timeout_s: float = 1800.0,
@@ -659,7 +704,9 @@ def create_app(
     pass stand-ins), prepared once for ``device`` at ``precision``.
 
     ``tokens``: bearer tokens, one of which every request but /health must bring (None: none needed, for a
-    server on loopback only). ``max_image_bytes`` bounds one uploaded array (decompressed);
+    server on loopback only). One token may hold ``max_sessions_per_token`` sessions (default: a quarter of
+    ``max_sessions`` when there are several tokens, all of them otherwise). ``max_image_bytes`` bounds one
+    uploaded array (decompressed);
     ``image_cache_bytes`` (default: twice that) the uploaded arrays kept. Sessions idle for
     ``idle_timeout_s`` are closed, checked every ``sweep_interval_s`` (default: a quarter of the timeout,
     at most 30 s). ``max_patches`` bounds the option of that name a client may choose, and
@@ -674,7 +721,10 @@ def create_app(
                          "max_patch_source_voxels must be positive")
     if tokens is not None and not tokens:
         raise ValueError("tokens must hold at least one token (or be None for a loopback-only server)")
+    if max_sessions_per_token is None:
+        max_sessions_per_token = max_sessions if tokens is None or len(tokens) < 2 else -(-max_sessions // 4)
     server = _Server(network, device=device, precision=precision, tokens=tokens, max_sessions=max_sessions,
+                     max_sessions_per_token=max_sessions_per_token,
                      max_image_bytes=max_image_bytes,
                      image_cache_bytes=image_cache_bytes if image_cache_bytes is not None else 2 * max_image_bytes,
                      idle_timeout_s=idle_timeout_s, sweep_interval_s=sweep_interval_s,
@@ -723,6 +773,8 @@ def create_app(
             return _error_response(error.status, error.kind, str(error), headers, **error.extra)
         if isinstance(error, wire.WireError):
             return _error_response(error.status, error.kind, str(error))
+        if isinstance(error, ClientGoneError):
+            return _error_response(400, wire.KIND_BAD_REQUEST, "the client went away before its answer was ready")
         if isinstance(error, OverBudgetError):
             return _error_response(503, wire.KIND_BUSY, str(error), {"Retry-After": str(error.retry_after_s)})
         if isinstance(error, UnknownSessionError):
@@ -740,7 +792,7 @@ def create_app(
         return _error_response(500, wire.KIND_INTERNAL, f"internal server error ({type(error).__name__}; the "
                                "server's log has the details)")
 
-    for error_type in (ApiError, wire.WireError, OverBudgetError, *refusals):
+    for error_type in (ApiError, wire.WireError, OverBudgetError, ClientGoneError, *refusals):
         app.add_exception_handler(error_type, refused)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, crashed)

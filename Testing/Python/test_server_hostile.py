@@ -4,11 +4,13 @@ scaled down): every request's work and memory bounded, nobody locked out, bad in
 import http.client
 import json
 import socket
+import threading
+import time
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from server_helpers import Servers, inside, request, wait_until, zlib_bomb
+from server_helpers import Servers, SlowNet, inside, request, wait_until, zlib_bomb
 from standins import CrossPatchThresholdNet
 
 from CTSAM3DLib.interface import SessionInputError
@@ -204,3 +206,93 @@ def test_a_click_whose_work_the_budget_cannot_take_is_refused_and_changes_nothin
     assert session.clicks == [] and session.mask_array().sum() == 0
     with pytest.raises(IndexError):
         session.undo()
+
+
+# ------------------------------------------------------------------------------------------- nobody locked out
+ATTACKER, HONEST = "attacker-token-0123456789", "honest-user-token-0123456789"
+
+
+def test_the_worker_is_shared_per_token_before_per_session(serve, abdomen):
+    """One token with 8 sessions x 4 queued clicks made an honest click wait for 8 jobs (9.7 s): turns go
+    round the tokens first, so the honest click waits for at most the attacker's running job and one more."""
+    network = SlowNet(decode_s=0.1)
+    server = serve(network, tokens=[ATTACKER, HONEST], max_sessions_per_token=8)
+    point = inside(abdomen, 60, 50, 15)
+    attackers = [RemoteSession(server.url, abdomen, ATTACKER, cross_patch=False) for _ in range(4)]
+    honest = RemoteSession(server.url, abdomen, HONEST, cross_patch=False)
+    finished = []
+
+    def click(session, token, label):
+        status, _ = request(server.url, "POST", f"{wire.API}/sessions/{session.session_id}/click",
+                            {"point_lps": list(point)}, token=token)
+        finished.append((label, status))
+
+    flood = [threading.Thread(target=click, args=(session, ATTACKER, "attacker")) for session in attackers
+             for _ in range(3)]
+    for thread in flood:
+        thread.start()
+    wait_until(lambda: request(server.url, "GET", "/health", token=HONEST)[1]["queue"] >= 11, what="the flood")
+    click(honest, HONEST, "honest")
+    for thread in flood:
+        thread.join(60)
+    assert all(status == 200 for _, status in finished) and len(finished) == 13
+    ahead = [label for label, _ in finished].index("honest")
+    assert ahead <= 2, finished  # per session it would wait behind one click of each of the 4 sessions
+
+
+def test_one_token_cannot_take_every_session(serve, abdomen):
+    """One token opened all 32 sessions in 0.3 s and everybody else got 503: each token has a quota."""
+    server = serve(tokens=[ATTACKER, HONEST], max_sessions=8)  # default quota: a quarter, 2 sessions
+    mine = [RemoteSession(server.url, abdomen, ATTACKER) for _ in range(2)]
+    with pytest.raises(ServerError, match="this token holds its maximum of 2 sessions") as refused:
+        RemoteSession(server.url, abdomen, ATTACKER)
+    assert refused.value.status == 503
+    with RemoteSession(server.url, abdomen, HONEST) as honest:
+        honest.add_click(inside(abdomen, 60, 50, 15))
+    mine[0].close()
+    RemoteSession(server.url, abdomen, ATTACKER).close()
+
+
+def test_only_successful_requests_keep_a_session_alive(serve, abdomen):
+    """Any request, even a refused one, renewed the idle timer: one cheap 409 per session per half hour held
+    every place forever."""
+    server = serve(idle_timeout_s=0.6, sweep_interval_s=0.05)
+    session = RemoteSession(server.url, abdomen)
+    stale = {"point_lps": list(inside(abdomen, 60, 50, 15)), "expected_clicks": 99}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status, answer = request(server.url, "POST", f"{wire.API}/sessions/{session.session_id}/click", stale)
+        if status == 404:
+            break
+        assert status == 409, answer
+        time.sleep(0.05)
+    assert status == 404 and request(server.url, "GET", "/health")[1]["sessions"] == 0
+
+
+def send_and_hang_up(port, method, path, payload):
+    body = json.dumps(payload).encode()
+    connection = raw_socket(port, f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                  f"Content-Length: {len(body)}\r\n\r\n", body)
+    connection.close()
+
+
+def test_work_of_clients_that_hung_up_is_dropped(serve, abdomen):
+    """10 clicks whose clients had all hung up still ran: queued work is cancelled when its client leaves,
+    and a session opened for a client that left is closed."""
+    network = SlowNet(decode_s=1.0)
+    server = serve(network)
+    busy = RemoteSession(server.url, abdomen, cross_patch=False)
+    other = RemoteSession(server.url, abdomen, cross_patch=False)
+    network.started.clear()
+    running = threading.Thread(target=busy.add_click, args=(inside(abdomen, 60, 50, 15),))
+    running.start()
+    assert network.started.wait(10)
+    for _ in range(3):
+        send_and_hang_up(server.port, "POST", f"{wire.API}/sessions/{other.session_id}/click",
+                         {"point_lps": list(inside(abdomen, 40, 50, 15))})
+    send_and_hang_up(server.port, "POST", f"{wire.API}/sessions", open_body(abdomen))
+    wait_until(lambda: request(server.url, "GET", "/health")[1]["queue"] == 0, what="the queue to empty")
+    running.join(30)
+    status, answer = request(server.url, "GET", f"{wire.API}/sessions/{other.session_id}/mask")
+    assert status == 200 and answer["clicks"] == 0
+    assert request(server.url, "GET", "/health")[1]["sessions"] == 2
