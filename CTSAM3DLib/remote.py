@@ -13,8 +13,9 @@ The client keeps its own copy of the whole mask and of its prompts, and treats t
 - when the server no longer knows the session (restarted, expired, or a load balancer moved the
   client to another replica) a new session is opened and the prompts replayed, without the caller
   noticing;
-- a failed connection is retried a few times with a short backoff, then raises ConnectionError naming
-  the server. Cookies are kept, so a load balancer's affinity cookie holds the client to one replica.
+- a failed connection is retried with a growing backoff for about 16 s (longer than a server's restart),
+  then raises ConnectionError naming the server. Cookies are kept, so a load balancer's affinity cookie
+  holds the client to one replica.
 """
 
 from __future__ import annotations
@@ -43,7 +44,11 @@ SESSION_OPTIONS = ("cross_patch", "max_patches", "box_lps", "cross_patch_box_lps
 """The ``InteractiveSession`` options a remote session takes; device, precision and sampling are the server's."""
 
 BACKOFF_S = 0.25
-"""First wait before retrying a failed connection; doubled on each further try."""
+"""First wait before retrying a failed connection; doubled on each further try, up to ``MAX_BACKOFF_S``."""
+
+MAX_BACKOFF_S = 2.0
+"""Longest wait between two tries: with the default 10 retries a client keeps trying for 15.75 s, longer
+than a server takes to restart (5 to 8 s to load the network)."""
 
 RECOVERIES = 4
 """Most times one call re-opens a lost session or resynchronises a diverged one before giving up."""
@@ -92,7 +97,7 @@ class _Client:
         problem: object = None
         for attempt in range(attempts):
             if attempt:
-                time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+                time.sleep(min(BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S))
             request = urllib.request.Request(self.url + path, data=body, method=method,
                                              headers={**self.headers, **(headers or {})})
             try:
@@ -226,7 +231,7 @@ class RemoteSession:
     """
 
     def __init__(self, url: str, image: sitk.Image, token: Optional[str] = None, *, timeout: float = 300.0,
-                 retries: int = 4, **session_options: Any) -> None:
+                 retries: int = 10, **session_options: Any) -> None:
         unknown = sorted(set(session_options) - set(SESSION_OPTIONS))
         if unknown:
             raise TypeError(f"RemoteSession takes no option {', '.join(unknown)} (it takes "

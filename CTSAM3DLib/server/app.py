@@ -55,8 +55,10 @@ from ..device import resolve_device
 from ..inference import prepare_network, resolve_precision
 from ..interface import Click, MaskUpdate, SessionInputError, checked_point
 from ..session import InteractiveSession
-from . import bounds, wire
+from . import bounds, browsers, wire
+from .bounds import ConnectionLimits
 from .budget import MemoryBudget, OverBudgetError, Reservation, default_budget_bytes
+from .connections import uvicorn_config
 from .images import ImageCache, SessionImages
 from .metrics import CONTENT_TYPE, Gauge, Metrics, resident_memory_bytes
 from .registry import QueueFullError, SessionRegistry, SessionsFullError, UnknownSessionError
@@ -328,6 +330,9 @@ class _Server:
         """The index of the request's token (None on a server without tokens); 401 without a valid one.
         Every token is compared, in constant time, so the answer's timing tells nothing about them."""
         if self.tokens is None:
+            problem = browsers.browser_problem(request.headers)
+            if problem:
+                raise ApiError(403, wire.KIND_FORBIDDEN, problem)
             return None
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
@@ -358,6 +363,9 @@ class _Server:
         return b"".join(chunks)
 
     async def read_json(self, request: Request) -> Dict[str, Any]:
+        _check_declared_length(request, MAX_JSON_BYTES)
+        if self.tokens is None and not browsers.is_json(request.headers.get("content-type", "")):
+            raise ApiError(415, wire.KIND_BAD_REQUEST, "send the request's JSON with Content-Type: application/json")
         body = await self.read_body(request, MAX_JSON_BYTES)
         try:
             value = json.loads(body) if body else {}
@@ -441,7 +449,12 @@ class _Server:
             trim(0)
 
     # ------------------------------------------------------------------ routes
-    async def health(self) -> Dict[str, Any]:
+    async def health(self, request: Request) -> Dict[str, Any]:
+        """Up or not, for anyone; the details (model, activity, limits) only with a valid token."""
+        try:
+            await self.authorize(request)
+        except ApiError:
+            return {"status": "ok"}
         return {"status": "ok", "version": __version__, "sessions": len(self.registry),
                 "max_sessions": self.registry.max_sessions, "queue": self.registry.pending(),
                 "device": str(self.device), "precision": self.precision, "model": self.model_info,
@@ -650,9 +663,13 @@ def _malloc_trim() -> Optional[Callable[[int], int]]:
         return None
 
 
+KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE")
+"""The methods metrics name; any other is counted as "other" (made-up methods made 213 MB of metrics)."""
+
+
 class _RequestMetrics:
     """ASGI middleware: each answered request's latency and status, labelled by route template (never by
-    the path itself, which holds session ids)."""
+    the path itself, which holds session ids) and method (one of ``KNOWN_METHODS`` or "other")."""
 
     def __init__(self, app: Any, metrics: Metrics, routes: Callable[[], Sequence[Any]]) -> None:
         self.app, self.metrics, self.routes = app, metrics, routes
@@ -672,7 +689,8 @@ class _RequestMetrics:
         try:
             await self.app(scope, receive, record_status)
         finally:
-            self.metrics.observe_request(self._route(scope), scope["method"], status[0], time.perf_counter() - started)
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+            self.metrics.observe_request(self._route(scope), method, status[0], time.perf_counter() - started)
 
     def _route(self, scope: Dict[str, Any]) -> str:
         for route in self.routes():
@@ -804,8 +822,10 @@ class BackgroundServer:
     """An app served by uvicorn on a thread of this process, on loopback by default: for tests, benchmarks
     and programs that embed the server. ``port`` 0 takes a free port (``port`` then tells which)."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 limits: Optional[ConnectionLimits] = None) -> None:
         self.app, self.host, self.port, self.log_level = app, host, port, log_level
+        self.limits = limits or ConnectionLimits()
         self._server: Optional[uvicorn.Server] = None
         self._thread: Optional[threading.Thread] = None
 
@@ -814,8 +834,7 @@ class BackgroundServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 30.0) -> BackgroundServer:
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host=self.host, port=self.port,
-                                                     log_level=self.log_level, lifespan="on"))
+        self._server = uvicorn.Server(uvicorn_config(self.app, self.host, self.port, self.limits, self.log_level))
         self._thread = threading.Thread(target=self._server.run, name="ctsam3d-uvicorn", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout_s

@@ -10,6 +10,7 @@ clicks a ``set_clicks`` adds.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -42,6 +43,20 @@ waits its turn behind other users."""
 RENDER_BYTES_PER_SOURCE_VOXEL = 40
 """Transient memory of rendering a patch into the mask, per source voxel it covers (measured: 10 bytes
 axis-aligned, 38 oblique)."""
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    max_connections: int = 1000
+    """Open connections at most; more are closed as soon as they are accepted."""
+    header_timeout_s: float = 10.0
+    """A request's line and headers must arrive within this long (from the connection, or the last answer)."""
+    body_timeout_s: float = 300.0
+    """A request's body must arrive within this long after its headers (a 1 GiB upload at 4 MB/s)."""
+    keep_alive_s: float = 5.0
+    """An idle connection is closed after this long without a request."""
+    shutdown_timeout_s: float = 30.0
+    """On SIGTERM or Ctrl-C, requests in flight get this long to finish; then the server stops regardless."""
 
 
 def geometry_problem(origin: Sequence[float], spacing: Sequence[float], direction: Sequence[float]) -> str:

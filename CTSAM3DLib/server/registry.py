@@ -93,8 +93,9 @@ class FairQueue:
         self._thread = threading.Thread(target=self._work, name="ctsam3d-network-worker", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout_s: float = 60.0) -> None:
-        """Lets the running job finish; cancels those still waiting."""
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Cancels the jobs still waiting; gives the running one ``timeout_s`` to finish (the worker is a
+        daemon thread: a stopping server does not wait for it longer)."""
         with self._ready:
             self._stopping = True
             self._ready.notify()

@@ -80,7 +80,7 @@ def test_remote_session_gives_what_a_local_session_gives(serve, abdomen):
     mask = remote.mask
     assert (mask.GetSize(), mask.GetOrigin(), mask.GetSpacing(), mask.GetDirection()) == \
         (abdomen.GetSize(), abdomen.GetOrigin(), abdomen.GetSpacing(), abdomen.GetDirection())
-    status, health = request(server.url, "GET", "/health")
+    status, health = request(server.url, "GET", "/health", token=TOKEN)
     assert status == 200 and health["sessions"] == 1 and health["queue"] == 0 and health["device"] == "cpu"
     status, metrics = request(server.url, "GET", "/metrics", token=TOKEN)
     text = metrics.decode()
@@ -89,7 +89,7 @@ def test_remote_session_gives_what_a_local_session_gives(serve, abdomen):
     assert "ctsam3d_sessions_open 1" in text and "ctsam3d_sessions_created_total 1" in text
     assert "ctsam3d_queue_length 0" in text and "process_resident_memory_bytes" in text
     remote.close()
-    assert request(server.url, "GET", "/health")[1]["sessions"] == 0
+    assert request(server.url, "GET", "/health", token=TOKEN)[1]["sessions"] == 0
 
 
 def test_a_second_session_on_the_same_image_uploads_nothing(serve, abdomen):
@@ -167,7 +167,7 @@ def test_malformed_requests_are_refused_with_one_line_errors(serve, abdomen):
     digest = wire.array_digest(array)
     body = zlib.compress(array.tobytes())
     cases = [
-        ("POST", session_path(session, "click"), b"{not json", {}, "bad_request"),
+        ("POST", session_path(session, "click"), b"{not json", {"Content-Type": "application/json"}, "bad_request"),
         ("POST", session_path(session, "click"), [1, 2, 3], {}, "bad_request"),
         ("POST", session_path(session, "click"), {"point_lps": "60,50,15"}, {}, "bad_request"),
         ("POST", session_path(session, "click"), {"point_lps": point[:2]}, {}, "bad_request"),
@@ -237,7 +237,7 @@ def headers_only(port, request_line, headers, body=b""):
     """Sends a request's line and headers, and ``body`` (which may be less than they announce), then reads
     the answer: what a client gets when the server refuses before the whole body is sent."""
     with socket.create_connection(("127.0.0.1", port)) as connection:
-        lines = [f"{request_line} HTTP/1.1", "Host: x"] + [f"{k}: {v}" for k, v in headers.items()]
+        lines = [f"{request_line} HTTP/1.1", "Host: 127.0.0.1"] + [f"{k}: {v}" for k, v in headers.items()]
         connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
         reply = http.client.HTTPResponse(connection)
         reply.begin()
@@ -381,7 +381,7 @@ def test_a_client_that_disconnects_mid_click_leaves_the_session_consistent(serve
     network.started.clear()
     body = json.dumps({"point_lps": list(b), "positive": False, "expected_clicks": 1}).encode()
     connection = socket.create_connection(("127.0.0.1", server.port))
-    connection.sendall(f"POST {session_path(remote, 'click')} HTTP/1.1\r\nHost: x\r\nContent-Type: "
+    connection.sendall(f"POST {session_path(remote, 'click')} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                        f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     assert network.started.wait(10)
     connection.close()

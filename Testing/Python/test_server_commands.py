@@ -61,7 +61,7 @@ def test_serve_answers_with_the_real_network_as_a_local_session_does(random_weig
         while True:
             assert process.poll() is None, process.communicate()
             try:
-                status, health = request(url, "GET", "/health")
+                status, health = request(url, "GET", "/health", token=TOKEN)
                 break
             except ConnectionRefusedError:
                 assert time.monotonic() < deadline, "ctsam3d serve did not start"
@@ -122,7 +122,7 @@ def test_segment_runs_on_a_server(server, token_file, ct_path, tmp_path, capsys)
     here = InteractiveSession(CrossPatchThresholdNet(), image, device="cpu", max_patches=3)
     here.set_clicks([(positive, True), (negative, False)])
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(output))), here.mask_array())
-    assert request(server.url, "GET", "/health")[1]["sessions"] == 0
+    assert request(server.url, "GET", "/health", token=TOKEN)[1]["sessions"] == 0
 
 
 @pytest.mark.parametrize(("extra", "message"), [

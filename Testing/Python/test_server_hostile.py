@@ -148,7 +148,7 @@ def test_uploads_beyond_the_memory_budget_are_refused_before_their_body_is_read(
     server = serve(max_memory_bytes=100 << 20, max_image_bytes=256 << 20)
     stated = 64 << 20
     bomb = zlib_bomb(stated, chunk_bytes=1 << 20)
-    head = (f"PUT {wire.API}/images/{'c' * 64} HTTP/1.1\r\nHost: x\r\n{wire.DTYPE_HEADER}: uint8\r\n"
+    head = (f"PUT {wire.API}/images/{'c' * 64} HTTP/1.1\r\nHost: 127.0.0.1\r\n{wire.DTYPE_HEADER}: uint8\r\n"
             f"{wire.SHAPE_HEADER}: 64,1024,1024\r\nContent-Length: {len(bomb)}\r\n\r\n")
     slow = raw_socket(server.port, head, bomb[:1000])  # holds its reservation while it trickles
     wait_until(lambda: request(server.url, "GET", "/health")[1]["memory"]["reserved_bytes"] >= stated,
@@ -271,7 +271,7 @@ def test_only_successful_requests_keep_a_session_alive(serve, abdomen):
 
 def send_and_hang_up(port, method, path, payload):
     body = json.dumps(payload).encode()
-    connection = raw_socket(port, f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    connection = raw_socket(port, f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                                   f"Content-Length: {len(body)}\r\n\r\n", body)
     connection.close()
 
