@@ -36,8 +36,9 @@ class Servers:
     def __init__(self) -> None:
         self.started: List[BackgroundServer] = []
 
-    def start(self, network=None, port: int = 0, **options) -> BackgroundServer:
-        server = BackgroundServer(create_app(network or CrossPatchThresholdNet(), device="cpu", **options), port=port)
+    def start(self, network=None, port: int = 0, limits=None, **options) -> BackgroundServer:
+        server = BackgroundServer(create_app(network or CrossPatchThresholdNet(), device="cpu", **options), port=port,
+                                  limits=limits)
         self.started.append(server.start())
         return server
 

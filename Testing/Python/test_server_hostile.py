@@ -16,6 +16,7 @@ from standins import CrossPatchThresholdNet
 from CTSAM3DLib.interface import SessionInputError
 from CTSAM3DLib.remote import RemoteSession, ServerError
 from CTSAM3DLib.server import wire
+from CTSAM3DLib.server.bounds import ConnectionLimits
 from CTSAM3DLib.session import InteractiveSession
 
 IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
@@ -296,3 +297,84 @@ def test_work_of_clients_that_hung_up_is_dropped(serve, abdomen):
     status, answer = request(server.url, "GET", f"{wire.API}/sessions/{other.session_id}/mask")
     assert status == 200 and answer["clicks"] == 0
     assert request(server.url, "GET", "/health")[1]["sessions"] == 2
+
+
+# ------------------------------------------------------------------------------------------- connections
+def closed_by_server(connection, within_s=20.0):
+    """Whether the server closes the connection (nothing more is sent by the client) within ``within_s``."""
+    connection.settimeout(within_s)
+    try:
+        return connection.recv(1024) == b""
+    except socket.timeout:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+def test_slow_and_surplus_connections_are_closed(serve, abdomen):
+    """20,000 connections trickling header bytes (no token needed) exhausted the file descriptors: headers
+    and bodies have deadlines, and connections past the limit are closed at once."""
+    limits = ConnectionLimits(max_connections=8, header_timeout_s=1.0, body_timeout_s=1.0)
+    server = serve(limits=limits)
+    trickling = [raw_socket(server.port, "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-a: ") for _ in range(12)]
+    body = raw_socket(server.port, f"POST {wire.API}/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                                   "application/json\r\nContent-Length: 100\r\n\r\n", b"{")
+    assert all(closed_by_server(connection) for connection in [*trickling, body])
+    for connection in [*trickling, body]:
+        connection.close()
+    with RemoteSession(server.url, abdomen) as session:
+        session.add_click(inside(abdomen, 60, 50, 15))
+
+
+def test_metrics_name_only_known_methods(serve):
+    """Made-up methods, with no token, each became a metrics label: 213 MB of /metrics after 100k requests."""
+    server = serve(tokens=[HONEST])
+    for n in range(30):
+        connection = raw_socket(server.port, f"XMETHOD{n} /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        assert answer_of(connection)[0] == 405
+        connection.close()
+    text = request(server.url, "GET", "/metrics", token=HONEST)[1].decode()
+    assert "XMETHOD" not in text
+    assert 'ctsam3d_requests_total{route="/health",method="other",status="405"} 30' in text
+
+
+# ------------------------------------------------------------------------------------------- hygiene
+def test_health_without_a_token_says_only_that_the_server_is_up(serve):
+    """/health showed anyone the weights' name and SHA-256, the version and the activity."""
+    server = serve(tokens=[HONEST], model_info={"weights": "params.pth", "sha256": "f" * 64})
+    for token in (None, "wrong"):
+        assert request(server.url, "GET", "/health", token=token) == (200, {"status": "ok"})
+    status, health = request(server.url, "GET", "/health", token=HONEST)
+    assert status == 200 and health["model"]["sha256"] == "f" * 64 and health["sessions"] == 0
+
+
+def test_a_server_without_tokens_refuses_other_sites_pages(serve, abdomen):
+    """With no token, a page in the operator's browser could drive the server: a text/plain POST (no CORS
+    preflight) and a DNS-rebinding host name were taken."""
+    server = serve()
+    RemoteSession(server.url, abdomen).close()
+    body = json.dumps(open_body(abdomen)).encode()
+    cases = [({"Host": "evil.example:8000", "Content-Type": "application/json"}, 403, "loopback host only"),
+             ({"Origin": "http://evil.example", "Content-Type": "application/json"}, 403, "no requests from web"),
+             ({"Content-Type": "text/plain"}, 415, "Content-Type: application/json"),
+             ({"Origin": "http://localhost:3000", "Content-Type": "application/json"}, 201, ""),
+             ({"Host": "[::1]:8000", "Content-Type": "application/json"}, 201, "")]
+    for headers, expected, message in cases:
+        status, answer = request(server.url, "POST", f"{wire.API}/sessions", body, headers)
+        assert status == expected and message in answer.get("error", ""), (headers, answer)
+    assert request(server.url, "GET", "/metrics", headers={"Host": "rebound.example"})[0] == 403
+
+
+def test_a_client_outlives_a_server_restart_of_several_seconds(serve, abdomen):
+    """RemoteSession gave up after 3.75 s, and a restart takes 5 to 8 s (loading the network)."""
+    first = serve()
+    remote = RemoteSession(first.url, abdomen, cross_patch=False)
+    remote.add_click(inside(abdomen, 60, 50, 15))
+    first.stop()
+    restarted = threading.Timer(6.0, lambda: serve(port=first.port))
+    restarted.start()
+    remote.add_click(inside(abdomen, 64, 52, 15), False)
+    restarted.join()
+    here = InteractiveSession(CrossPatchThresholdNet(), abdomen, device="cpu", cross_patch=False)
+    here.set_clicks([(inside(abdomen, 60, 50, 15), True), (inside(abdomen, 64, 52, 15), False)])
+    np.testing.assert_array_equal(remote.mask_array(), here.mask_array())
