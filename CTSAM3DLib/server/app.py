@@ -381,20 +381,30 @@ class _Server:
                      work: Callable[[InteractiveSession], _Outcome]) -> JSONResponse:
         """Runs ``work(session)`` on the worker, behind the session's earlier requests, and answers its outcome
         (encoded off the worker); the session's refusals become 400 "input" answers."""
+        what = f"the work of this {kind}"
+
         def guarded(hosted: _Hosted) -> _Outcome:
             try:
-                opens = kind in PATCH_OPENING_JOBS
-                work_bytes = (hosted.patch_voxels * bounds.RENDER_BYTES_PER_SOURCE_VOXEL
-                              + opens * hosted.new_patches * self.patch_bytes) if kind in RENDERING_JOBS else 0
-                with self.budget.reserve(work_bytes, f"the work of this {kind}"):
+                with self.budget.reserve(self._work_bytes(hosted, kind), what):
                     return work(hosted.session)
             except SessionInputError as error:
                 raise ApiError(400, wire.KIND_INPUT, str(error)) from error
             finally:
                 self._count_patches(hosted)
 
-        outcome = await _unless_client_leaves(request, self.registry.run(session_id, owner, kind, guarded))
+        # Refused at once when the work would not fit now; reserved for real when it runs.
+        job = self.registry.run(session_id, owner, kind, guarded,
+                                admit=lambda hosted: self.budget.check(self._work_bytes(hosted, kind), what))
+        outcome = await _unless_client_leaves(request, job)
         return JSONResponse(await run_in_threadpool(outcome.to_json))
+
+    def _work_bytes(self, hosted: _Hosted, kind: str) -> int:
+        """What a job of this kind on this session may hold while it runs: rendering its patches into the mask,
+        and the patches it may open."""
+        if kind not in RENDERING_JOBS:
+            return 0
+        patches = hosted.new_patches if kind in PATCH_OPENING_JOBS else 0
+        return hosted.patch_voxels * bounds.RENDER_BYTES_PER_SOURCE_VOXEL + patches * self.patch_bytes
 
     def _close_orphan(self, opening: Future, session_id: str, owner: Optional[int]) -> None:
         if not opening.cancelled() and opening.exception() is None:

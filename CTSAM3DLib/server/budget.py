@@ -68,6 +68,11 @@ class MemoryBudget:
         reservation.resize(nbytes, what)
         return reservation
 
+    def check(self, nbytes: int, what: str) -> None:
+        """OverBudgetError unless ``nbytes`` would fit now (making room as ``reserve`` does); reserves nothing:
+        for work that will reserve when it runs, refused at once when it could not."""
+        self.reserve(nbytes, what).release()
+
     def _change(self, delta: int, what: str, force: bool) -> None:
         if delta > 0 and not force:
             if self._take(delta):

@@ -265,13 +265,18 @@ class SessionRegistry:
         future.add_done_callback(lambda done: self._forget_opening(done, owner, release))
         return session_id, future
 
-    def run(self, session_id: str, owner: Optional[int], kind: str, work: Callable[[Any], T]) -> Future:
-        """Queues ``work(session)`` behind the session's earlier requests; UnknownSessionError when there is no
-        such session for this owner (the same answer either way, so ids cannot be probed)."""
+    def run(self, session_id: str, owner: Optional[int], kind: str, work: Callable[[Any], T],
+            admit: Callable[[Any], None] = lambda session: None) -> Future:
+        """Queues ``work(session)`` behind the session's earlier requests, once ``admit(session)`` did not refuse
+        it (by raising); UnknownSessionError when there is no such session for this owner (the same answer
+        either way, so ids cannot be probed)."""
         with self._lock:
             entry = self._entries.get(session_id)
             if entry is None or entry.owner != owner:
                 raise UnknownSessionError(session_id)
+            session = entry.session
+        admit(session)
+        with self._lock:
             entry.pending += 1
 
         def job() -> T:

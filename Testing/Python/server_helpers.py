@@ -37,8 +37,8 @@ class Servers:
         self.started: List[BackgroundServer] = []
 
     def start(self, network=None, port: int = 0, limits=None, **options) -> BackgroundServer:
-        server = BackgroundServer(create_app(network or CrossPatchThresholdNet(), device="cpu", **options), port=port,
-                                  limits=limits)
+        app = create_app(network or CrossPatchThresholdNet(), device="cpu", **options)
+        server = BackgroundServer(app, port=port, **({} if limits is None else {"limits": limits}))
         self.started.append(server.start())
         return server
 

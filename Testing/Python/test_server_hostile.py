@@ -16,7 +16,6 @@ from standins import CrossPatchThresholdNet
 from CTSAM3DLib.interface import SessionInputError
 from CTSAM3DLib.remote import RemoteSession, ServerError
 from CTSAM3DLib.server import wire
-from CTSAM3DLib.server.bounds import ConnectionLimits
 from CTSAM3DLib.session import InteractiveSession
 
 IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
@@ -314,6 +313,8 @@ def closed_by_server(connection, within_s=20.0):
 def test_slow_and_surplus_connections_are_closed(serve, abdomen):
     """20,000 connections trickling header bytes (no token needed) exhausted the file descriptors: headers
     and bodies have deadlines, and connections past the limit are closed at once."""
+    from CTSAM3DLib.server.bounds import ConnectionLimits
+
     limits = ConnectionLimits(max_connections=8, header_timeout_s=1.0, body_timeout_s=1.0)
     server = serve(limits=limits)
     trickling = [raw_socket(server.port, "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-a: ") for _ in range(12)]
