@@ -510,7 +510,12 @@ class _Server:
                            f"at most {self.max_image_bytes / 2**20:.1f} MiB (ctsam3d serve --max-image-mb)")
         compressed_limit = wire.compressed_limit(raw_bytes)
         _check_declared_length(request, compressed_limit)
-        reservation = self.budget.reserve(raw_bytes + upload_overhead_bytes(raw_bytes), "this upload")
+        needed = raw_bytes + upload_overhead_bytes(raw_bytes)
+        if needed > self.budget.limit_bytes:
+            raise ApiError(413, wire.KIND_TOO_LARGE, f"receiving the array takes {needed / 2**20:.1f} MiB, more than "
+                           f"this server's whole memory budget ({self.budget.limit_bytes / 2**20:.1f} MiB, ctsam3d "
+                           "serve --max-memory-mb)")
+        reservation = self.budget.reserve(needed, "this upload")
         try:
             array = await receive_array(request.stream(), dtype, shape, digest, compressed_limit)
         except BaseException as error:

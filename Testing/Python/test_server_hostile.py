@@ -166,6 +166,11 @@ def test_uploads_beyond_the_memory_budget_are_refused_before_their_body_is_read(
     connection = raw_socket(server.port, head, bomb)  # the budget is free again
     assert answer_of(connection)[0] == 400
     connection.close()
+    # An array that could never fit is too large, not a reason to come back later.
+    too_large = raw_socket(server.port, head.replace("64,1024,1024", "128,1024,1024"))
+    status, _, answer = answer_of(too_large)
+    too_large.close()
+    assert status == 413 and "more than this server's whole memory budget (100.0 MiB" in answer["error"], answer
 
 
 def test_sessions_share_the_uploaded_image_and_are_bounded_by_the_budget(serve, abdomen):
