@@ -384,13 +384,25 @@ class _Server:
         what = f"the work of this {kind}"
 
         def guarded(hosted: _Hosted) -> _Outcome:
+            clicks, discarded = hosted.session.clicks, False
             try:
                 with self.budget.reserve(self._work_bytes(hosted, kind), what):
                     return work(hosted.session)
             except SessionInputError as error:
                 raise ApiError(400, wire.KIND_INPUT, str(error)) from error
+            except (ApiError, OverBudgetError):
+                raise
+            except Exception:
+                if hosted.session.clicks != clicks:
+                    # The session failed half way through a change and cannot be trusted to undo it: it is
+                    # closed, and the client (404) opens a new one and replays its own prompts.
+                    log.warning("closed session %s: its %s failed half way", session_id[:8], kind)
+                    self.registry.discard(session_id)
+                    discarded = True
+                raise
             finally:
-                self._count_patches(hosted)
+                if not discarded:
+                    self._count_patches(hosted)
 
         # Refused at once when the work would not fit now; reserved for real when it runs.
         job = self.registry.run(session_id, owner, kind, guarded,

@@ -302,6 +302,13 @@ class SessionRegistry:
 
         return self.run(session_id, owner, "close", close)
 
+    def discard(self, session_id: str) -> None:
+        """Closes a session at once (from a job of its own, on the worker): its requests still queued find no
+        session."""
+        with self._lock:
+            self._drop(session_id)
+        self.metrics.sessions_closed.inc()
+
     def expire(self) -> int:
         """Closes every session idle for longer than the timeout with nothing queued, and hands the memory
         of sessions dropped since the last call back (``release``); returns how many sessions expired."""

@@ -384,3 +384,34 @@ def test_a_client_outlives_a_server_restart_of_several_seconds(serve, abdomen):
     here = InteractiveSession(CrossPatchThresholdNet(), abdomen, device="cpu", cross_patch=False)
     here.set_clicks([(inside(abdomen, 60, 50, 15), True), (inside(abdomen, 64, 52, 15), False)])
     np.testing.assert_array_equal(remote.mask_array(), here.mask_array())
+
+
+def test_a_session_that_fails_half_way_through_a_click_is_not_left_wedged(serve, abdomen, monkeypatch):
+    """Spacing 1e300 made a click fail after the network ran: the click stayed in the session's history and
+    every later request, undo included, failed. A session left changed by a failed request is closed; the
+    client opens a new one and replays its own prompts."""
+    server = serve()
+    remote = RemoteSession(server.url, abdomen, cross_patch=False)
+    first, second = inside(abdomen, 60, 50, 15), inside(abdomen, 30, 40, 10)
+    remote.add_click(first)
+    render = InteractiveSession._render_into_mask
+    failing = {"armed": True}
+
+    def render_once_failing(session, regions):
+        if failing.pop("armed", False):
+            raise RuntimeError("rendering failed")
+        return render(session, regions)
+
+    monkeypatch.setattr(InteractiveSession, "_render_into_mask", render_once_failing)
+    with pytest.raises(ServerError) as failed:
+        remote.add_click(second)
+    assert failed.value.status == 500
+    status, answer = request(server.url, "GET", f"{wire.API}/sessions/{remote.session_id}/mask")
+    assert status == 404, answer  # not a session holding a click its client was told failed
+    remote.add_click(second)
+    here = InteractiveSession(CrossPatchThresholdNet(), abdomen, device="cpu", cross_patch=False)
+    here.set_clicks([(first, True), (second, True)])
+    np.testing.assert_array_equal(remote.mask_array(), here.mask_array())
+    remote.undo()
+    here.undo()
+    np.testing.assert_array_equal(remote.mask_array(), here.mask_array())
