@@ -59,6 +59,7 @@ from . import bounds, browsers, wire
 from .bounds import ConnectionLimits
 from .budget import MemoryBudget, OverBudgetError, Reservation, default_budget_bytes
 from .connections import uvicorn_config
+from .disconnects import ClientGoneError, unless_client_leaves
 from .images import ImageCache, SessionImages
 from .metrics import CONTENT_TYPE, Gauge, Metrics, resident_memory_bytes
 from .registry import QueueFullError, SessionRegistry, SessionsFullError, UnknownSessionError
@@ -152,38 +153,6 @@ def _digest(value: Any, what: str) -> str:
     if not wire.is_digest(value):
         raise _bad(f"{what} must be a SHA-256 in lowercase hex")
     return value
-
-
-class ClientGoneError(Exception):
-    """The client hung up before its answer was ready (nobody reads the answer)."""
-
-
-async def _unless_client_leaves(request: Request, job: Future) -> Any:
-    """The result of a job on the worker; when the client hangs up first the job is cancelled (if it has not
-    started: a running one finishes) and ClientGoneError raised, so that work nobody waits for is dropped."""
-    outcome = asyncio.wrap_future(job)
-    gone = asyncio.ensure_future(_disconnection(request))
-    try:
-        await asyncio.wait({outcome, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-    if not outcome.done():
-        job.cancel()
-        outcome.add_done_callback(_ignore_outcome)
-        raise ClientGoneError()
-    return outcome.result()
-
-
-async def _disconnection(request: Request) -> None:
-    """Returns once the client has hung up (its body has been read already)."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-def _ignore_outcome(outcome: asyncio.Future) -> None:
-    """Retrieves an abandoned job's outcome, so that asyncio does not log it as never retrieved."""
-    if not outcome.cancelled():
-        outcome.exception()
 
 
 def _check_declared_length(request: Request, limit: int) -> None:
@@ -407,7 +376,7 @@ class _Server:
         # Refused at once when the work would not fit now; reserved for real when it runs.
         job = self.registry.run(session_id, owner, kind, guarded,
                                 admit=lambda hosted: self.budget.check(self._work_bytes(hosted, kind), what))
-        outcome = await _unless_client_leaves(request, job)
+        outcome = await unless_client_leaves(request, job)
         return JSONResponse(await run_in_threadpool(outcome.to_json))
 
     def _work_bytes(self, hosted: _Hosted, kind: str) -> int:
@@ -584,7 +553,7 @@ class _Server:
             release()
             raise
         try:
-            await _unless_client_leaves(request, future)
+            await unless_client_leaves(request, future)
         except ClientGoneError:
             # Opened after all (the client left while it ran): nobody will use it or close it.
             future.add_done_callback(lambda done: self._close_orphan(done, session_id, owner))
