@@ -6,6 +6,7 @@
 - ``registry``: the sessions, their expiry, and the one worker thread that runs the network for all of
   them, fairly.
 - ``metrics``: counters and histograms in Prometheus' text format.
+- ``parsing``: the requests' JSON and headers, checked.
 - ``bounds``: what one request may make the server do (geometry, patches, clicks, connections).
 - ``budget``: the memory budget (``--max-memory-mb``); ``images``: uploads and the images sessions share;
   ``upload``: arrays inflated while they stream in.

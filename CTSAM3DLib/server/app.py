@@ -62,6 +62,18 @@ from .connections import uvicorn_config
 from .disconnects import ClientGoneError, unless_client_leaves
 from .images import ImageCache, SessionImages
 from .metrics import CONTENT_TYPE, Gauge, Metrics, resident_memory_bytes
+from .parsing import (
+    ApiError,
+    Geometry,
+    bad_request,
+    check_declared_length,
+    parse_boolean,
+    parse_corners,
+    parse_digest,
+    parse_expected_clicks,
+    parse_numbers,
+    parse_options,
+)
 from .registry import QueueFullError, SessionRegistry, SessionsFullError, UnknownSessionError
 from .upload import receive_array, upload_overhead_bytes
 
@@ -83,140 +95,10 @@ PATCH_OPENING_JOBS = ("click", "box", "set_clicks")
 FALLBACK_BUDGET_BYTES = 8 << 30
 """The memory budget where the machine's memory cannot be read."""
 
-SESSION_OPTIONS = ("cross_patch", "max_patches", "box_lps", "cross_patch_box_lps")
-"""``InteractiveSession`` options a client may choose; device, precision and sampling are the server's."""
-
-
-class ApiError(Exception):
-    """A refused request: answered with ``status`` and {"error": message, "kind": kind, **extra}."""
-
-    def __init__(self, status: int, kind: str, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.extra = status, kind, extra
-
-
 def _error_response(status: int, kind: str, message: str, headers: Optional[Dict[str, str]] = None,
                     **extra: Any) -> JSONResponse:
     return JSONResponse({"error": " ".join(str(message).split()), "kind": kind, **extra}, status_code=status,
                         headers=headers)
-
-
-# ----------------------------------------------------------------------------------- request parsing
-def _bad(message: str) -> ApiError:
-    return ApiError(400, wire.KIND_BAD_REQUEST, message)
-
-
-def _number(value: Any, what: str) -> float:
-    """A JSON number (NaN and infinities pass: the session refuses them as input, as it would locally)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad(f"{what} must be a number, got {type(value).__name__}")
-    return float(value)
-
-
-def _numbers(value: Any, count: int, what: str) -> List[float]:
-    if not isinstance(value, list) or len(value) != count:
-        raise _bad(f"{what} must be a list of {count} numbers")
-    return [_number(item, what) for item in value]
-
-
-def _finite_numbers(value: Any, count: int, what: str) -> List[float]:
-    numbers = _numbers(value, count, what)
-    if not all(math.isfinite(v) for v in numbers):
-        raise _bad(f"{what} must be finite numbers")
-    return numbers
-
-
-def _boolean(value: Any, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise _bad(f"{what} must be true or false")
-    return value
-
-
-def _whole(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(f"{what} must be a whole number")
-    return value
-
-
-def _corners(value: Any, what: str) -> Tuple[List[float], List[float]]:
-    if not isinstance(value, list) or len(value) != 2:
-        raise _bad(f"{what} must be two corners [[x, y, z], [x, y, z]]")
-    return _numbers(value[0], 3, what), _numbers(value[1], 3, what)
-
-
-def _expected_clicks(body: Mapping[str, Any]) -> Optional[int]:
-    value = body.get("expected_clicks")
-    return None if value is None else _whole(value, "expected_clicks")
-
-
-def _digest(value: Any, what: str) -> str:
-    if not wire.is_digest(value):
-        raise _bad(f"{what} must be a SHA-256 in lowercase hex")
-    return value
-
-
-def _check_declared_length(request: Request, limit: int) -> None:
-    """413 when the request's Content-Length passes ``limit``, before anything is read."""
-    declared = request.headers.get("content-length")
-    if declared is not None:
-        if not wire.is_whole_number(declared.strip()):
-            raise _bad("Content-Length is not a whole number")
-        if int(declared) > limit:
-            raise ApiError(413, wire.KIND_TOO_LARGE, f"the body is {int(declared)} bytes; this request takes "
-                           f"at most {limit}")
-
-
-@dataclass(frozen=True)
-class _Geometry:
-    origin: List[float]
-    spacing: List[float]
-    direction: List[float]
-
-    @classmethod
-    def parse(cls, body: Mapping[str, Any], what: str) -> _Geometry:
-        geometry = cls(_finite_numbers(body.get("origin"), 3, f"{what} origin"),
-                       _finite_numbers(body.get("spacing"), 3, f"{what} spacing"),
-                       _finite_numbers(body.get("direction"), 9, f"{what} direction"))
-        problem = bounds.geometry_problem(geometry.origin, geometry.spacing, geometry.direction)
-        if problem:
-            raise _bad(f"{what} {problem}")
-        return geometry
-
-    def key(self) -> Tuple[float, ...]:
-        return (*self.origin, *self.spacing, *self.direction)
-
-    @classmethod
-    def of(cls, image: sitk.Image) -> _Geometry:
-        return cls(list(image.GetOrigin()), list(image.GetSpacing()), list(image.GetDirection()))
-
-    def image(self, array: np.ndarray) -> sitk.Image:
-        image = sitk.GetImageFromArray(array)
-        image.SetOrigin(self.origin)
-        image.SetSpacing(self.spacing)
-        image.SetDirection(self.direction)
-        return image
-
-
-def _options(value: Any, max_patches: int) -> Dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise _bad("options must be an object")
-    unknown = sorted(set(value) - set(SESSION_OPTIONS))
-    if unknown:
-        raise _bad(f"unknown option(s) {', '.join(unknown)}; a client may set {', '.join(SESSION_OPTIONS)}")
-    options: Dict[str, Any] = {}
-    if value.get("cross_patch") is not None:
-        options["cross_patch"] = _boolean(value["cross_patch"], "cross_patch")
-    if value.get("max_patches") is not None:
-        options["max_patches"] = _whole(value["max_patches"], "max_patches")
-        if options["max_patches"] > max_patches:
-            raise ApiError(400, wire.KIND_INPUT, f"max_patches is at most {max_patches} on this server (ctsam3d "
-                           f"serve --max-patches), got {options['max_patches']}")
-    for name in ("box_lps", "cross_patch_box_lps"):
-        if value.get(name) is not None:
-            options[name] = _corners(value[name], name)
-    return options
 
 
 @dataclass
@@ -318,7 +200,7 @@ class _Server:
     async def read_body(self, request: Request, limit: int) -> bytes:
         """The request body, refused with 413 past ``limit`` bytes: by its Content-Length before anything is
         read, and while it streams in (a chunked body states no length)."""
-        _check_declared_length(request, limit)
+        check_declared_length(request, limit)
         chunks = []
         size = 0
         try:
@@ -328,22 +210,22 @@ class _Server:
                     raise ApiError(413, wire.KIND_TOO_LARGE, f"the body exceeds the {limit} bytes this request takes")
                 chunks.append(chunk)
         except ClientDisconnect as error:
-            raise _bad("the client went away before its body arrived") from error
+            raise bad_request("the client went away before its body arrived") from error
         return b"".join(chunks)
 
     async def read_json(self, request: Request) -> Dict[str, Any]:
-        _check_declared_length(request, MAX_JSON_BYTES)
+        check_declared_length(request, MAX_JSON_BYTES)
         if self.tokens is None and not browsers.is_json(request.headers.get("content-type", "")):
             raise ApiError(415, wire.KIND_BAD_REQUEST, "send the request's JSON with Content-Type: application/json")
         body = await self.read_body(request, MAX_JSON_BYTES)
         try:
             value = json.loads(body) if body else {}
         except ValueError as error:
-            raise _bad(f"the body is not valid JSON ({error})") from error
+            raise bad_request(f"the body is not valid JSON ({error})") from error
         except RecursionError as error:
-            raise _bad("the body's JSON is nested too deeply") from error
+            raise bad_request("the body's JSON is nested too deeply") from error
         if not isinstance(value, dict):
-            raise _bad("the body must be a JSON object")
+            raise bad_request("the body must be a JSON object")
         return value
 
     async def answer(self, request: Request, session_id: str, owner: Optional[int], kind: str,
@@ -406,27 +288,27 @@ class _Server:
                            f"with PUT {wire.API}/images/{digest}", image=digest)
         return array
 
-    def initial_mask(self, body: Mapping[str, Any]) -> Optional[Tuple[np.ndarray, Optional[_Geometry]]]:
+    def initial_mask(self, body: Mapping[str, Any]) -> Optional[Tuple[np.ndarray, Optional[Geometry]]]:
         """The uploaded initial mask a request names, with its geometry when it states one."""
         if body.get("initial_mask") is None:
             return None
-        array = self.array_of(_digest(body["initial_mask"], "initial_mask"), "initial mask")
+        array = self.array_of(parse_digest(body["initial_mask"], "initial_mask"), "initial mask")
         if array.dtype != np.uint8:
-            raise _bad(f"an initial mask must be uploaded as uint8, not {array.dtype.name}")
+            raise bad_request(f"an initial mask must be uploaded as uint8, not {array.dtype.name}")
         geometry = body.get("initial_mask_geometry")
         if geometry is None:
             return array, None
         if not isinstance(geometry, dict):
-            raise _bad("initial_mask_geometry must be an object")
-        return array, _Geometry.parse(geometry, "initial_mask_geometry")
+            raise bad_request("initial_mask_geometry must be an object")
+        return array, Geometry.parse(geometry, "initial_mask_geometry")
 
     @staticmethod
-    def mask_image(mask: Optional[Tuple[np.ndarray, Optional[_Geometry]]], image: sitk.Image) -> Optional[sitk.Image]:
+    def mask_image(mask: Optional[Tuple[np.ndarray, Optional[Geometry]]], image: sitk.Image) -> Optional[sitk.Image]:
         """The initial mask as an image, on its stated grid or else the image's (the session checks it)."""
         if mask is None:
             return None
         array, geometry = mask
-        return (geometry or _Geometry.of(image)).image(array)
+        return (geometry or Geometry.of(image)).image(array)
 
     def _release_memory(self) -> None:
         """Hands the memory of dropped sessions back: the GPU's to the device, and the heap's to the system
@@ -482,7 +364,7 @@ class _Server:
 
     async def put_image(self, digest: str, request: Request) -> Response:
         await self.authorize(request)
-        _digest(digest, "the image's name")
+        parse_digest(digest, "the image's name")
         dtype = wire.parse_dtype(request.headers.get(wire.DTYPE_HEADER, ""))
         shape = wire.parse_shape(request.headers.get(wire.SHAPE_HEADER, ""))
         raw_bytes = math.prod(shape) * dtype.itemsize
@@ -490,7 +372,7 @@ class _Server:
             raise ApiError(413, wire.KIND_TOO_LARGE, f"the array is {raw_bytes / 2**20:.1f} MiB; this server takes "
                            f"at most {self.max_image_bytes / 2**20:.1f} MiB (ctsam3d serve --max-image-mb)")
         compressed_limit = wire.compressed_limit(raw_bytes)
-        _check_declared_length(request, compressed_limit)
+        check_declared_length(request, compressed_limit)
         needed = raw_bytes + upload_overhead_bytes(raw_bytes)
         if needed > self.budget.limit_bytes:
             raise ApiError(413, wire.KIND_TOO_LARGE, f"receiving the array takes {needed / 2**20:.1f} MiB, more than "
@@ -502,7 +384,7 @@ class _Server:
         except BaseException as error:
             reservation.release()
             if isinstance(error, ClientDisconnect):
-                raise _bad("the client went away before its body arrived") from error
+                raise bad_request("the client went away before its body arrived") from error
             raise
         reservation.resize(raw_bytes)
         self.images.put(digest, array, reservation)
@@ -511,10 +393,10 @@ class _Server:
     async def open_session(self, request: Request) -> JSONResponse:
         owner = await self.authorize(request)
         body = await self.read_json(request)
-        digest = _digest(body.get("image"), "image")
+        digest = parse_digest(body.get("image"), "image")
         array = self.array_of(digest, "image")
-        geometry = _Geometry.parse(body, "the image's")
-        options = _options(body.get("options"), self.max_patches)
+        geometry = Geometry.parse(body, "the image's")
+        options = parse_options(body.get("options"), self.max_patches)
         covered = bounds.patch_source_voxels(array.shape[::-1], geometry.spacing, geometry.direction)
         if covered > self.max_patch_source_voxels:
             raise ApiError(400, wire.KIND_INPUT, f"at this spacing and direction one 96 mm patch covers {covered} "
@@ -564,9 +446,9 @@ class _Server:
     async def click(self, session_id: str, request: Request) -> Response:
         owner = await self.authorize(request)
         body = await self.read_json(request)
-        point = _numbers(body.get("point_lps"), 3, "point_lps")
-        positive = _boolean(body.get("positive", True), "positive")
-        expected = _expected_clicks(body)
+        point = parse_numbers(body.get("point_lps"), 3, "point_lps")
+        positive = parse_boolean(body.get("positive", True), "positive")
+        expected = parse_expected_clicks(body)
 
         def work(session: InteractiveSession) -> _Outcome:
             _check_count(session, expected)
@@ -578,8 +460,8 @@ class _Server:
     async def box(self, session_id: str, request: Request) -> Response:
         owner = await self.authorize(request)
         body = await self.read_json(request)
-        corners = _corners(body.get("corners_lps"), "corners_lps")
-        expected = _expected_clicks(body)
+        corners = parse_corners(body.get("corners_lps"), "corners_lps")
+        expected = parse_expected_clicks(body)
 
         def work(session: InteractiveSession) -> _Outcome:
             _check_count(session, expected)
@@ -592,7 +474,7 @@ class _Server:
 
     async def undo(self, session_id: str, request: Request) -> Response:
         owner = await self.authorize(request)
-        expected = _expected_clicks(await self.read_json(request))
+        expected = parse_expected_clicks(await self.read_json(request))
 
         def work(session: InteractiveSession) -> _Outcome:
             _check_count(session, expected)
@@ -607,8 +489,8 @@ class _Server:
         owner = await self.authorize(request)
         listed = (await self.read_json(request)).get("clicks")
         if not isinstance(listed, list) or not all(isinstance(item, list) and len(item) == 2 for item in listed):
-            raise _bad("clicks must be a list of [[x, y, z], positive] pairs")
-        clicks = [(_numbers(point, 3, "a click's point"), _boolean(positive, "a click's sign"))
+            raise bad_request("clicks must be a list of [[x, y, z], positive] pairs")
+        clicks = [(parse_numbers(point, 3, "a click's point"), parse_boolean(positive, "a click's sign"))
                   for point, positive in listed]
 
         def work(session: InteractiveSession) -> _Outcome:
