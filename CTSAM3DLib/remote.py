@@ -13,8 +13,9 @@ The client keeps its own copy of the whole mask and of its prompts, and treats t
 - when the server no longer knows the session (restarted, expired, or a load balancer moved the
   client to another replica) a new session is opened and the prompts replayed, without the caller
   noticing;
-- a failed connection is retried a few times with a short backoff, then raises ConnectionError naming
-  the server. Cookies are kept, so a load balancer's affinity cookie holds the client to one replica.
+- a failed connection is retried with a growing backoff for about 16 s (longer than a server's restart),
+  then raises ConnectionError naming the server. Cookies are kept, so a load balancer's affinity cookie
+  holds the client to one replica.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import urllib.error
 import urllib.request
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, TypeVar, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -43,7 +44,11 @@ SESSION_OPTIONS = ("cross_patch", "max_patches", "box_lps", "cross_patch_box_lps
 """The ``InteractiveSession`` options a remote session takes; device, precision and sampling are the server's."""
 
 BACKOFF_S = 0.25
-"""First wait before retrying a failed connection; doubled on each further try."""
+"""First wait before retrying a failed connection; doubled on each further try, up to ``MAX_BACKOFF_S``."""
+
+MAX_BACKOFF_S = 2.0
+"""Longest wait between two tries: with the default 10 retries a client keeps trying for 15.75 s, longer
+than a server takes to restart (5 to 8 s to load the network)."""
 
 RECOVERIES = 4
 """Most times one call re-opens a lost session or resynchronises a diverged one before giving up."""
@@ -92,7 +97,7 @@ class _Client:
         problem: object = None
         for attempt in range(attempts):
             if attempt:
-                time.sleep(BACKOFF_S * 2 ** (attempt - 1))
+                time.sleep(min(BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S))
             request = urllib.request.Request(self.url + path, data=body, method=method,
                                              headers={**self.headers, **(headers or {})})
             try:
@@ -226,7 +231,7 @@ class RemoteSession:
     """
 
     def __init__(self, url: str, image: sitk.Image, token: Optional[str] = None, *, timeout: float = 300.0,
-                 retries: int = 4, **session_options: Any) -> None:
+                 retries: int = 10, **session_options: Any) -> None:
         unknown = sorted(set(session_options) - set(SESSION_OPTIONS))
         if unknown:
             raise TypeError(f"RemoteSession takes no option {', '.join(unknown)} (it takes "
@@ -311,12 +316,14 @@ class RemoteSession:
         wanted = [Click(checked_point(point), bool(positive)) for point, positive in clicks]
         if progress is not None:
             progress(0, 1)
-        answer = self._on_session("PUT", "clicks", {"clicks": [[list(c.point_lps), c.positive] for c in wanted]})
+        payload = {"clicks": [[list(c.point_lps), c.positive] for c in wanted]}
+        updates = [self._apply(answer) for answer in self._in_steps(lambda: self._on_session("PUT", "clicks", payload),
+                                                                    len(wanted))]
         common = 0
         while common < min(len(wanted), len(self._prompts)) and self._prompts[common].click == wanted[common]:
             common += 1
         self._prompts = self._prompts[:common] + [_Prompt(click) for click in wanted[common:]]
-        return self._finish(self._apply(answer), progress)
+        return self._finish(self._enclosing(updates), progress)
 
     def reset(self, initial_mask: Optional[sitk.Image] = None) -> None:
         """Forgets every prompt; starts again from ``initial_mask`` (on the image's grid; nonzero is inside),
@@ -439,11 +446,35 @@ class RemoteSession:
                     self._client.call("POST", f"{session}/box", {
                         "corners_lps": [list(c) for c in prompt.corners], "expected_clicks": count})
         else:
-            self._client.call("PUT", f"{session}/clicks", {
-                "clicks": [[list(prompt.click.point_lps), prompt.click.positive] for prompt in self._prompts]})
+            payload = {"clicks": [[list(prompt.click.point_lps), prompt.click.positive] for prompt in self._prompts]}
+            for _ in self._in_steps(lambda: self._client.call("PUT", f"{session}/clicks", payload), len(self._prompts)):
+                pass
         answer = self._client.call("GET", f"{session}/mask")
         self._mask = wire.decode_update(answer["update"], self._mask.shape).mask
         self._patch_count = int(answer.get("patches_open", 0))
+
+    def _in_steps(self, put_clicks: Callable[[], Dict[str, Any]], count: int) -> Iterator[Dict[str, Any]]:
+        """The answers of ``PUT .../clicks`` sent until the session holds all ``count`` clicks: a server adds
+        a bounded number per request (each waits its turn behind other users) and says how far it got."""
+        reached = -1
+        while True:
+            answer = put_clicks()
+            yield answer
+            previous, reached = reached, int(answer.get("clicks", count))
+            if reached >= count:
+                return
+            if reached <= previous:
+                raise ServerError(f"the CT-SAM3D server at {self.url} stopped at {reached} of the {count} clicks sent")
+
+    def _enclosing(self, updates: Sequence[MaskUpdate]) -> MaskUpdate:
+        """One update covering several, read from this client's mask (which holds them all)."""
+        boxes = [(np.array(u.start), np.array(u.start) + u.size) for u in updates if not u.empty]
+        if not boxes:
+            return MaskUpdate.nothing()
+        low = np.min([box[0] for box in boxes], axis=0)
+        high = np.max([box[1] for box in boxes], axis=0)
+        slices = tuple(slice(a, b) for a, b in zip(low[::-1], high[::-1]))
+        return MaskUpdate(tuple(int(v) for v in low), self._mask[slices].copy())
 
     def _upload(self, upload: _Upload) -> None:
         """Sends an array unless the server has it already."""

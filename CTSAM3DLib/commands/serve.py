@@ -13,8 +13,12 @@ from pathlib import Path
 
 from ..cli import CommandError, HelpFormatter
 from ..inference import PRECISIONS
+from ..server.bounds import DEFAULT_MAX_PATCHES, ConnectionLimits
 
 LOOPBACK_NAMES = ("localhost",)
+
+MIN_TOKEN_CHARACTERS = 22
+"""Shortest token for a server beyond loopback: 128 bits as URL-safe base64 (secrets.token_urlsafe(16))."""
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +49,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--image-cache-mb", type=float, default=2048.0,
                         help="uploaded images kept for later sessions (MiB)")
     parser.add_argument("--idle-timeout", type=float, default=1800.0, metavar="SECONDS",
-                        help="close a session after this long without a request")
+                        help="close a session after this long without a successful request")
+    parser.add_argument("--max-memory-mb", type=float, help="memory that uploads, cached images, sessions and "
+                        "the running job may hold together (MiB; default: half of this machine's memory); "
+                        "beyond it requests are refused with 503 and Retry-After")
+    parser.add_argument("--max-patches", type=int, default=DEFAULT_MAX_PATCHES,
+                        help="most patches a client may let one click open (its max_patches option)")
+    parser.add_argument("--max-sessions-per-token", type=int, help="most sessions one token may hold (default: "
+                        "a quarter of --max-sessions when the token file has several tokens)")
+    parser.add_argument("--max-connections", type=int, default=ConnectionLimits.max_connections,
+                        help="most open connections; a request's headers must arrive within "
+                        f"{ConnectionLimits.header_timeout_s:g} s and its body within "
+                        f"{ConnectionLimits.body_timeout_s:g} s")
+    parser.add_argument("--shutdown-timeout", type=float, default=ConnectionLimits.shutdown_timeout_s,
+                        metavar="SECONDS", help="on SIGTERM or Ctrl-C, how long requests in flight may finish")
     parser.set_defaults(func=run)
 
 
@@ -72,8 +89,9 @@ def check_server_extra() -> None:
 def run(args: argparse.Namespace) -> int:
     # Everything the user can get wrong is checked before the ~300 MB of weights load.
     check_server_extra()
-    for name in ("max_sessions", "max_image_mb", "image_cache_mb", "idle_timeout"):
-        if getattr(args, name) <= 0:
+    for name in ("max_sessions", "max_image_mb", "image_cache_mb", "idle_timeout", "max_memory_mb", "max_patches",
+                 "max_sessions_per_token", "max_connections", "shutdown_timeout"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise CommandError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not 0 <= args.port <= 65535:
         raise CommandError(f"--port must be 0 to 65535, got {args.port}")
@@ -82,6 +100,11 @@ def run(args: argparse.Namespace) -> int:
         from ..server.wire import read_tokens
 
         tokens = read_tokens(args.token_file)
+        short = [token for token in tokens if len(token) < MIN_TOKEN_CHARACTERS]
+        if short and not is_loopback(args.host):
+            raise CommandError(f"{args.token_file} holds {len(short)} token(s) shorter than {MIN_TOKEN_CHARACTERS} "
+                               "characters (128 bits), too easy to guess for a server other machines reach: make "
+                               "them with python -c \"import secrets; print(secrets.token_urlsafe(32))\"")
         if os.name == "posix" and args.token_file.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
             warnings.warn(f"{args.token_file} is readable by other users of this machine: chmod 600 it", stacklevel=1)
     elif not is_loopback(args.host):
@@ -95,21 +118,31 @@ def run(args: argparse.Namespace) -> int:
     from .. import load_checkpoint
     from ..files import sha256_of
     from ..server.app import create_app
+    from ..server.connections import uvicorn_config
+    from ..server.logs import RateLimit, limit_log_rate
 
     started = time.perf_counter()
     network = load_checkpoint(args.weights, device=args.device)
     model_info = {"weights": args.weights.name, "sha256": sha256_of(args.weights)}
     print(f"loaded {args.weights} in {time.perf_counter() - started:.2f} s")
     app = create_app(network, device=args.device, precision=args.precision, tokens=tokens,
-                     max_sessions=args.max_sessions, max_image_bytes=int(args.max_image_mb * 2**20),
-                     image_cache_bytes=int(args.image_cache_mb * 2**20), idle_timeout_s=args.idle_timeout,
+                     max_sessions=args.max_sessions, max_sessions_per_token=args.max_sessions_per_token,
+                     max_image_bytes=int(args.max_image_mb * 2**20), image_cache_bytes=int(args.image_cache_mb * 2**20),
+                     idle_timeout_s=args.idle_timeout, max_patches=args.max_patches,
+                     max_memory_bytes=None if args.max_memory_mb is None else int(args.max_memory_mb * 2**20),
                      model_info=model_info)
     server = app.state.server
     access = "bearer token required" if tokens is not None else "no token (loopback only)"
+    print(f"memory budget: {server.budget.limit_bytes / 2**20:.0f} MiB (--max-memory-mb); at most "
+          f"{server.registry.max_sessions} sessions, {server.registry.max_sessions_per_owner} per token; "
+          f"max_patches at most {server.max_patches}")
     print(f"serving on http://{args.host}:{args.port} (device: {server.device}, precision: {server.precision}; "
           f"{access}); Ctrl-C stops", flush=True)
+    limits = ConnectionLimits(max_connections=args.max_connections, shutdown_timeout_s=args.shutdown_timeout)
+    config = uvicorn_config(app, args.host, args.port, limits, log_level="info")
+    limit_log_rate(RateLimit())  # after uvicorn's Config, which sets up its loggers
     # uvicorn shuts down gracefully on Ctrl-C, then raises it again for whoever else listens: nobody here.
     with contextlib.suppress(KeyboardInterrupt):
-        uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info", lifespan="on")).run()
+        uvicorn.Server(config).run()
     print("stopped")
     return 0

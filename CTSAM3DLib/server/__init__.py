@@ -6,6 +6,13 @@
 - ``registry``: the sessions, their expiry, and the one worker thread that runs the network for all of
   them, fairly.
 - ``metrics``: counters and histograms in Prometheus' text format.
+- ``parsing``: the requests' JSON and headers, checked.
+- ``bounds``: what one request may make the server do (geometry, patches, clicks, connections).
+- ``budget``: the memory budget (``--max-memory-mb``); ``images``: uploads and the images sessions share;
+  ``upload``: arrays inflated while they stream in.
+- ``connections``: uvicorn with header and body deadlines and a connection limit; ``logs``: rate-limited
+  logging; ``browsers``: a tokenless server's checks against web pages; ``disconnects``: dropping the
+  work of clients that hung up.
 
 Nothing here is imported by ``CTSAM3DLib`` itself: FastAPI and uvicorn are an optional extra
 (``pip install "ctsam3d[server]"``).

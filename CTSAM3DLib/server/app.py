@@ -35,6 +35,7 @@ import sys
 import threading
 import time
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -49,14 +50,33 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from .. import __version__
+from ..constants import MAX_OPEN_PATCHES
 from ..device import resolve_device
 from ..inference import prepare_network, resolve_precision
-from ..interface import MaskUpdate, SessionInputError
+from ..interface import Click, MaskUpdate, SessionInputError, checked_point
 from ..session import InteractiveSession
 from ..torch_warnings import hide_torch_internal_warnings
-from . import wire
+from . import bounds, browsers, wire
+from .bounds import ConnectionLimits
+from .budget import MemoryBudget, OverBudgetError, Reservation, default_budget_bytes
+from .connections import uvicorn_config
+from .disconnects import ClientGoneError, unless_client_leaves
+from .images import ImageCache, SessionImages
 from .metrics import CONTENT_TYPE, Gauge, Metrics, resident_memory_bytes
-from .registry import ImageCache, QueueFullError, SessionRegistry, SessionsFullError, UnknownSessionError
+from .parsing import (
+    ApiError,
+    Geometry,
+    bad_request,
+    check_declared_length,
+    parse_boolean,
+    parse_corners,
+    parse_digest,
+    parse_expected_clicks,
+    parse_numbers,
+    parse_options,
+)
+from .registry import QueueFullError, SessionRegistry, SessionsFullError, UnknownSessionError
+from .upload import receive_array, upload_overhead_bytes
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +87,14 @@ MAX_SESSION_CLICKS = 256
 """Most clicks one session may hold: bounds the work of one request (set_clicks), which holds the
 worker that every user shares."""
 
-SESSION_OPTIONS = ("cross_patch", "max_patches", "box_lps", "cross_patch_box_lps")
-"""``InteractiveSession`` options a client may choose; device, precision and sampling are the server's."""
+RENDERING_JOBS = ("click", "box", "set_clicks", "undo")
+"""Jobs that render patches into the mask: each reserves the memory that takes while it runs."""
 
+PATCH_OPENING_JOBS = ("click", "box", "set_clicks")
+"""Jobs that may open patches: they reserve room for as many as one click may open, too."""
 
-class ApiError(Exception):
-    """A refused request: answered with ``status`` and {"error": message, "kind": kind, **extra}."""
-
-    def __init__(self, status: int, kind: str, message: str, **extra: Any) -> None:
-        super().__init__(message)
-        self.status, self.kind, self.extra = status, kind, extra
-
+FALLBACK_BUDGET_BYTES = 8 << 30
+"""The memory budget where the machine's memory cannot be read."""
 
 def _error_response(status: int, kind: str, message: str, headers: Optional[Dict[str, str]] = None,
                     **extra: Any) -> JSONResponse:
@@ -85,106 +102,17 @@ def _error_response(status: int, kind: str, message: str, headers: Optional[Dict
                         headers=headers)
 
 
-# ----------------------------------------------------------------------------------- request parsing
-def _bad(message: str) -> ApiError:
-    return ApiError(400, wire.KIND_BAD_REQUEST, message)
+@dataclass
+class _Hosted:
+    """A session as the registry keeps it: with its memory reservation (``state``: ``state_bytes`` plus its
+    open patches) and what bounds one job's work on it: the source voxels one patch covers, and the patches
+    one click may open."""
 
-
-def _number(value: Any, what: str) -> float:
-    """A JSON number (NaN and infinities pass: the session refuses them as input, as it would locally)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _bad(f"{what} must be a number, got {type(value).__name__}")
-    return float(value)
-
-
-def _numbers(value: Any, count: int, what: str) -> List[float]:
-    if not isinstance(value, list) or len(value) != count:
-        raise _bad(f"{what} must be a list of {count} numbers")
-    return [_number(item, what) for item in value]
-
-
-def _finite_numbers(value: Any, count: int, what: str) -> List[float]:
-    numbers = _numbers(value, count, what)
-    if not all(math.isfinite(v) for v in numbers):
-        raise _bad(f"{what} must be finite numbers")
-    return numbers
-
-
-def _boolean(value: Any, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise _bad(f"{what} must be true or false")
-    return value
-
-
-def _whole(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(f"{what} must be a whole number")
-    return value
-
-
-def _corners(value: Any, what: str) -> Tuple[List[float], List[float]]:
-    if not isinstance(value, list) or len(value) != 2:
-        raise _bad(f"{what} must be two corners [[x, y, z], [x, y, z]]")
-    return _numbers(value[0], 3, what), _numbers(value[1], 3, what)
-
-
-def _expected_clicks(body: Mapping[str, Any]) -> Optional[int]:
-    value = body.get("expected_clicks")
-    return None if value is None else _whole(value, "expected_clicks")
-
-
-def _digest(value: Any, what: str) -> str:
-    if not wire.is_digest(value):
-        raise _bad(f"{what} must be a SHA-256 in lowercase hex")
-    return value
-
-
-@dataclass(frozen=True)
-class _Geometry:
-    origin: List[float]
-    spacing: List[float]
-    direction: List[float]
-
-    @classmethod
-    def parse(cls, body: Mapping[str, Any], what: str) -> _Geometry:
-        geometry = cls(_finite_numbers(body.get("origin"), 3, f"{what} origin"),
-                       _finite_numbers(body.get("spacing"), 3, f"{what} spacing"),
-                       _finite_numbers(body.get("direction"), 9, f"{what} direction"))
-        if min(geometry.spacing) <= 0:
-            raise _bad(f"{what} spacing must be positive")
-        if abs(np.linalg.det(np.reshape(geometry.direction, (3, 3)))) < 1e-6:
-            raise _bad(f"{what} direction is not an invertible 3x3 matrix")
-        return geometry
-
-    @classmethod
-    def of(cls, image: sitk.Image) -> _Geometry:
-        return cls(list(image.GetOrigin()), list(image.GetSpacing()), list(image.GetDirection()))
-
-    def image(self, array: np.ndarray) -> sitk.Image:
-        image = sitk.GetImageFromArray(array)
-        image.SetOrigin(self.origin)
-        image.SetSpacing(self.spacing)
-        image.SetDirection(self.direction)
-        return image
-
-
-def _options(value: Any) -> Dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise _bad("options must be an object")
-    unknown = sorted(set(value) - set(SESSION_OPTIONS))
-    if unknown:
-        raise _bad(f"unknown option(s) {', '.join(unknown)}; a client may set {', '.join(SESSION_OPTIONS)}")
-    options: Dict[str, Any] = {}
-    if value.get("cross_patch") is not None:
-        options["cross_patch"] = _boolean(value["cross_patch"], "cross_patch")
-    if value.get("max_patches") is not None:
-        options["max_patches"] = _whole(value["max_patches"], "max_patches")
-    for name in ("box_lps", "cross_patch_box_lps"):
-        if value.get(name) is not None:
-            options[name] = _corners(value[name], name)
-    return options
+    session: InteractiveSession
+    state: Reservation
+    state_bytes: int
+    patch_voxels: int
+    new_patches: int
 
 
 @dataclass
@@ -223,21 +151,29 @@ class _Server:
     """The application's state and its route handlers (``create_app`` wires them into FastAPI)."""
 
     def __init__(self, network: Any, *, device: Any, precision: str, tokens: Optional[Sequence[str]],
-                 max_sessions: int, max_image_bytes: int, image_cache_bytes: int, idle_timeout_s: float,
-                 sweep_interval_s: Optional[float], max_queued_per_session: int,
-                 model_info: Optional[Mapping[str, Any]]) -> None:
+                 max_sessions: int, max_sessions_per_token: int, max_image_bytes: int, image_cache_bytes: int,
+                 idle_timeout_s: float,
+                 sweep_interval_s: Optional[float], max_queued_per_session: int, max_patches: int,
+                 max_patch_source_voxels: int, max_memory_bytes: int, model_info: Optional[Mapping[str, Any]]) -> None:
         self.device = resolve_device(device)
         self.precision = resolve_precision(network, self.device, precision)
         self.network = network
         # Prepared (and warmed up) now rather than at the first user's click; every session then gets this
         # prepared network back from prepare_network, which keeps it.
         prepare_network(network, self.device, self.precision)
+        self.patch_bytes = bounds.PATCH_BYTES_ESTIMATE
+        self._patch_measured = False
         self.tokens = None if tokens is None else [token.encode("utf-8") for token in tokens]
         self.max_image_bytes = max_image_bytes
+        self.max_patches = max_patches
+        self.max_patch_source_voxels = max_patch_source_voxels
         self.model_info = dict(model_info or {})
         self.metrics = Metrics()
         self.images = ImageCache(image_cache_bytes)
+        self.budget = MemoryBudget(max_memory_bytes, reclaim=self.images.reclaim)
+        self.session_images = SessionImages(self.budget)
         self.registry = SessionRegistry(self.metrics, max_sessions=max_sessions, idle_timeout_s=idle_timeout_s,
+                                        max_sessions_per_owner=max_sessions_per_token,
                                         max_pending_per_session=max_queued_per_session,
                                         sweep_interval_s=sweep_interval_s, release=self._release_memory)
 
@@ -246,6 +182,9 @@ class _Server:
         """The index of the request's token (None on a server without tokens); 401 without a valid one.
         Every token is compared, in constant time, so the answer's timing tells nothing about them."""
         if self.tokens is None:
+            problem = browsers.browser_problem(request.headers)
+            if problem:
+                raise ApiError(403, wire.KIND_FORBIDDEN, problem)
             return None
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
@@ -262,13 +201,7 @@ class _Server:
     async def read_body(self, request: Request, limit: int) -> bytes:
         """The request body, refused with 413 past ``limit`` bytes: by its Content-Length before anything is
         read, and while it streams in (a chunked body states no length)."""
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not wire.is_whole_number(declared.strip()):
-                raise _bad("Content-Length is not a whole number")
-            if int(declared) > limit:
-                raise ApiError(413, wire.KIND_TOO_LARGE, f"the body is {int(declared)} bytes; this request takes "
-                               f"at most {limit}")
+        check_declared_length(request, limit)
         chunks = []
         size = 0
         try:
@@ -278,31 +211,76 @@ class _Server:
                     raise ApiError(413, wire.KIND_TOO_LARGE, f"the body exceeds the {limit} bytes this request takes")
                 chunks.append(chunk)
         except ClientDisconnect as error:
-            raise _bad("the client went away before its body arrived") from error
+            raise bad_request("the client went away before its body arrived") from error
         return b"".join(chunks)
 
     async def read_json(self, request: Request) -> Dict[str, Any]:
+        check_declared_length(request, MAX_JSON_BYTES)
+        if self.tokens is None and not browsers.is_json(request.headers.get("content-type", "")):
+            raise ApiError(415, wire.KIND_BAD_REQUEST, "send the request's JSON with Content-Type: application/json")
         body = await self.read_body(request, MAX_JSON_BYTES)
         try:
             value = json.loads(body) if body else {}
         except ValueError as error:
-            raise _bad(f"the body is not valid JSON ({error})") from error
+            raise bad_request(f"the body is not valid JSON ({error})") from error
+        except RecursionError as error:
+            raise bad_request("the body's JSON is nested too deeply") from error
         if not isinstance(value, dict):
-            raise _bad("the body must be a JSON object")
+            raise bad_request("the body must be a JSON object")
         return value
 
-    async def answer(self, session_id: str, owner: Optional[int], kind: str,
+    async def answer(self, request: Request, session_id: str, owner: Optional[int], kind: str,
                      work: Callable[[InteractiveSession], _Outcome]) -> JSONResponse:
         """Runs ``work(session)`` on the worker, behind the session's earlier requests, and answers its outcome
         (encoded off the worker); the session's refusals become 400 "input" answers."""
-        def guarded(session: InteractiveSession) -> _Outcome:
+        what = f"the work of this {kind}"
+
+        def guarded(hosted: _Hosted) -> _Outcome:
+            clicks, discarded = hosted.session.clicks, False
             try:
-                return work(session)
+                with self.budget.reserve(self._work_bytes(hosted, kind), what):
+                    return work(hosted.session)
             except SessionInputError as error:
                 raise ApiError(400, wire.KIND_INPUT, str(error)) from error
+            except (ApiError, OverBudgetError):
+                raise
+            except Exception:
+                if hosted.session.clicks != clicks:
+                    # The session failed half way through a change and cannot be trusted to undo it: it is
+                    # closed, and the client (404) opens a new one and replays its own prompts.
+                    log.warning("closed session %s: its %s failed half way", session_id[:8], kind)
+                    self.registry.discard(session_id)
+                    discarded = True
+                raise
+            finally:
+                if not discarded:
+                    self._count_patches(hosted)
 
-        outcome = await asyncio.wrap_future(self.registry.run(session_id, owner, kind, guarded))
+        # Refused at once when the work would not fit now; reserved for real when it runs.
+        job = self.registry.run(session_id, owner, kind, guarded,
+                                admit=lambda hosted: self.budget.check(self._work_bytes(hosted, kind), what))
+        outcome = await unless_client_leaves(request, job)
         return JSONResponse(await run_in_threadpool(outcome.to_json))
+
+    def _work_bytes(self, hosted: _Hosted, kind: str) -> int:
+        """What a job of this kind on this session may hold while it runs: rendering its patches into the mask,
+        and the patches it may open."""
+        if kind not in RENDERING_JOBS:
+            return 0
+        patches = hosted.new_patches if kind in PATCH_OPENING_JOBS else 0
+        return hosted.patch_voxels * bounds.RENDER_BYTES_PER_SOURCE_VOXEL + patches * self.patch_bytes
+
+    def _close_orphan(self, opening: Future, session_id: str, owner: Optional[int]) -> None:
+        if not opening.cancelled() and opening.exception() is None:
+            self.registry.close(session_id, owner)
+
+    def _count_patches(self, hosted: _Hosted) -> None:
+        """Counts the patches a job left open in the session's reservation, measuring one patch's memory
+        the first time there is one (the worker thread runs this, so no job changes it meanwhile)."""
+        patches = hosted.session.patches
+        if patches and not self._patch_measured:
+            self.patch_bytes, self._patch_measured = bounds.patch_bytes(patches[0]), True
+        hosted.state.resize(hosted.state_bytes + len(patches) * self.patch_bytes, force=True)
 
     def array_of(self, digest: str, what: str) -> np.ndarray:
         array = self.images.get(digest)
@@ -311,27 +289,27 @@ class _Server:
                            f"with PUT {wire.API}/images/{digest}", image=digest)
         return array
 
-    def initial_mask(self, body: Mapping[str, Any]) -> Optional[Tuple[np.ndarray, Optional[_Geometry]]]:
+    def initial_mask(self, body: Mapping[str, Any]) -> Optional[Tuple[np.ndarray, Optional[Geometry]]]:
         """The uploaded initial mask a request names, with its geometry when it states one."""
         if body.get("initial_mask") is None:
             return None
-        array = self.array_of(_digest(body["initial_mask"], "initial_mask"), "initial mask")
+        array = self.array_of(parse_digest(body["initial_mask"], "initial_mask"), "initial mask")
         if array.dtype != np.uint8:
-            raise _bad(f"an initial mask must be uploaded as uint8, not {array.dtype.name}")
+            raise bad_request(f"an initial mask must be uploaded as uint8, not {array.dtype.name}")
         geometry = body.get("initial_mask_geometry")
         if geometry is None:
             return array, None
         if not isinstance(geometry, dict):
-            raise _bad("initial_mask_geometry must be an object")
-        return array, _Geometry.parse(geometry, "initial_mask_geometry")
+            raise bad_request("initial_mask_geometry must be an object")
+        return array, Geometry.parse(geometry, "initial_mask_geometry")
 
     @staticmethod
-    def mask_image(mask: Optional[Tuple[np.ndarray, Optional[_Geometry]]], image: sitk.Image) -> Optional[sitk.Image]:
+    def mask_image(mask: Optional[Tuple[np.ndarray, Optional[Geometry]]], image: sitk.Image) -> Optional[sitk.Image]:
         """The initial mask as an image, on its stated grid or else the image's (the session checks it)."""
         if mask is None:
             return None
         array, geometry = mask
-        return (geometry or _Geometry.of(image)).image(array)
+        return (geometry or Geometry.of(image)).image(array)
 
     def _release_memory(self) -> None:
         """Hands the memory of dropped sessions back: the GPU's to the device, and the heap's to the system
@@ -345,11 +323,17 @@ class _Server:
             trim(0)
 
     # ------------------------------------------------------------------ routes
-    async def health(self) -> Dict[str, Any]:
+    async def health(self, request: Request) -> Dict[str, Any]:
+        """Up or not, for anyone; the details (model, activity, limits) only with a valid token."""
+        try:
+            await self.authorize(request)
+        except ApiError:
+            return {"status": "ok"}
         return {"status": "ok", "version": __version__, "sessions": len(self.registry),
                 "max_sessions": self.registry.max_sessions, "queue": self.registry.pending(),
                 "device": str(self.device), "precision": self.precision, "model": self.model_info,
-                "max_image_bytes": self.max_image_bytes}
+                "max_image_bytes": self.max_image_bytes,
+                "memory": {"budget_bytes": self.budget.limit_bytes, "reserved_bytes": self.budget.used_bytes}}
 
     async def metrics_text(self, request: Request) -> Response:
         await self.authorize(request)
@@ -358,6 +342,8 @@ class _Server:
             Gauge("ctsam3d_queue_length", "Jobs waiting for the network worker.", self.registry.pending()),
             Gauge("ctsam3d_images_cached", "Uploaded arrays held.", len(self.images)),
             Gauge("ctsam3d_images_cached_bytes", "Bytes of uploaded arrays held.", self.images.bytes),
+            Gauge("ctsam3d_memory_budget_bytes", "The memory budget (--max-memory-mb).", self.budget.limit_bytes),
+            Gauge("ctsam3d_memory_reserved_bytes", "Bytes reserved in the memory budget now.", self.budget.used_bytes),
         ]
         resident = resident_memory_bytes()
         if resident is not None:
@@ -379,29 +365,61 @@ class _Server:
 
     async def put_image(self, digest: str, request: Request) -> Response:
         await self.authorize(request)
-        _digest(digest, "the image's name")
+        parse_digest(digest, "the image's name")
         dtype = wire.parse_dtype(request.headers.get(wire.DTYPE_HEADER, ""))
         shape = wire.parse_shape(request.headers.get(wire.SHAPE_HEADER, ""))
         raw_bytes = math.prod(shape) * dtype.itemsize
         if raw_bytes > self.max_image_bytes:
             raise ApiError(413, wire.KIND_TOO_LARGE, f"the array is {raw_bytes / 2**20:.1f} MiB; this server takes "
                            f"at most {self.max_image_bytes / 2**20:.1f} MiB (ctsam3d serve --max-image-mb)")
-        body = await self.read_body(request, wire.compressed_limit(raw_bytes))
-        array = await run_in_threadpool(_checked_upload, body, dtype, shape, digest)
-        self.images.put(digest, array)
+        compressed_limit = wire.compressed_limit(raw_bytes)
+        check_declared_length(request, compressed_limit)
+        needed = raw_bytes + upload_overhead_bytes(raw_bytes)
+        if needed > self.budget.limit_bytes:
+            raise ApiError(413, wire.KIND_TOO_LARGE, f"receiving the array takes {needed / 2**20:.1f} MiB, more than "
+                           f"this server's whole memory budget ({self.budget.limit_bytes / 2**20:.1f} MiB, ctsam3d "
+                           "serve --max-memory-mb)")
+        reservation = self.budget.reserve(needed, "this upload")
+        try:
+            array = await receive_array(request.stream(), dtype, shape, digest, compressed_limit)
+        except BaseException as error:
+            reservation.release()
+            if isinstance(error, ClientDisconnect):
+                raise bad_request("the client went away before its body arrived") from error
+            raise
+        reservation.resize(raw_bytes)
+        self.images.put(digest, array, reservation)
         return JSONResponse({"image": digest, "bytes": raw_bytes}, status_code=201)
 
     async def open_session(self, request: Request) -> JSONResponse:
         owner = await self.authorize(request)
         body = await self.read_json(request)
-        array = self.array_of(_digest(body.get("image"), "image"), "image")
-        geometry = _Geometry.parse(body, "the image's")
-        options = _options(body.get("options"))
+        digest = parse_digest(body.get("image"), "image")
+        array = self.array_of(digest, "image")
+        geometry = Geometry.parse(body, "the image's")
+        options = parse_options(body.get("options"), self.max_patches)
+        covered = bounds.patch_source_voxels(array.shape[::-1], geometry.spacing, geometry.direction)
+        if covered > self.max_patch_source_voxels:
+            raise ApiError(400, wire.KIND_INPUT, f"at this spacing and direction one 96 mm patch covers {covered} "
+                           f"voxels of the image; this server takes at most {self.max_patch_source_voxels}: "
+                           "resample the image to a coarser spacing")
         initial = self.initial_mask(body)
         cautions: List[str] = []
+        state_bytes = bounds.session_state_bytes(array)
+        new_patches = 1 if options.get("cross_patch") is False else options.get("max_patches", MAX_OPEN_PATCHES) + 1
+        state = self.budget.reserve(state_bytes, "a new session")
+        try:
+            image, give_back = await run_in_threadpool(self.session_images.acquire, (digest, geometry.key()),
+                                                       array.nbytes, lambda: geometry.image(array))
+        except BaseException:
+            state.release()
+            raise
 
-        def build() -> InteractiveSession:
-            image = geometry.image(array)
+        def release() -> None:
+            state.release()
+            give_back()
+
+        def build() -> _Hosted:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 hide_torch_internal_warnings()
@@ -411,32 +429,41 @@ class _Server:
                 except ValueError as error:  # SessionInputError, or an option the session refuses
                     raise ApiError(400, wire.KIND_INPUT, str(error)) from error
             cautions.extend(str(warning.message) for warning in caught)
-            return session
+            return _Hosted(session, state, state_bytes, covered, new_patches)
 
-        session_id, future = self.registry.open(owner, build)
-        await asyncio.wrap_future(future)
+        try:
+            session_id, future = self.registry.open(owner, build, release)
+        except BaseException:
+            release()
+            raise
+        try:
+            await unless_client_leaves(request, future)
+        except ClientGoneError:
+            # Opened after all (the client left while it ran): nobody will use it or close it.
+            future.add_done_callback(lambda done: self._close_orphan(done, session_id, owner))
+            raise
         return JSONResponse({"session": session_id, "clicks": 0, "patches_open": 0, "device": str(self.device),
                              "precision": self.precision, "warnings": cautions}, status_code=201)
 
     async def click(self, session_id: str, request: Request) -> Response:
         owner = await self.authorize(request)
         body = await self.read_json(request)
-        point = _numbers(body.get("point_lps"), 3, "point_lps")
-        positive = _boolean(body.get("positive", True), "positive")
-        expected = _expected_clicks(body)
+        point = parse_numbers(body.get("point_lps"), 3, "point_lps")
+        positive = parse_boolean(body.get("positive", True), "positive")
+        expected = parse_expected_clicks(body)
 
         def work(session: InteractiveSession) -> _Outcome:
             _check_count(session, expected)
             _check_room(len(session.clicks) + 1)
             return _Outcome.of(session, session.add_click(point, positive))
 
-        return await self.answer(session_id, owner, "click", work)
+        return await self.answer(request, session_id, owner, "click", work)
 
     async def box(self, session_id: str, request: Request) -> Response:
         owner = await self.authorize(request)
         body = await self.read_json(request)
-        corners = _corners(body.get("corners_lps"), "corners_lps")
-        expected = _expected_clicks(body)
+        corners = parse_corners(body.get("corners_lps"), "corners_lps")
+        expected = parse_expected_clicks(body)
 
         def work(session: InteractiveSession) -> _Outcome:
             _check_count(session, expected)
@@ -445,11 +472,11 @@ class _Server:
             point_lps, positive = session.clicks[-1]
             return _Outcome.of(session, update, click=[list(point_lps), positive])
 
-        return await self.answer(session_id, owner, "box", work)
+        return await self.answer(request, session_id, owner, "box", work)
 
     async def undo(self, session_id: str, request: Request) -> Response:
         owner = await self.authorize(request)
-        expected = _expected_clicks(await self.read_json(request))
+        expected = parse_expected_clicks(await self.read_json(request))
 
         def work(session: InteractiveSession) -> _Outcome:
             _check_count(session, expected)
@@ -458,21 +485,29 @@ class _Server:
             except IndexError as error:
                 raise ApiError(409, wire.KIND_NOTHING_TO_UNDO, str(error)) from error
 
-        return await self.answer(session_id, owner, "undo", work)
+        return await self.answer(request, session_id, owner, "undo", work)
 
     async def set_clicks(self, session_id: str, request: Request) -> Response:
         owner = await self.authorize(request)
         listed = (await self.read_json(request)).get("clicks")
         if not isinstance(listed, list) or not all(isinstance(item, list) and len(item) == 2 for item in listed):
-            raise _bad("clicks must be a list of [[x, y, z], positive] pairs")
-        clicks = [(_numbers(point, 3, "a click's point"), _boolean(positive, "a click's sign"))
+            raise bad_request("clicks must be a list of [[x, y, z], positive] pairs")
+        clicks = [(parse_numbers(point, 3, "a click's point"), parse_boolean(positive, "a click's sign"))
                   for point, positive in listed]
 
         def work(session: InteractiveSession) -> _Outcome:
+            # A bounded step towards the clicks asked for; the answer's click count tells the client where
+            # the session stands, and it sends the request again for the rest.
             _check_room(len(clicks))
-            return _Outcome.of(session, session.set_clicks(clicks))
+            wanted = [Click(checked_point(point), positive) for point, positive in clicks]
+            current = session.clicks
+            common = 0
+            while common < min(len(wanted), len(current)) and wanted[common] == current[common]:
+                common += 1
+            step = clicks[:common + bounds.CLICKS_ADDED_PER_REQUEST]
+            return _Outcome.of(session, session.set_clicks(step))
 
-        return await self.answer(session_id, owner, "set_clicks", work)
+        return await self.answer(request, session_id, owner, "set_clicks", work)
 
     async def reset(self, session_id: str, request: Request) -> Response:
         owner = await self.authorize(request)
@@ -482,14 +517,14 @@ class _Server:
             session.reset(self.mask_image(initial, session.image))
             return _Outcome.of(session, MaskUpdate.nothing())
 
-        return await self.answer(session_id, owner, "reset", work)
+        return await self.answer(request, session_id, owner, "reset", work)
 
     async def mask(self, session_id: str, request: Request) -> Response:
         owner = await self.authorize(request)
         def work(session: InteractiveSession) -> _Outcome:
             return _Outcome.of(session, MaskUpdate((0, 0, 0), session.mask_array()))
 
-        return await self.answer(session_id, owner, "mask", work)
+        return await self.answer(request, session_id, owner, "mask", work)
 
     async def close_session(self, session_id: str, request: Request) -> Response:
         owner = await self.authorize(request)
@@ -508,19 +543,13 @@ def _malloc_trim() -> Optional[Callable[[int], int]]:
         return None
 
 
-def _checked_upload(body: bytes, dtype: np.dtype, shape: Tuple[int, int, int], digest: str) -> np.ndarray:
-    """The uploaded array, once it decompresses to exactly its stated size and has the digest it is named by."""
-    array = wire.decode_array(body, dtype, shape)
-    found = wire.array_digest(array)
-    if found != digest:
-        raise wire.WireError(f"the upload's SHA-256 (of its voxels, dtype and shape) is {found}, not the {digest} "
-                             "it was sent as")
-    return array
+KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "DELETE")
+"""The methods metrics name; any other is counted as "other" (made-up methods made 213 MB of metrics)."""
 
 
 class _RequestMetrics:
     """ASGI middleware: each answered request's latency and status, labelled by route template (never by
-    the path itself, which holds session ids)."""
+    the path itself, which holds session ids) and method (one of ``KNOWN_METHODS`` or "other")."""
 
     def __init__(self, app: Any, metrics: Metrics, routes: Callable[[], Sequence[Any]]) -> None:
         self.app, self.metrics, self.routes = app, metrics, routes
@@ -540,7 +569,8 @@ class _RequestMetrics:
         try:
             await self.app(scope, receive, record_status)
         finally:
-            self.metrics.observe_request(self._route(scope), scope["method"], status[0], time.perf_counter() - started)
+            method = scope["method"] if scope["method"] in KNOWN_METHODS else "other"
+            self.metrics.observe_request(self._route(scope), method, status[0], time.perf_counter() - started)
 
     def _route(self, scope: Dict[str, Any]) -> str:
         for route in self.routes():
@@ -557,31 +587,49 @@ def create_app(
     precision: str = "auto",
     tokens: Optional[Sequence[str]] = None,
     max_sessions: int = 32,
+    max_sessions_per_token: Optional[int] = None,
     max_image_bytes: int = 1 << 30,
     image_cache_bytes: Optional[int] = None,
     idle_timeout_s: float = 1800.0,
     sweep_interval_s: Optional[float] = None,
     max_queued_per_session: int = 32,
+    max_patches: int = bounds.DEFAULT_MAX_PATCHES,
+    max_patch_source_voxels: int = bounds.DEFAULT_MAX_PATCH_SOURCE_VOXELS,
+    max_memory_bytes: Optional[int] = None,
     model_info: Optional[Mapping[str, Any]] = None,
 ) -> FastAPI:
     """The server's FastAPI application around ``network`` (any ``PromptableNetwork``: tests and benchmarks
     pass stand-ins), prepared once for ``device`` at ``precision``.
 
     ``tokens``: bearer tokens, one of which every request but /health must bring (None: none needed, for a
-    server on loopback only). ``max_image_bytes`` bounds one uploaded array (decompressed);
+    server on loopback only). One token may hold ``max_sessions_per_token`` sessions (default: a quarter of
+    ``max_sessions`` when there are several tokens, all of them otherwise). ``max_image_bytes`` bounds one
+    uploaded array (decompressed);
     ``image_cache_bytes`` (default: twice that) the uploaded arrays kept. Sessions idle for
     ``idle_timeout_s`` are closed, checked every ``sweep_interval_s`` (default: a quarter of the timeout,
-    at most 30 s). ``model_info`` is shown by /health (e.g. the weights file and its SHA-256).
+    at most 30 s). ``max_patches`` bounds the option of that name a client may choose, and
+    ``max_patch_source_voxels`` the source voxels one patch may cover (see ``bounds``).
+    ``max_memory_bytes`` bounds uploads, cached images, sessions and the job on the worker together (see
+    ``budget``; default: half of this machine's memory). ``model_info`` is
+    shown by /health (e.g. the weights file and its SHA-256).
     """
-    if max_sessions < 1 or max_image_bytes < 1 or idle_timeout_s <= 0 or max_queued_per_session < 1:
-        raise ValueError("max_sessions, max_image_bytes, idle_timeout_s and max_queued_per_session must be positive")
+    if min(max_sessions, max_image_bytes, idle_timeout_s, max_queued_per_session, max_patches,
+           max_patch_source_voxels) <= 0:
+        raise ValueError("max_sessions, max_image_bytes, idle_timeout_s, max_queued_per_session, max_patches and "
+                         "max_patch_source_voxels must be positive")
     if tokens is not None and not tokens:
         raise ValueError("tokens must hold at least one token (or be None for a loopback-only server)")
+    if max_sessions_per_token is None:
+        max_sessions_per_token = max_sessions if tokens is None or len(tokens) < 2 else -(-max_sessions // 4)
     server = _Server(network, device=device, precision=precision, tokens=tokens, max_sessions=max_sessions,
+                     max_sessions_per_token=max_sessions_per_token,
                      max_image_bytes=max_image_bytes,
                      image_cache_bytes=image_cache_bytes if image_cache_bytes is not None else 2 * max_image_bytes,
                      idle_timeout_s=idle_timeout_s, sweep_interval_s=sweep_interval_s,
-                     max_queued_per_session=max_queued_per_session, model_info=model_info)
+                     max_queued_per_session=max_queued_per_session, max_patches=max_patches,
+                     max_patch_source_voxels=max_patch_source_voxels,
+                     max_memory_bytes=max_memory_bytes or default_budget_bytes() or FALLBACK_BUDGET_BYTES,
+                     model_info=model_info)
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -623,6 +671,10 @@ def create_app(
             return _error_response(error.status, error.kind, str(error), headers, **error.extra)
         if isinstance(error, wire.WireError):
             return _error_response(error.status, error.kind, str(error))
+        if isinstance(error, ClientGoneError):
+            return _error_response(400, wire.KIND_BAD_REQUEST, "the client went away before its answer was ready")
+        if isinstance(error, OverBudgetError):
+            return _error_response(503, wire.KIND_BUSY, str(error), {"Retry-After": str(error.retry_after_s)})
         if isinstance(error, UnknownSessionError):
             return _error_response(404, wire.KIND_UNKNOWN_SESSION, "no such session: it was closed, expired, or "
                                    "never opened (with this token)")
@@ -638,7 +690,7 @@ def create_app(
         return _error_response(500, wire.KIND_INTERNAL, f"internal server error ({type(error).__name__}; the "
                                "server's log has the details)")
 
-    for error_type in (ApiError, wire.WireError, *refusals):
+    for error_type in (ApiError, wire.WireError, OverBudgetError, ClientGoneError, *refusals):
         app.add_exception_handler(error_type, refused)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, crashed)
@@ -650,8 +702,10 @@ class BackgroundServer:
     """An app served by uvicorn on a thread of this process, on loopback by default: for tests, benchmarks
     and programs that embed the server. ``port`` 0 takes a free port (``port`` then tells which)."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning") -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, log_level: str = "warning",
+                 limits: Optional[ConnectionLimits] = None) -> None:
         self.app, self.host, self.port, self.log_level = app, host, port, log_level
+        self.limits = limits or ConnectionLimits()
         self._server: Optional[uvicorn.Server] = None
         self._thread: Optional[threading.Thread] = None
 
@@ -660,8 +714,7 @@ class BackgroundServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 30.0) -> BackgroundServer:
-        self._server = uvicorn.Server(uvicorn.Config(self.app, host=self.host, port=self.port,
-                                                     log_level=self.log_level, lifespan="on"))
+        self._server = uvicorn.Server(uvicorn_config(self.app, self.host, self.port, self.limits, self.log_level))
         self._thread = threading.Thread(target=self._server.run, name="ctsam3d-uvicorn", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout_s

@@ -13,12 +13,10 @@ import logging
 import secrets
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Optional, Tuple, TypeVar
-
-import numpy as np
+from typing import Any, Callable, Deque, Dict, Hashable, Optional, Tuple, TypeVar
 
 from .metrics import Metrics
 
@@ -46,7 +44,9 @@ class _Job:
 
 
 class FairQueue:
-    """Jobs for one worker thread, taken round-robin across keys, each key's jobs in submission order.
+    """Jobs for one worker thread, taken round-robin across groups (a user's token), within a group
+    round-robin across keys (its sessions), each key's jobs in submission order: a user with many
+    sessions gets the worker as often as a user with one.
 
     ``on_tick`` runs on the worker thread every ``tick_s`` seconds (between jobs), so that housekeeping
     never runs beside a job.
@@ -57,28 +57,30 @@ class FairQueue:
         self.tick_s = tick_s
         self._on_tick = on_tick
         self._jobs: Dict[str, Deque[_Job]] = {}
-        self._turns: Deque[str] = deque()
-        """Keys with jobs waiting, in the order they will next be served."""
+        self._keys: Dict[Hashable, Deque[str]] = {}
+        """Per group, its keys with jobs waiting, in the order they will next be served."""
+        self._turns: Deque[Hashable] = deque()
+        """Groups with keys waiting, in the order they will next be served."""
         self._ready = threading.Condition()
-        self._running: Optional[str] = None
-        """The key whose job the worker runs now."""
+        self._running: Optional[Tuple[Hashable, str]] = None
+        """The group and key whose job the worker runs now."""
         self._stopping = False
         self._thread: Optional[threading.Thread] = None
 
-    def submit(self, key: str, work: Callable[[], T]) -> Future:
-        """Queues ``work`` under ``key``; its Future gives the result (or exception) once the worker ran it.
-        Cancelling the Future before the worker reaches it means the work never runs."""
+    def submit(self, key: str, work: Callable[[], T], group: Hashable = None) -> Future:
+        """Queues ``work`` under ``key`` (of ``group``); its Future gives the result (or exception) once the
+        worker ran it. Cancelling the Future before the worker reaches it means the work never runs."""
         job = _Job(work, Future())
         with self._ready:
             if self._stopping:
                 raise RuntimeError("the server is shutting down")
             queued = self._jobs.get(key)
+            if queued is not None and len(queued) >= self.max_pending_per_key:
+                raise QueueFullError(f"{len(queued)} requests of this session are already waiting")
             if queued is None:
                 queued = self._jobs[key] = deque()
-                if key != self._running:
-                    self._turns.append(key)
-            if len(queued) >= self.max_pending_per_key:
-                raise QueueFullError(f"{len(queued)} requests of this session are already waiting")
+                if self._running != (group, key):
+                    self._wait_turn(group, key)
             queued.append(job)
             self._ready.notify()
         return job.future
@@ -91,8 +93,9 @@ class FairQueue:
         self._thread = threading.Thread(target=self._work, name="ctsam3d-network-worker", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout_s: float = 60.0) -> None:
-        """Lets the running job finish; cancels those still waiting."""
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Cancels the jobs still waiting; gives the running one ``timeout_s`` to finish (the worker is a
+        daemon thread: a stopping server does not wait for it longer)."""
         with self._ready:
             self._stopping = True
             self._ready.notify()
@@ -103,27 +106,42 @@ class FairQueue:
                 for job in jobs:
                     job.future.cancel()
             self._jobs.clear()
+            self._keys.clear()
             self._turns.clear()
 
+    def _wait_turn(self, group: Hashable, key: str) -> None:
+        """Puts a key behind its group's other keys, and the group behind the others unless it waits or runs
+        already; the caller holds the lock."""
+        self._keys.setdefault(group, deque()).append(key)
+        running = self._running is not None and self._running[0] == group
+        if group not in self._turns and not running:
+            self._turns.append(group)
+
     def _next(self) -> Optional[_Job]:
-        """The next job, the caller holding the lock: the first of the key whose turn it is. The key takes
-        its next turn only once this job is done (``_done``), behind every key that queued meanwhile: a
-        session that asks while another's burst runs waits for one job, not two."""
+        """The next job, the caller holding the lock: the first of the next key of the group whose turn it
+        is. Key and group take their next turns only once this job is done (``_done``), behind every one that
+        queued meanwhile: a session that asks while another's burst runs waits for one job, not two."""
         if not self._turns:
             return None
-        key = self._turns.popleft()
+        group = self._turns.popleft()
+        keys = self._keys[group]
+        key = keys.popleft()
+        if not keys:
+            del self._keys[group]
         queued = self._jobs[key]
         job = queued.popleft()
         if not queued:
             del self._jobs[key]
-        self._running = key
+        self._running = (group, key)
         return job
 
     def _done(self) -> None:
         with self._ready:
-            key, self._running = self._running, None
-            if key in self._jobs and key not in self._turns:
-                self._turns.append(key)
+            (group, key), self._running = self._running, None
+            if key in self._jobs:
+                self._keys.setdefault(group, deque()).append(key)
+            if group in self._keys and group not in self._turns:
+                self._turns.append(group)
 
     def _work(self) -> None:
         next_tick = time.monotonic() + self.tick_s
@@ -162,23 +180,29 @@ class _Entry:
     owner: Optional[int]
     """Index of the token that opened the session (None on a server without tokens): only it may use it."""
     last_used: float
+    release: Callable[[], None]
+    """Gives back what the session holds outside itself (its memory reservations)."""
     pending: int = 0
     closed: bool = False
 
 
 class SessionRegistry:
-    """Open sessions by their unguessable id, at most ``max_sessions``; each closed after
-    ``idle_timeout_s`` seconds without a request. ``release`` runs on the worker, between jobs, after
+    """Open sessions by their unguessable id, at most ``max_sessions``, at most ``max_sessions_per_owner`` of
+    them opened with one token; each closed after ``idle_timeout_s`` seconds without a request that
+    succeeded (a refused one keeps nothing alive). ``release`` runs on the worker, between jobs, after
     sessions were dropped (to hand the device memory they held back to the device)."""
 
     def __init__(self, metrics: Metrics, *, max_sessions: int, idle_timeout_s: float, max_pending_per_session: int,
-                 sweep_interval_s: Optional[float] = None, release: Callable[[], None] = lambda: None) -> None:
+                 sweep_interval_s: Optional[float] = None, release: Callable[[], None] = lambda: None,
+                 max_sessions_per_owner: Optional[int] = None) -> None:
         self.metrics = metrics
         self.max_sessions = max_sessions
+        self.max_sessions_per_owner = max_sessions_per_owner or max_sessions
         self.idle_timeout_s = idle_timeout_s
         self._release = release
         self._entries: Dict[str, _Entry] = {}
-        self._opening = 0
+        self._opening: Dict[Optional[int], int] = {}
+        """Per owner, the sessions being opened (their places are taken already)."""
         self._dropped = False
         """Whether sessions were dropped since ``release`` last ran."""
         self._lock = threading.Lock()
@@ -199,50 +223,61 @@ class SessionRegistry:
     def stop(self) -> None:
         self._queue.stop()
         with self._lock:
-            self._entries.clear()
+            for session_id in list(self._entries):
+                self._drop(session_id)
         self._release()
 
-    def open(self, owner: Optional[int], build: Callable[[], Any]) -> Tuple[str, Future]:
+    def open(self, owner: Optional[int], build: Callable[[], Any],
+             release: Callable[[], None] = lambda: None) -> Tuple[str, Future]:
         """Reserves a place and queues ``build()`` (which makes the session) on the worker; returns the new
         session's id and a Future that is done once the session is open (holding None, not the session, so
-        that only the registry keeps it alive). SessionsFullError when no place is left."""
+        that only the registry keeps it alive). SessionsFullError when no place is left. ``release`` runs
+        once the session is gone (closed, expired, or never opened)."""
         with self._lock:
-            if len(self._entries) + self._opening >= self.max_sessions:
+            if len(self._entries) + sum(self._opening.values()) >= self.max_sessions:
                 raise SessionsFullError(f"this server holds its maximum of {self.max_sessions} sessions; "
-                                   "close one or try again later")
-            self._opening += 1
+                                        "close one or try again later")
+            held = self._opening.get(owner, 0) + sum(entry.owner == owner for entry in self._entries.values())
+            if held >= self.max_sessions_per_owner:
+                raise SessionsFullError(f"this token holds its maximum of {self.max_sessions_per_owner} sessions "
+                                        "(ctsam3d serve --max-sessions-per-token); close one or try again later")
+            self._opening[owner] = self._opening.get(owner, 0) + 1
         session_id = secrets.token_urlsafe(24)
 
         def make() -> None:
             try:
                 session = build()
             except BaseException:
-                with self._lock:
-                    self._opening -= 1
+                self._opened(owner)
+                release()
                 raise
             with self._lock:
-                self._opening -= 1
-                self._entries[session_id] = _Entry(session, owner, time.monotonic())
+                self._entries[session_id] = _Entry(session, owner, time.monotonic(), release)
+            self._opened(owner)
             self.metrics.sessions_created.inc()
 
         try:
-            future = self._submit(session_id, "open", make)
+            future = self._submit(session_id, owner, "open", make)
         except BaseException:
-            with self._lock:
-                self._opening -= 1
+            self._opened(owner)
+            release()
             raise
-        future.add_done_callback(lambda done: self._forget_opening(done))
+        future.add_done_callback(lambda done: self._forget_opening(done, owner, release))
         return session_id, future
 
-    def run(self, session_id: str, owner: Optional[int], kind: str, work: Callable[[Any], T]) -> Future:
-        """Queues ``work(session)`` behind the session's earlier requests; UnknownSessionError when there is no
-        such session for this owner (the same answer either way, so ids cannot be probed)."""
+    def run(self, session_id: str, owner: Optional[int], kind: str, work: Callable[[Any], T],
+            admit: Callable[[Any], None] = lambda session: None) -> Future:
+        """Queues ``work(session)`` behind the session's earlier requests, once ``admit(session)`` did not refuse
+        it (by raising); UnknownSessionError when there is no such session for this owner (the same answer
+        either way, so ids cannot be probed)."""
         with self._lock:
             entry = self._entries.get(session_id)
             if entry is None or entry.owner != owner:
                 raise UnknownSessionError(session_id)
+            session = entry.session
+        admit(session)
+        with self._lock:
             entry.pending += 1
-            entry.last_used = time.monotonic()
 
         def job() -> T:
             if entry.closed:
@@ -250,12 +285,12 @@ class SessionRegistry:
             return work(entry.session)
 
         try:
-            future = self._submit(session_id, kind, job)
+            future = self._submit(session_id, owner, kind, job)
         except BaseException:
-            self._done_with(entry)
+            self._done_with(entry, None)
             raise
         # A done callback runs for cancelled jobs too, so a client that went away leaves no count behind.
-        future.add_done_callback(lambda _: self._done_with(entry))
+        future.add_done_callback(lambda done: self._done_with(entry, done))
         return future
 
     def close(self, session_id: str, owner: Optional[int]) -> Future:
@@ -266,6 +301,13 @@ class SessionRegistry:
             self.metrics.sessions_closed.inc()
 
         return self.run(session_id, owner, "close", close)
+
+    def discard(self, session_id: str) -> None:
+        """Closes a session at once (from a job of its own, on the worker): its requests still queued find no
+        session."""
+        with self._lock:
+            self._drop(session_id)
+        self.metrics.sessions_closed.inc()
 
     def expire(self) -> int:
         """Closes every session idle for longer than the timeout with nothing queued, and hands the memory
@@ -290,9 +332,10 @@ class SessionRegistry:
         if entry is not None:
             entry.closed = True
             entry.session = None
+            entry.release()
             self._dropped = True
 
-    def _submit(self, key: str, kind: str, work: Callable[[], T]) -> Future:
+    def _submit(self, key: str, owner: Optional[int], kind: str, work: Callable[[], T]) -> Future:
         submitted = time.monotonic()
 
         def timed() -> T:
@@ -303,55 +346,24 @@ class SessionRegistry:
             finally:
                 self.metrics.job_duration.observe(time.monotonic() - started, (kind,))
 
-        return self._queue.submit(key, timed)
+        return self._queue.submit(key, timed, group=owner)
 
-    def _done_with(self, entry: _Entry) -> None:
+    def _done_with(self, entry: _Entry, job: Optional[Future]) -> None:
+        """A job of the session is over: only one that succeeded renews its idle time."""
+        succeeded = job is not None and not job.cancelled() and job.exception() is None
         with self._lock:
             entry.pending -= 1
-            entry.last_used = time.monotonic()
+            if succeeded:
+                entry.last_used = time.monotonic()
 
-    def _forget_opening(self, future: Future) -> None:
+    def _opened(self, owner: Optional[int]) -> None:
+        with self._lock:
+            self._opening[owner] -= 1
+            if not self._opening[owner]:
+                del self._opening[owner]
+
+    def _forget_opening(self, future: Future, owner: Optional[int], release: Callable[[], None]) -> None:
         """An opening cancelled before it ran gives its reserved place back."""
         if future.cancelled():
-            with self._lock:
-                self._opening -= 1
-
-
-class ImageCache:
-    """Uploaded arrays by digest, the least recently used dropped once they hold more than
-    ``capacity_bytes`` (the newest always stays, so that an image larger than the cache can still open a
-    session). Sessions keep their own copies: dropping an image here only means it must be sent again."""
-
-    def __init__(self, capacity_bytes: int) -> None:
-        self.capacity_bytes = capacity_bytes
-        self._arrays: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._bytes = 0
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._arrays)
-
-    @property
-    def bytes(self) -> int:
-        with self._lock:
-            return self._bytes
-
-    def get(self, digest: str) -> Optional[np.ndarray]:
-        with self._lock:
-            array = self._arrays.get(digest)
-            if array is not None:
-                self._arrays.move_to_end(digest)
-            return array
-
-    def put(self, digest: str, array: np.ndarray) -> None:
-        array.flags.writeable = False
-        with self._lock:
-            previous = self._arrays.pop(digest, None)
-            if previous is not None:
-                self._bytes -= previous.nbytes
-            self._arrays[digest] = array
-            self._bytes += array.nbytes
-            while self._bytes > self.capacity_bytes and len(self._arrays) > 1:
-                _, dropped = self._arrays.popitem(last=False)
-                self._bytes -= dropped.nbytes
+            self._opened(owner)
+            release()

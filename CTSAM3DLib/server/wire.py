@@ -48,6 +48,8 @@ KIND_CLICK_COUNT = "click_count"
 KIND_UNKNOWN_SESSION = "unknown_session"
 KIND_UNKNOWN_IMAGE = "unknown_image"
 KIND_UNAUTHORIZED = "unauthorized"
+KIND_FORBIDDEN = "forbidden"
+"""A server without tokens refused a request that looks like another site's web page (Host, Origin)."""
 KIND_TOO_LARGE = "too_large"
 KIND_BUSY = "busy"
 """Too many sessions open, or too many requests queued for one session."""
@@ -83,10 +85,15 @@ def array_digest(array: np.ndarray) -> str:
     """The SHA-256 (hex) that names an array on the wire: of a header with its dtype and shape, then its
     voxel bytes as ``wire_array`` lays them out. Both ends compute it here, so they cannot disagree."""
     array = wire_array(array)
-    nz, ny, nx = array.shape
-    digest = hashlib.sha256(f"ctsam3d-array-v1 {array.dtype.name} {nz} {ny} {nx}\n".encode("ascii"))
+    digest = digest_start(array.dtype, array.shape)
     digest.update(_raw(array))
     return digest.hexdigest()
+
+
+def digest_start(dtype: np.dtype, shape: Sequence[int]) -> Any:
+    """The SHA-256 of ``array_digest`` before the voxel bytes: fed them as they arrive, it names the array."""
+    nz, ny, nx = shape
+    return hashlib.sha256(f"ctsam3d-array-v1 {dtype.name} {nz} {ny} {nx}\n".encode("ascii"))
 
 
 def is_digest(text: Any) -> bool:

@@ -22,6 +22,30 @@ except ImportError as missing:
 
 from standins import CrossPatchThresholdNet
 
+from CTSAM3DLib.server.app import BackgroundServer, create_app
+
+
+def inside(image, x, y, z):
+    """The LPS point at a continuous (x, y, z) index."""
+    return image.TransformContinuousIndexToPhysicalPoint([float(x), float(y), float(z)])
+
+
+class Servers:
+    """Servers started by a test (``start(network, port, **create_app options)``), all stopped by ``stop``."""
+
+    def __init__(self) -> None:
+        self.started: List[BackgroundServer] = []
+
+    def start(self, network=None, port: int = 0, limits=None, **options) -> BackgroundServer:
+        app = create_app(network or CrossPatchThresholdNet(), device="cpu", **options)
+        server = BackgroundServer(app, port=port, **({} if limits is None else {"limits": limits}))
+        self.started.append(server.start())
+        return server
+
+    def stop(self) -> None:
+        for server in self.started:
+            server.stop()
+
 
 def request(url: str, method: str, path: str, body: Any = None, headers: Optional[Dict[str, str]] = None,
             token: Optional[str] = None) -> Tuple[int, Any]:

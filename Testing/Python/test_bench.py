@@ -16,6 +16,8 @@ TINY_ROUNDS = {
                             "--cross-patch-cap", "2"], "| int8"),
     "bench_server.py": (["--network", "stand-in", "--users", "1", "--clicks", "2", "--sessions", "2"],
                         "| stand-in |"),
+    "bench_server_attacks.py": (["--clicks", "1", "--decode-ms", "5", "--budget-mb", "512"],
+                                "| 800 slowloris connections |"),
     "bench_slicer_effect.py": (["--repeats", "1", "--skip-polled"], "effect in Slicer's event loop"),
     "bench_training.py": (["--batch", "1", "--steps", "1", "--mode", "plain", "--device", "cpu"], "s/step"),
     "gpu_check.py": (["--device", "cpu", "--quick"], "| refining click (add_click), median |"),

@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from server_helpers import SlowNet, WatchedNet, free_port, request, wait_until, zlib_bomb
+from server_helpers import Servers, SlowNet, WatchedNet, free_port, inside, request, wait_until, zlib_bomb
 from standins import CrossPatchThresholdNet
 
 from CTSAM3DLib.interface import SessionInputError
@@ -34,24 +34,12 @@ def abdomen(data_dir):
     return sitk.ReadImage(str(data_dir / "abdomen-ct-3mm" / "ct.nii.gz"))
 
 
-def inside(image, x, y, z):
-    """The LPS point at a continuous (x, y, z) index."""
-    return image.TransformContinuousIndexToPhysicalPoint([float(x), float(y), float(z)])
-
-
 @pytest.fixture
 def serve():
-    """serve(network, **create_app options) -> a started BackgroundServer; all stopped after the test."""
-    started = []
-
-    def start(network=None, port=0, **options):
-        server = BackgroundServer(create_app(network or CrossPatchThresholdNet(), device="cpu", **options), port=port)
-        started.append(server.start())
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+    """serve(network, port, **create_app options) -> a started BackgroundServer; all stopped after the test."""
+    servers = Servers()
+    yield servers.start
+    servers.stop()
 
 
 def local(image, **options):
@@ -92,7 +80,7 @@ def test_remote_session_gives_what_a_local_session_gives(serve, abdomen):
     mask = remote.mask
     assert (mask.GetSize(), mask.GetOrigin(), mask.GetSpacing(), mask.GetDirection()) == \
         (abdomen.GetSize(), abdomen.GetOrigin(), abdomen.GetSpacing(), abdomen.GetDirection())
-    status, health = request(server.url, "GET", "/health")
+    status, health = request(server.url, "GET", "/health", token=TOKEN)
     assert status == 200 and health["sessions"] == 1 and health["queue"] == 0 and health["device"] == "cpu"
     status, metrics = request(server.url, "GET", "/metrics", token=TOKEN)
     text = metrics.decode()
@@ -101,7 +89,7 @@ def test_remote_session_gives_what_a_local_session_gives(serve, abdomen):
     assert "ctsam3d_sessions_open 1" in text and "ctsam3d_sessions_created_total 1" in text
     assert "ctsam3d_queue_length 0" in text and "process_resident_memory_bytes" in text
     remote.close()
-    assert request(server.url, "GET", "/health")[1]["sessions"] == 0
+    assert request(server.url, "GET", "/health", token=TOKEN)[1]["sessions"] == 0
 
 
 def test_a_second_session_on_the_same_image_uploads_nothing(serve, abdomen):
@@ -179,7 +167,7 @@ def test_malformed_requests_are_refused_with_one_line_errors(serve, abdomen):
     digest = wire.array_digest(array)
     body = zlib.compress(array.tobytes())
     cases = [
-        ("POST", session_path(session, "click"), b"{not json", {}, "bad_request"),
+        ("POST", session_path(session, "click"), b"{not json", {"Content-Type": "application/json"}, "bad_request"),
         ("POST", session_path(session, "click"), [1, 2, 3], {}, "bad_request"),
         ("POST", session_path(session, "click"), {"point_lps": "60,50,15"}, {}, "bad_request"),
         ("POST", session_path(session, "click"), {"point_lps": point[:2]}, {}, "bad_request"),
@@ -249,7 +237,7 @@ def headers_only(port, request_line, headers, body=b""):
     """Sends a request's line and headers, and ``body`` (which may be less than they announce), then reads
     the answer: what a client gets when the server refuses before the whole body is sent."""
     with socket.create_connection(("127.0.0.1", port)) as connection:
-        lines = [f"{request_line} HTTP/1.1", "Host: x"] + [f"{k}: {v}" for k, v in headers.items()]
+        lines = [f"{request_line} HTTP/1.1", "Host: 127.0.0.1"] + [f"{k}: {v}" for k, v in headers.items()]
         connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
         reply = http.client.HTTPResponse(connection)
         reply.begin()
@@ -264,10 +252,13 @@ def test_oversized_bodies_are_refused_before_they_are_read(serve, abdomen):
         status, answer = headers_only(server.port, f"PUT {wire.API}/images/{digest}",
                                       {**headers, "Content-Length": str(10 << 20)})
         assert status == 413 and answer["kind"] == "too_large", answer
-    # A chunked body states no length: it is cut off once it passes the limit (263 kB here).
+    # A chunked body states no length: it is cut off once it passes the limit (263 kB here), even when it is
+    # a valid stream that inflates to nothing (empty blocks, 5 bytes each).
+    empty_blocks = b"x\x9c" + b"\x00\x00\x00\xff\xff" * 60000
     status, answer = headers_only(server.port, f"PUT {wire.API}/images/{digest}",
                                   {**upload_headers("uint8", "64,64,64"), "Transfer-Encoding": "chunked"},
-                                  b"".join(b"10000\r\n" + bytes(1 << 16) + b"\r\n" for _ in range(5)))
+                                  b"".join(b"%x\r\n" % len(part) + part + b"\r\n" for part in
+                                           (empty_blocks[i:i + 65536] for i in range(0, len(empty_blocks), 65536))))
     assert status == 413 and "exceeds" in answer["error"], answer
     status, answer = request(server.url, "POST", f"{wire.API}/sessions", b"{" + b" " * (2 << 20) + b"}")
     assert status == 413
@@ -390,7 +381,7 @@ def test_a_client_that_disconnects_mid_click_leaves_the_session_consistent(serve
     network.started.clear()
     body = json.dumps({"point_lps": list(b), "positive": False, "expected_clicks": 1}).encode()
     connection = socket.create_connection(("127.0.0.1", server.port))
-    connection.sendall(f"POST {session_path(remote, 'click')} HTTP/1.1\r\nHost: x\r\nContent-Type: "
+    connection.sendall(f"POST {session_path(remote, 'click')} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                        f"application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
     assert network.started.wait(10)
     connection.close()

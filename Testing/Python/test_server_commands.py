@@ -4,6 +4,7 @@ weights, parity with a local session), its refusals, and ``segment``/``evaluate`
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,7 +62,7 @@ def test_serve_answers_with_the_real_network_as_a_local_session_does(random_weig
         while True:
             assert process.poll() is None, process.communicate()
             try:
-                status, health = request(url, "GET", "/health")
+                status, health = request(url, "GET", "/health", token=TOKEN)
                 break
             except ConnectionRefusedError:
                 assert time.monotonic() < deadline, "ctsam3d serve did not start"
@@ -122,7 +123,7 @@ def test_segment_runs_on_a_server(server, token_file, ct_path, tmp_path, capsys)
     here = InteractiveSession(CrossPatchThresholdNet(), image, device="cpu", max_patches=3)
     here.set_clicks([(positive, True), (negative, False)])
     np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(str(output))), here.mask_array())
-    assert request(server.url, "GET", "/health")[1]["sessions"] == 0
+    assert request(server.url, "GET", "/health", token=TOKEN)[1]["sessions"] == 0
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -155,3 +156,50 @@ def test_evaluate_runs_on_a_server_and_closes_its_sessions(server, token_file, d
     _, metrics = request(server.url, "GET", "/metrics", token=TOKEN)
     assert "ctsam3d_sessions_closed_total 1" in metrics.decode() and "ctsam3d_sessions_open 0" in metrics.decode()
     assert os.path.isfile(output / "masks" / "model" / "abdomen-ct-3mm" / "gallbladder.nii.gz")
+
+
+def test_serve_refuses_short_tokens_beyond_loopback(tmp_path, capsys):
+    weak = tmp_path / "weak.txt"
+    weak.write_text("a\n" + "x" * 40 + "\n")
+    weak.chmod(0o600)
+    assert main(["serve", "--weights", str(tmp_path / "none.pth"), "--host", "0.0.0.0", "--token-file", str(weak)]) == 2
+    error = capsys.readouterr().err
+    assert "holds 1 token(s) shorter than 22 characters (128 bits)" in error and "token_urlsafe(32)" in error
+
+
+def test_serve_stops_within_its_shutdown_timeout_and_rate_limits_its_log(random_weights, token_file):
+    """SIGTERM while a client trickled a body: the process never exited. And a flood of bad requests (or of
+    failed accepts) logged a line each: 327 MB of log in 45 s."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "CTSAM3DLib.cli", "serve", "--weights", str(random_weights), "--port", str(port),
+         "--device", "cpu", "--token-file", str(token_file), "--shutdown-timeout", "1"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, process.communicate()
+            try:
+                request(f"http://127.0.0.1:{port}", "GET", "/health")
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "ctsam3d serve did not start"
+                time.sleep(0.2)
+        for _ in range(200):
+            with socket.create_connection(("127.0.0.1", port)) as garbage:
+                garbage.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+                garbage.recv(1024)
+        trickling = socket.create_connection(("127.0.0.1", port))
+        trickling.sendall(f"PUT /v1/images/{'a' * 64} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+                          "X-Array-Dtype: uint8\r\nX-Array-Shape: 64,64,64\r\nContent-Length: 5000\r\n\r\nx".encode())
+        time.sleep(0.5)
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)  # the body deadline is 300 s: the shutdown timeout ends it
+        trickling.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert "memory budget:" in out and "per token" in out
+    invalid = [line for line in err.splitlines() if "Invalid HTTP request received" in line]
+    assert 1 <= len(invalid) <= 10, err[-2000:]
