@@ -105,6 +105,10 @@ class OpenPatches:
             else:
                 self._patches[pid] = before
 
+    def state_of(self, changes: PatchChanges) -> PatchChanges:
+        """The patches a click touched as they are now (None: not open), for ``restore`` to go back to."""
+        return {pid: self._patches.get(pid) for pid in changes}
+
     def regions_touched(self, changes: PatchChanges) -> List[SourceRegion]:
         """The source regions of the patches a click touched, as they are now or, if gone, were."""
         regions = []

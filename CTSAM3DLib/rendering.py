@@ -123,18 +123,20 @@ class SessionMask:
 
     def _paint(self, regions: List[SourceRegion], enclosing: Optional[SourceRegion], patches: List[PatchResult],
                box: Optional[Box], target: np.ndarray, covering: SourceRegion) -> None:
-        """Renders ``regions`` (``enclosing`` holds them) into ``target``, an array over ``covering``.
+        """Renders ``regions`` (``enclosing`` holds them) into ``target``, an array over ``covering``: all or
+        nothing.
 
         Regions close together are rendered in one pass over their enclosing box, and each region takes
         its part: a click carried into 16 patches touches 16 regions, each reached by its neighbours, and
         sampling every patch once rather than once per region it reaches is ten times less work."""
         if enclosing is not None and _voxels(enclosing) <= 2 * sum(_voxels(region) for region in regions):
-            rendered = self._rendered(enclosing, patches, box)
-            for region in regions:
-                target[region.slices_within(covering)] = rendered[region.slices_within(enclosing)]
+            together = self._rendered(enclosing, patches, box)
+            rendered = [together[region.slices_within(enclosing)] for region in regions]
         else:
-            for region in regions:
-                target[region.slices_within(covering)] = self._rendered(region, patches, box)
+            rendered = [self._rendered(region, patches, box) for region in regions]
+        # Written only once all is rendered: a failure leaves the target as it was.
+        for region, values in zip(regions, rendered):
+            target[region.slices_within(covering)] = values
 
     def _rendered(self, region: SourceRegion, patches: List[PatchResult], box: Optional[Box]) -> np.ndarray:
         """The mask over a region from the patches, (z, y, x)."""

@@ -280,12 +280,13 @@ class InteractiveSession:
             if self.cross_patch:
                 self._patches.propagate(targets, self.clicks, self.box_lps, entry.changes, times, report,
                                         show_preview)
+            with times.step("paste"):
+                changed = self._render_into_mask(self._patches.regions_touched(entry.changes))
         except BaseException:
+            # Rendering writes the mask all or nothing, so the session is exactly as before the click.
             self._history.pop()
             self._patches.restore(entry.changes)
             raise
-        with times.step("paste"):
-            changed = self._render_into_mask(self._patches.regions_touched(entry.changes))
         times.add("total", time.perf_counter() - started)
         self.last_timing = times.as_dict(len(self._patches))
         return changed
@@ -296,10 +297,18 @@ class InteractiveSession:
             raise IndexError("nothing to undo: the session has no clicks")
         entry = self._history.pop()
         touched = self._patches.regions_touched(entry.changes)
+        now, box = self._patches.state_of(entry.changes), self.box_lps
         self._patches.restore(entry.changes)
         if entry.box_before is not None:
             self.box_lps = entry.box_before[0]
-        return self._render_into_mask(touched)
+        try:
+            return self._render_into_mask(touched)
+        except BaseException:
+            # An undo that cannot render leaves the session as it was: the click back, its patches too.
+            self._patches.restore(now)
+            self.box_lps = box
+            self._history.append(entry)
+            raise
 
     def _update(self, region: Optional[SourceRegion]) -> MaskUpdate:
         return self._canvas.update(region)

@@ -411,3 +411,39 @@ def test_the_mask_is_always_the_rendering_of_the_patches(chest, start):
         expected = (sitk.GetArrayFromImage(session.probability()) > 0.5).astype(np.uint8)
         np.testing.assert_array_equal(session.mask_array(), expected)
     assert session.patch_count > 2
+
+
+def test_a_click_or_undo_whose_rendering_fails_leaves_the_session_exactly_as_it_was(abdomen):
+    """Rendering the mask is part of the call: when it fails (memory, a broken geometry) the click is not
+    kept half-done, and undo still takes back the clicks before it."""
+    session = InteractiveSession(ThresholdNet(), abdomen, device="cpu")
+    centre = np.array(abdomen.TransformContinuousIndexToPhysicalPoint([60.0, 50.0, 15.0]))
+    session.add_click(centre)
+    before, patches = session.mask_array(), [patch.probability for patch in session.patches]
+    rendered = session._canvas._rendered
+    failures = []
+
+    def failing_once(*args, **kwargs):
+        if not failures:
+            failures.append(True)
+            raise MemoryError("cannot allocate the rendering")
+        return rendered(*args, **kwargs)
+
+    session._canvas._rendered = failing_once
+    far = np.array(abdomen.TransformContinuousIndexToPhysicalPoint([20.0, 20.0, 15.0]))
+    with pytest.raises(MemoryError):
+        session.add_click(far)
+    assert len(session.clicks) == 1 and session.patch_count == 1
+    assert [patch.probability for patch in session.patches] == patches
+    np.testing.assert_array_equal(session.mask_array(), before)
+    session.add_click(far)
+    after_two = session.mask_array()
+    failures.clear()
+    with pytest.raises(MemoryError):
+        session.undo()
+    assert len(session.clicks) == 2 and session.patch_count == 2
+    np.testing.assert_array_equal(session.mask_array(), after_two)
+    session.undo()
+    np.testing.assert_array_equal(session.mask_array(), before)
+    session.undo()
+    assert session.patch_count == 0 and not session.mask_array().any()
