@@ -386,31 +386,44 @@ def test_a_client_outlives_a_server_restart_of_several_seconds(serve, abdomen):
     np.testing.assert_array_equal(remote.mask_array(), here.mask_array())
 
 
-def test_a_session_that_fails_half_way_through_a_click_is_not_left_wedged(serve, abdomen, monkeypatch):
+def test_a_failed_request_never_leaves_a_session_wedged(serve, abdomen, monkeypatch):
     """Spacing 1e300 made a click fail after the network ran: the click stayed in the session's history and
-    every later request, undo included, failed. A session left changed by a failed request is closed; the
-    client opens a new one and replays its own prompts."""
+    every later request, undo included, failed. A click that fails now leaves the session exactly as it was
+    (its rendering is part of its rollback); a set_clicks that fails half way, after applying some clicks,
+    leaves the session changed, so it is closed and the client opens a new one and replays its prompts."""
     server = serve()
     remote = RemoteSession(server.url, abdomen, cross_patch=False)
-    first, second = inside(abdomen, 60, 50, 15), inside(abdomen, 30, 40, 10)
+    first, second, third = inside(abdomen, 60, 50, 15), inside(abdomen, 30, 40, 10), inside(abdomen, 90, 60, 15)
     remote.add_click(first)
+    here = InteractiveSession(CrossPatchThresholdNet(), abdomen, device="cpu", cross_patch=False)
+    here.add_click(first)
     render = InteractiveSession._render_into_mask
-    failing = {"armed": True}
+    renders = {"done": 0, "failing": 1}
 
-    def render_once_failing(session, regions):
-        if failing.pop("armed", False):
+    def render_failing(session, regions):
+        """The ``failing``-th rendering from now fails."""
+        renders["done"] += 1
+        if renders["done"] == renders["failing"]:
             raise RuntimeError("rendering failed")
         return render(session, regions)
 
-    monkeypatch.setattr(InteractiveSession, "_render_into_mask", render_once_failing)
+    monkeypatch.setattr(InteractiveSession, "_render_into_mask", render_failing)
     with pytest.raises(ServerError) as failed:
         remote.add_click(second)
     assert failed.value.status == 500
     status, answer = request(server.url, "GET", f"{wire.API}/sessions/{remote.session_id}/mask")
-    assert status == 404, answer  # not a session holding a click its client was told failed
+    assert status == 200 and answer["clicks"] == 1, answer  # exactly as before the failed click
+    np.testing.assert_array_equal(remote.mask_array(), here.mask_array())
+
+    session_id = remote.session_id
+    renders.update(done=0, failing=2)
+    with pytest.raises(ServerError):
+        remote.set_clicks([(first, True), (second, True), (third, True)])  # the third click's rendering fails
+    status, _ = request(server.url, "GET", f"{wire.API}/sessions/{session_id}/mask")
+    assert status == 404  # not a session holding clicks its client was told failed
+    monkeypatch.setattr(InteractiveSession, "_render_into_mask", render)
     remote.add_click(second)
-    here = InteractiveSession(CrossPatchThresholdNet(), abdomen, device="cpu", cross_patch=False)
-    here.set_clicks([(first, True), (second, True)])
+    here.add_click(second)
     np.testing.assert_array_equal(remote.mask_array(), here.mask_array())
     remote.undo()
     here.undo()
