@@ -34,9 +34,8 @@ from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Seque
 import numpy as np
 import SimpleITK as sitk
 
-from . import __version__
+from . import __version__, protocol
 from .interface import Click, MaskUpdate, ProgressCallback, SessionInputError, checked_point
-from .server import wire
 
 __all__ = ["RemoteSession", "ServerError", "server_health"]
 
@@ -71,7 +70,7 @@ class _RecoverableError(ServerError):
     image); a ServerError like any other when it cannot."""
 
 
-_RECOVERABLE = (wire.KIND_UNKNOWN_SESSION, wire.KIND_CLICK_COUNT, wire.KIND_UNKNOWN_IMAGE)
+_RECOVERABLE = (protocol.KIND_UNKNOWN_SESSION, protocol.KIND_CLICK_COUNT, protocol.KIND_UNKNOWN_IMAGE)
 
 
 class _Client:
@@ -130,9 +129,9 @@ class _Client:
             return answer
         message = str(answer.get("error", f"HTTP {status}")) if isinstance(answer, dict) else f"HTTP {status}"
         kind = answer.get("kind") if isinstance(answer, dict) else None
-        if kind == wire.KIND_INPUT or status == 413:
+        if kind == protocol.KIND_INPUT or status == 413:
             raise SessionInputError(message)
-        if kind == wire.KIND_NOTHING_TO_UNDO:
+        if kind == protocol.KIND_NOTHING_TO_UNDO:
             raise IndexError(message)
         if status == 401:
             raise PermissionError(f"the CT-SAM3D server at {self.url} refused the request: {message}")
@@ -141,7 +140,7 @@ class _Client:
                     status, kind)
 
     def has(self, digest: str) -> bool:
-        status, data = self.exchange("HEAD", f"{wire.API}/images/{digest}")
+        status, data = self.exchange("HEAD", f"{protocol.API}/images/{digest}")
         if status in (200, 404):
             return status == 200
         if status == 401:
@@ -197,10 +196,10 @@ def _geometry(image: sitk.Image) -> Dict[str, List[float]]:
 
 def _upload_of(array: np.ndarray) -> _Upload:
     try:
-        array = wire.wire_array(array)
-    except wire.WireError as error:
+        array = protocol.wire_array(array)
+    except protocol.WireError as error:
         raise SessionInputError(str(error)) from error
-    return _Upload(array, wire.array_digest(array))
+    return _Upload(array, protocol.array_digest(array))
 
 
 def _checked_image(image: Any, what: str) -> sitk.Image:
@@ -346,7 +345,7 @@ class RemoteSession:
         if self._session_id is None:
             return
         try:
-            status, data = self._client.exchange("DELETE", f"{wire.API}/sessions/{self._session_id}", retries=0)
+            status, data = self._client.exchange("DELETE", f"{protocol.API}/sessions/{self._session_id}", retries=0)
         except ConnectionError:
             return
         if status not in (204, 404):
@@ -375,7 +374,7 @@ class RemoteSession:
 
     def _apply(self, answer: Mapping[str, Any]) -> MaskUpdate:
         """Applies an answer's update to this client's mask; takes its timing and patch count."""
-        update = wire.decode_update(answer["update"], self._mask.shape)
+        update = protocol.decode_update(answer["update"], self._mask.shape)
         update.apply_to(self._mask)
         self.last_timing = {str(name): float(value) for name, value in answer.get("timing", {}).items()}
         self._patch_count = int(answer.get("patches_open", 0))
@@ -389,13 +388,14 @@ class RemoteSession:
         recovery: Optional[str] = None
         for attempt in range(RECOVERIES + 1):
             try:
-                if recovery == wire.KIND_CLICK_COUNT:
+                if recovery == protocol.KIND_CLICK_COUNT:
                     self._synchronise(fresh=False)
-                elif recovery == wire.KIND_UNKNOWN_SESSION:
+                elif recovery == protocol.KIND_UNKNOWN_SESSION:
                     self._open()
-                return self._client.call(method, f"{wire.API}/sessions/{self._session_id}/{action}", payload)
+                return self._client.call(method, f"{protocol.API}/sessions/{self._session_id}/{action}", payload)
             except _RecoverableError as refusal:
-                if refusal.kind not in (wire.KIND_UNKNOWN_SESSION, wire.KIND_CLICK_COUNT) or attempt == RECOVERIES:
+                recoverable = (protocol.KIND_UNKNOWN_SESSION, protocol.KIND_CLICK_COUNT)
+                if refusal.kind not in recoverable or attempt == RECOVERIES:
                     raise
                 recovery = refusal.kind
         raise AssertionError("unreachable: the last attempt returns or raises")
@@ -405,7 +405,7 @@ class RemoteSession:
         body = {"image": self._image.digest, **_geometry(self.image), "options": self._options,
                 **self._initial_payload(self._initial)}
         uploads = [self._image] + ([self._initial.upload] if self._initial is not None else [])
-        answer = self._after_uploads(uploads, lambda: self._client.call("POST", f"{wire.API}/sessions", body))
+        answer = self._after_uploads(uploads, lambda: self._client.call("POST", f"{protocol.API}/sessions", body))
         self._session_id = answer["session"]
         self.device, self.precision = str(answer.get("device", "")), str(answer.get("precision", ""))
         if not self._warned:
@@ -424,14 +424,14 @@ class RemoteSession:
             try:
                 return request()
             except _RecoverableError as refusal:
-                if refusal.kind != wire.KIND_UNKNOWN_IMAGE or attempt:
+                if refusal.kind != protocol.KIND_UNKNOWN_IMAGE or attempt:
                     raise
         raise AssertionError("unreachable: the second attempt returns or raises")
 
     def _synchronise(self, fresh: bool) -> None:
         """Brings the server's session to this client's prompts, then takes its whole mask. Clicks alone
         are set in one request; boxes are replayed one by one from the start (set_clicks knows no boxes)."""
-        session = f"{wire.API}/sessions/{self._session_id}"
+        session = f"{protocol.API}/sessions/{self._session_id}"
         if any(prompt.corners is not None for prompt in self._prompts):
             if not fresh:
                 self._after_uploads([] if self._initial is None else [self._initial.upload],
@@ -450,7 +450,7 @@ class RemoteSession:
             for _ in self._in_steps(lambda: self._client.call("PUT", f"{session}/clicks", payload), len(self._prompts)):
                 pass
         answer = self._client.call("GET", f"{session}/mask")
-        self._mask = wire.decode_update(answer["update"], self._mask.shape).mask
+        self._mask = protocol.decode_update(answer["update"], self._mask.shape).mask
         self._patch_count = int(answer.get("patches_open", 0))
 
     def _in_steps(self, put_clicks: Callable[[], Dict[str, Any]], count: int) -> Iterator[Dict[str, Any]]:
@@ -485,8 +485,8 @@ class RemoteSession:
         if self._max_image_bytes and upload.array.nbytes > self._max_image_bytes:
             raise SessionInputError(f"the image is {upload.array.nbytes / 2**20:.1f} MiB; the server at {self.url} "
                                     f"takes at most {self._max_image_bytes / 2**20:.1f} MiB")
-        self._client.call("PUT", f"{wire.API}/images/{upload.digest}", body=wire.compress(upload.array),
-                          headers={**wire.array_headers(upload.array), "Content-Type": "application/octet-stream"})
+        self._client.call("PUT", f"{protocol.API}/images/{upload.digest}", body=protocol.compress(upload.array),
+                          headers={**protocol.array_headers(upload.array), "Content-Type": "application/octet-stream"})
 
     def _wire_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
         chosen: Dict[str, Any] = {}

@@ -40,8 +40,8 @@ sys.path.insert(0, str(REPO_ROOT / "Testing" / "Python"))
 from bench_inference import log, machine_description  # noqa: E402
 from standins import CrossPatchThresholdNet  # noqa: E402
 
+from CTSAM3DLib import protocol  # noqa: E402
 from CTSAM3DLib.remote import RemoteSession  # noqa: E402
-from CTSAM3DLib.server import wire  # noqa: E402
 from CTSAM3DLib.server.app import BackgroundServer, create_app  # noqa: E402
 from CTSAM3DLib.server.metrics import resident_memory_bytes  # noqa: E402
 
@@ -146,14 +146,14 @@ def scattered(image: sitk.Image, count: int, seed: int) -> List[List[Any]]:
 
 
 def open_body(image: sitk.Image, **options: Any) -> Dict[str, Any]:
-    return {"image": wire.array_digest(sitk.GetArrayViewFromImage(image)), "origin": list(image.GetOrigin()),
+    return {"image": protocol.array_digest(sitk.GetArrayViewFromImage(image)), "origin": list(image.GetOrigin()),
             "spacing": list(image.GetSpacing()), "direction": list(image.GetDirection()), "options": options}
 
 
 def attacks(port: int, image: sitk.Image, opened: List[str]) -> List[Tuple[str, Callable[[], Any]]]:
     """(name, start) for each attack: start() begins it and returns a function that ends it and says what
     the attacker got. Sessions the attacker opens are listed in ``opened``."""
-    api = wire.API
+    api = protocol.API
 
     def open_session(**options: Any) -> str:
         status, data = call(port, "POST", f"{api}/sessions", open_body(image, **options), ATTACKER)
@@ -196,7 +196,7 @@ def attacks(port: int, image: sitk.Image, opened: List[str]) -> List[Tuple[str, 
 
     def zlib_bombs() -> Callable[[], str]:
         bomb = zlib_bomb(1 << 30)
-        headers = {wire.DTYPE_HEADER: "uint8", wire.SHAPE_HEADER: "1024,1024,1024"}
+        headers = {protocol.DTYPE_HEADER: "uint8", protocol.SHAPE_HEADER: "1024,1024,1024"}
         flood = Flood(lambda: call(port, "PUT", f"{api}/images/{'b' * 64}", bomb, ATTACKER, headers)[0], 8)
         return lambda: f"answers {flood.stop()}"
 
@@ -235,8 +235,8 @@ def attacks(port: int, image: sitk.Image, opened: List[str]) -> List[Tuple[str, 
         # +5.1 GB. A patch then covers the whole image (134 M voxels): refused when the session opens.
         array = np.zeros((512, 512, 512), dtype=np.uint8)
         array[200:300, 200:300, 200:300] = 200
-        digest = wire.array_digest(array)
-        call(port, "PUT", f"{api}/images/{digest}", wire.compress(array), ATTACKER, wire.array_headers(array))
+        digest = protocol.array_digest(array)
+        call(port, "PUT", f"{api}/images/{digest}", protocol.compress(array), ATTACKER, protocol.array_headers(array))
         c, s = np.cos(0.5), np.sin(0.5)
         body = {"image": digest, "origin": [0.0, 0.0, 0.0], "spacing": [0.15] * 3,
                 "direction": [c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0]}
@@ -300,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             outcome = end()
             growth = memory.stop()
             while opened:
-                call(server.port, "DELETE", f"{wire.API}/sessions/{opened.pop()}", token=ATTACKER)
+                call(server.port, "DELETE", f"{protocol.API}/sessions/{opened.pop()}", token=ATTACKER)
             median = statistics.median(latencies)
             unloaded = median if unloaded is None else unloaded
             rows.append((name, median, max(latencies), 2 * unloaded + attacker_batch, growth, outcome))

@@ -33,7 +33,7 @@ def check_server_arguments(args: argparse.Namespace, local_only: Sequence[str] =
             raise CommandError(f"--{name.replace('_', '-')} cannot be used with --server")
     if args.token_file is None:
         return None
-    from ..server.wire import read_tokens
+    from ..protocol import read_tokens
 
     return read_tokens(args.token_file)[0]
 

@@ -97,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
         raise CommandError(f"--port must be 0 to 65535, got {args.port}")
     tokens = None
     if args.token_file is not None:
-        from ..server.wire import read_tokens
+        from ..protocol import read_tokens
 
         tokens = read_tokens(args.token_file)
         short = [token for token in tokens if len(token) < MIN_TOKEN_CHARACTERS]

@@ -1,7 +1,5 @@
 """``ctsam3d serve``: CT-SAM3D on one (GPU) machine for many clients, over HTTP.
 
-- ``wire``: the wire format both ends share (numpy and the standard library only, so that the client,
-  ``CTSAM3DLib.remote.RemoteSession``, runs without torch).
 - ``app``: the FastAPI application (``create_app``) and ``BackgroundServer`` (uvicorn on a thread).
 - ``registry``: the sessions, their expiry, and the one worker thread that runs the network for all of
   them, fairly.
@@ -14,6 +12,8 @@
   logging; ``browsers``: a tokenless server's checks against web pages; ``disconnects``: dropping the
   work of clients that hung up.
 
+The wire format both ends share is ``CTSAM3DLib.protocol`` (numpy and the standard library only), so that
+the client, ``CTSAM3DLib.remote.RemoteSession``, needs nothing of this package and runs without torch.
 Nothing here is imported by ``CTSAM3DLib`` itself: FastAPI and uvicorn are an optional extra
 (``pip install "ctsam3d[server]"``).
 """

@@ -1,6 +1,6 @@
 """The HTTP server of ``ctsam3d serve``: one network, many ``InteractiveSession``s, one per client session.
 
-Routes (JSON unless said; see ``wire`` for the encodings and error format):
+Routes (JSON unless said; see ``CTSAM3DLib.protocol`` for the encodings and error format):
 
 - ``GET /health`` (no token): status, sessions, queue length, device, precision, version, model.
 - ``GET /metrics``: Prometheus text.
@@ -49,14 +49,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
-from .. import __version__
+from .. import __version__, protocol
 from ..constants import MAX_OPEN_PATCHES
 from ..device import resolve_device
 from ..inference import prepare_network, resolve_precision
 from ..interface import Click, MaskUpdate, SessionInputError, checked_point
 from ..session import InteractiveSession
 from ..torch_warnings import hide_torch_internal_warnings
-from . import bounds, browsers, wire
+from . import bounds, browsers
 from .bounds import ConnectionLimits
 from .budget import MemoryBudget, OverBudgetError, Reservation, default_budget_bytes
 from .connections import uvicorn_config
@@ -130,14 +130,14 @@ class _Outcome:
         return cls(update, dict(session.last_timing), len(session.clicks), session.patch_count, extra)
 
     def to_json(self) -> Dict[str, Any]:
-        return {"update": wire.encode_update(self.update), "timing": self.timing, "clicks": self.clicks,
+        return {"update": protocol.encode_update(self.update), "timing": self.timing, "clicks": self.clicks,
                 "patches_open": self.patches_open, **self.extra}
 
 
 def _check_count(session: InteractiveSession, expected: Optional[int]) -> None:
     count = len(session.clicks)
     if expected is not None and expected != count:
-        raise ApiError(409, wire.KIND_CLICK_COUNT,
+        raise ApiError(409, protocol.KIND_CLICK_COUNT,
                        f"the session has {count} clicks, not the {expected} this request expects", clicks=count)
 
 
@@ -184,18 +184,18 @@ class _Server:
         if self.tokens is None:
             problem = browsers.browser_problem(request.headers)
             if problem:
-                raise ApiError(403, wire.KIND_FORBIDDEN, problem)
+                raise ApiError(403, protocol.KIND_FORBIDDEN, problem)
             return None
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not given.strip():
-            raise ApiError(401, wire.KIND_UNAUTHORIZED, "this server needs a token: Authorization: Bearer TOKEN")
+            raise ApiError(401, protocol.KIND_UNAUTHORIZED, "this server needs a token: Authorization: Bearer TOKEN")
         presented = given.strip().encode("latin-1")
         match = None
         for index, token in enumerate(self.tokens):
             if hmac.compare_digest(presented, token) and match is None:
                 match = index
         if match is None:
-            raise ApiError(401, wire.KIND_UNAUTHORIZED, "the bearer token is not one this server accepts")
+            raise ApiError(401, protocol.KIND_UNAUTHORIZED, "the bearer token is not one this server accepts")
         return match
 
     async def read_body(self, request: Request, limit: int) -> bytes:
@@ -208,7 +208,8 @@ class _Server:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise ApiError(413, wire.KIND_TOO_LARGE, f"the body exceeds the {limit} bytes this request takes")
+                    raise ApiError(413, protocol.KIND_TOO_LARGE,
+                                   f"the body exceeds the {limit} bytes this request takes")
                 chunks.append(chunk)
         except ClientDisconnect as error:
             raise bad_request("the client went away before its body arrived") from error
@@ -217,7 +218,8 @@ class _Server:
     async def read_json(self, request: Request) -> Dict[str, Any]:
         check_declared_length(request, MAX_JSON_BYTES)
         if self.tokens is None and not browsers.is_json(request.headers.get("content-type", "")):
-            raise ApiError(415, wire.KIND_BAD_REQUEST, "send the request's JSON with Content-Type: application/json")
+            raise ApiError(415, protocol.KIND_BAD_REQUEST,
+                           "send the request's JSON with Content-Type: application/json")
         body = await self.read_body(request, MAX_JSON_BYTES)
         try:
             value = json.loads(body) if body else {}
@@ -241,7 +243,7 @@ class _Server:
                 with self.budget.reserve(self._work_bytes(hosted, kind), what):
                     return work(hosted.session)
             except SessionInputError as error:
-                raise ApiError(400, wire.KIND_INPUT, str(error)) from error
+                raise ApiError(400, protocol.KIND_INPUT, str(error)) from error
             except (ApiError, OverBudgetError):
                 raise
             except Exception:
@@ -285,8 +287,8 @@ class _Server:
     def array_of(self, digest: str, what: str) -> np.ndarray:
         array = self.images.get(digest)
         if array is None:
-            raise ApiError(404, wire.KIND_UNKNOWN_IMAGE, f"the server does not hold the {what} {digest}: upload it "
-                           f"with PUT {wire.API}/images/{digest}", image=digest)
+            raise ApiError(404, protocol.KIND_UNKNOWN_IMAGE, f"the server does not hold the {what} {digest}: upload it "
+                           f"with PUT {protocol.API}/images/{digest}", image=digest)
         return array
 
     def initial_mask(self, body: Mapping[str, Any]) -> Optional[Tuple[np.ndarray, Optional[Geometry]]]:
@@ -361,24 +363,24 @@ class _Server:
 
     async def has_image(self, digest: str, request: Request) -> Response:
         await self.authorize(request)
-        return Response(status_code=200 if wire.is_digest(digest) and self.images.get(digest) is not None else 404)
+        return Response(status_code=200 if protocol.is_digest(digest) and self.images.get(digest) is not None else 404)
 
     async def put_image(self, digest: str, request: Request) -> Response:
         await self.authorize(request)
         parse_digest(digest, "the image's name")
-        dtype = wire.parse_dtype(request.headers.get(wire.DTYPE_HEADER, ""))
-        shape = wire.parse_shape(request.headers.get(wire.SHAPE_HEADER, ""))
+        dtype = protocol.parse_dtype(request.headers.get(protocol.DTYPE_HEADER, ""))
+        shape = protocol.parse_shape(request.headers.get(protocol.SHAPE_HEADER, ""))
         raw_bytes = math.prod(shape) * dtype.itemsize
         if raw_bytes > self.max_image_bytes:
-            raise ApiError(413, wire.KIND_TOO_LARGE, f"the array is {raw_bytes / 2**20:.1f} MiB; this server takes "
+            raise ApiError(413, protocol.KIND_TOO_LARGE, f"the array is {raw_bytes / 2**20:.1f} MiB; this server takes "
                            f"at most {self.max_image_bytes / 2**20:.1f} MiB (ctsam3d serve --max-image-mb)")
-        compressed_limit = wire.compressed_limit(raw_bytes)
+        compressed_limit = protocol.compressed_limit(raw_bytes)
         check_declared_length(request, compressed_limit)
         needed = raw_bytes + upload_overhead_bytes(raw_bytes)
         if needed > self.budget.limit_bytes:
-            raise ApiError(413, wire.KIND_TOO_LARGE, f"receiving the array takes {needed / 2**20:.1f} MiB, more than "
-                           f"this server's whole memory budget ({self.budget.limit_bytes / 2**20:.1f} MiB, ctsam3d "
-                           "serve --max-memory-mb)")
+            raise ApiError(413, protocol.KIND_TOO_LARGE,
+                           f"receiving the array takes {needed / 2**20:.1f} MiB, more than this server's whole "
+                           f"memory budget ({self.budget.limit_bytes / 2**20:.1f} MiB, ctsam3d serve --max-memory-mb)")
         reservation = self.budget.reserve(needed, "this upload")
         try:
             array = await receive_array(request.stream(), dtype, shape, digest, compressed_limit)
@@ -400,7 +402,7 @@ class _Server:
         options = parse_options(body.get("options"), self.max_patches)
         covered = bounds.patch_source_voxels(array.shape[::-1], geometry.spacing, geometry.direction)
         if covered > self.max_patch_source_voxels:
-            raise ApiError(400, wire.KIND_INPUT, f"at this spacing and direction one 96 mm patch covers {covered} "
+            raise ApiError(400, protocol.KIND_INPUT, f"at this spacing and direction one 96 mm patch covers {covered} "
                            f"voxels of the image; this server takes at most {self.max_patch_source_voxels}: "
                            "resample the image to a coarser spacing")
         initial = self.initial_mask(body)
@@ -427,7 +429,7 @@ class _Server:
                     session = InteractiveSession(self.network, image, device=self.device, precision=self.precision,
                                                  initial_mask=self.mask_image(initial, image), **options)
                 except ValueError as error:  # SessionInputError, or an option the session refuses
-                    raise ApiError(400, wire.KIND_INPUT, str(error)) from error
+                    raise ApiError(400, protocol.KIND_INPUT, str(error)) from error
             cautions.extend(str(warning.message) for warning in caught)
             return _Hosted(session, state, state_bytes, covered, new_patches)
 
@@ -483,7 +485,7 @@ class _Server:
             try:
                 return _Outcome.of(session, session.undo())
             except IndexError as error:
-                raise ApiError(409, wire.KIND_NOTHING_TO_UNDO, str(error)) from error
+                raise ApiError(409, protocol.KIND_NOTHING_TO_UNDO, str(error)) from error
 
         return await self.answer(request, session_id, owner, "undo", work)
 
@@ -642,13 +644,13 @@ def create_app(
     app = FastAPI(title="CT-SAM3D", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
     app.state.server = server
-    session = f"{wire.API}/sessions/{{session_id}}"
+    session = f"{protocol.API}/sessions/{{session_id}}"
     for path, methods, endpoint in [
         ("/health", ["GET"], server.health),
         ("/metrics", ["GET"], server.metrics_text),
-        (f"{wire.API}/images/{{digest}}", ["HEAD"], server.has_image),
-        (f"{wire.API}/images/{{digest}}", ["PUT"], server.put_image),
-        (f"{wire.API}/sessions", ["POST"], server.open_session),
+        (f"{protocol.API}/images/{{digest}}", ["HEAD"], server.has_image),
+        (f"{protocol.API}/images/{{digest}}", ["PUT"], server.put_image),
+        (f"{protocol.API}/sessions", ["POST"], server.open_session),
         (f"{session}/click", ["POST"], server.click),
         (f"{session}/box", ["POST"], server.box),
         (f"{session}/undo", ["POST"], server.undo),
@@ -660,37 +662,37 @@ def create_app(
         app.add_api_route(path, endpoint, methods=methods)
 
     refusals: Dict[type, Tuple[int, str]] = {
-        UnknownSessionError: (404, wire.KIND_UNKNOWN_SESSION),
-        SessionsFullError: (503, wire.KIND_BUSY),
-        QueueFullError: (429, wire.KIND_BUSY),
+        UnknownSessionError: (404, protocol.KIND_UNKNOWN_SESSION),
+        SessionsFullError: (503, protocol.KIND_BUSY),
+        QueueFullError: (429, protocol.KIND_BUSY),
     }
 
     async def refused(_: Request, error: Exception) -> JSONResponse:
         if isinstance(error, ApiError):
             headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
             return _error_response(error.status, error.kind, str(error), headers, **error.extra)
-        if isinstance(error, wire.WireError):
+        if isinstance(error, protocol.WireError):
             return _error_response(error.status, error.kind, str(error))
         if isinstance(error, ClientGoneError):
-            return _error_response(400, wire.KIND_BAD_REQUEST, "the client went away before its answer was ready")
+            return _error_response(400, protocol.KIND_BAD_REQUEST, "the client went away before its answer was ready")
         if isinstance(error, OverBudgetError):
-            return _error_response(503, wire.KIND_BUSY, str(error), {"Retry-After": str(error.retry_after_s)})
+            return _error_response(503, protocol.KIND_BUSY, str(error), {"Retry-After": str(error.retry_after_s)})
         if isinstance(error, UnknownSessionError):
-            return _error_response(404, wire.KIND_UNKNOWN_SESSION, "no such session: it was closed, expired, or "
+            return _error_response(404, protocol.KIND_UNKNOWN_SESSION, "no such session: it was closed, expired, or "
                                    "never opened (with this token)")
         status, kind = refusals[type(error)]
         return _error_response(status, kind, str(error))
 
     async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        kind = wire.KIND_NOT_FOUND if error.status_code == 404 else wire.KIND_BAD_REQUEST
+        kind = protocol.KIND_NOT_FOUND if error.status_code == 404 else protocol.KIND_BAD_REQUEST
         return _error_response(error.status_code, kind, str(error.detail), dict(error.headers or {}))
 
     async def crashed(request: Request, error: Exception) -> JSONResponse:
         log.error("%s %s failed", request.method, request.url.path, exc_info=error)
-        return _error_response(500, wire.KIND_INTERNAL, f"internal server error ({type(error).__name__}; the "
+        return _error_response(500, protocol.KIND_INTERNAL, f"internal server error ({type(error).__name__}; the "
                                "server's log has the details)")
 
-    for error_type in (ApiError, wire.WireError, OverBudgetError, ClientGoneError, *refusals):
+    for error_type in (ApiError, protocol.WireError, OverBudgetError, ClientGoneError, *refusals):
         app.add_exception_handler(error_type, refused)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, crashed)

@@ -11,7 +11,8 @@ import numpy as np
 import SimpleITK as sitk
 from starlette.requests import Request
 
-from . import bounds, wire
+from .. import protocol
+from . import bounds
 
 SESSION_OPTIONS = ("cross_patch", "max_patches", "box_lps", "cross_patch_box_lps")
 """``InteractiveSession`` options a client may choose; device, precision and sampling are the server's."""
@@ -26,7 +27,7 @@ class ApiError(Exception):
 
 
 def bad_request(message: str) -> ApiError:
-    return ApiError(400, wire.KIND_BAD_REQUEST, message)
+    return ApiError(400, protocol.KIND_BAD_REQUEST, message)
 
 
 def parse_number(value: Any, what: str) -> float:
@@ -73,7 +74,7 @@ def parse_expected_clicks(body: Mapping[str, Any]) -> Optional[int]:
 
 
 def parse_digest(value: Any, what: str) -> str:
-    if not wire.is_digest(value):
+    if not protocol.is_digest(value):
         raise bad_request(f"{what} must be a SHA-256 in lowercase hex")
     return value
 
@@ -82,10 +83,10 @@ def check_declared_length(request: Request, limit: int) -> None:
     """413 when the request's Content-Length passes ``limit``, before anything is read."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not wire.is_whole_number(declared.strip()):
+        if not protocol.is_whole_number(declared.strip()):
             raise bad_request("Content-Length is not a whole number")
         if int(declared) > limit:
-            raise ApiError(413, wire.KIND_TOO_LARGE, f"the body is {int(declared)} bytes; this request takes "
+            raise ApiError(413, protocol.KIND_TOO_LARGE, f"the body is {int(declared)} bytes; this request takes "
                            f"at most {limit}")
 
 
@@ -134,7 +135,7 @@ def parse_options(value: Any, max_patches: int) -> Dict[str, Any]:
     if value.get("max_patches") is not None:
         options["max_patches"] = parse_whole(value["max_patches"], "max_patches")
         if options["max_patches"] > max_patches:
-            raise ApiError(400, wire.KIND_INPUT, f"max_patches is at most {max_patches} on this server (ctsam3d "
+            raise ApiError(400, protocol.KIND_INPUT, f"max_patches is at most {max_patches} on this server (ctsam3d "
                            f"serve --max-patches), got {options['max_patches']}")
     for name in ("box_lps", "cross_patch_box_lps"):
         if value.get(name) is not None:

@@ -14,7 +14,7 @@ from typing import AsyncIterator, Tuple
 import numpy as np
 from starlette.concurrency import run_in_threadpool
 
-from . import wire
+from .. import protocol
 
 INFLATE_STEP_BYTES = 8 << 20
 """Most bytes one step of inflating produces (a small compressed chunk may stand for a gigabyte)."""
@@ -27,13 +27,13 @@ def upload_overhead_bytes(raw_bytes: int) -> int:
 
 
 class _Inflation:
-    """A zlib stream inflated into ``buffer``, hashed as ``wire.array_digest`` hashes the array."""
+    """A zlib stream inflated into ``buffer``, hashed as ``protocol.array_digest`` hashes the array."""
 
     def __init__(self, dtype: np.dtype, shape: Tuple[int, int, int]) -> None:
         self.expected = math.prod(shape) * dtype.itemsize
         self.buffer = np.empty(self.expected, dtype=np.uint8)
         self.filled = 0
-        self.digest = wire.digest_start(dtype, shape)
+        self.digest = protocol.digest_start(dtype, shape)
         self._inflater = zlib.decompressobj()
 
     def feed(self, chunk: bytes) -> None:
@@ -42,23 +42,25 @@ class _Inflation:
             try:
                 data = self._inflater.decompress(chunk, min(room + 1, INFLATE_STEP_BYTES))
             except zlib.error as error:
-                raise wire.WireError(f"the body is not zlib-compressed data ({error})") from error
+                raise protocol.WireError(f"the body is not zlib-compressed data ({error})") from error
             if len(data) > room:
-                raise wire.WireError(f"the body decompresses to more than the {self.expected} bytes its dtype and "
-                                     "shape state", status=413, kind=wire.KIND_TOO_LARGE)
+                raise protocol.WireError(f"the body decompresses to more than the {self.expected} bytes its dtype and "
+                                     "shape state", status=413, kind=protocol.KIND_TOO_LARGE)
             self.buffer[self.filled:self.filled + len(data)] = np.frombuffer(data, dtype=np.uint8)
             self.digest.update(data)
             self.filled += len(data)
             chunk = self._inflater.unconsumed_tail
             if self._inflater.eof and self._inflater.unused_data:
-                raise wire.WireError(f"{len(self._inflater.unused_data)} bytes follow the end of the compressed body")
+                raise protocol.WireError(
+                    f"{len(self._inflater.unused_data)} bytes follow the end of the compressed body")
 
     def finish(self) -> str:
         """The array's digest, once the stream ended with exactly the stated bytes."""
         if not self._inflater.eof:
-            raise wire.WireError(f"the compressed body is truncated: it gives {self.filled} of {self.expected} bytes")
+            raise protocol.WireError(
+                f"the compressed body is truncated: it gives {self.filled} of {self.expected} bytes")
         if self.filled != self.expected:
-            raise wire.WireError(f"the body decompresses to {self.filled} bytes, but its dtype and shape make "
+            raise protocol.WireError(f"the body decompresses to {self.filled} bytes, but its dtype and shape make "
                                  f"{self.expected}")
         return self.digest.hexdigest()
 
@@ -73,12 +75,12 @@ async def receive_array(chunks: AsyncIterator[bytes], dtype: np.dtype, shape: Tu
     async for chunk in chunks:
         received += len(chunk)
         if received > compressed_limit:
-            raise wire.WireError(f"the body exceeds the {compressed_limit} bytes this request takes", status=413,
-                                 kind=wire.KIND_TOO_LARGE)
+            raise protocol.WireError(f"the body exceeds the {compressed_limit} bytes this request takes", status=413,
+                                 kind=protocol.KIND_TOO_LARGE)
         if chunk:
             await run_in_threadpool(inflation.feed, chunk)
     found = await run_in_threadpool(inflation.finish)
     if found != digest:
-        raise wire.WireError(f"the upload's SHA-256 (of its voxels, dtype and shape) is {found}, not the {digest} "
+        raise protocol.WireError(f"the upload's SHA-256 (of its voxels, dtype and shape) is {found}, not the {digest} "
                              "it was sent as")
     return inflation.buffer.view(dtype).reshape(shape)

@@ -17,9 +17,9 @@ import SimpleITK as sitk
 from server_helpers import Servers, SlowNet, WatchedNet, free_port, inside, request, wait_until, zlib_bomb
 from standins import CrossPatchThresholdNet
 
+from CTSAM3DLib import protocol
 from CTSAM3DLib.interface import SessionInputError
 from CTSAM3DLib.remote import RemoteSession, ServerError, server_health
-from CTSAM3DLib.server import wire
 from CTSAM3DLib.server.app import BackgroundServer, create_app
 from CTSAM3DLib.server.registry import FairQueue, QueueFullError
 from CTSAM3DLib.session import InteractiveSession
@@ -52,7 +52,7 @@ def assert_same_update(remote_update, local_update):
 
 
 def session_path(session, action=""):
-    return f"{wire.API}/sessions/{session.session_id}" + (f"/{action}" if action else "")
+    return f"{protocol.API}/sessions/{session.session_id}" + (f"/{action}" if action else "")
 
 
 # ------------------------------------------------------------------------------------------- parity
@@ -84,7 +84,7 @@ def test_remote_session_gives_what_a_local_session_gives(serve, abdomen):
     assert status == 200 and health["sessions"] == 1 and health["queue"] == 0 and health["device"] == "cpu"
     status, metrics = request(server.url, "GET", "/metrics", token=TOKEN)
     text = metrics.decode()
-    click_route = f'route="{wire.API}/sessions/{{session_id}}/click",method="POST"'
+    click_route = f'route="{protocol.API}/sessions/{{session_id}}/click",method="POST"'
     assert f"ctsam3d_request_duration_seconds_count{{{click_route}}} 4" in text
     assert "ctsam3d_sessions_open 1" in text and "ctsam3d_sessions_created_total 1" in text
     assert "ctsam3d_queue_length 0" in text and "process_resident_memory_bytes" in text
@@ -97,8 +97,8 @@ def test_a_second_session_on_the_same_image_uploads_nothing(serve, abdomen):
     with RemoteSession(server.url, abdomen), RemoteSession(server.url, abdomen):
         pass
     _, metrics = request(server.url, "GET", "/metrics")
-    assert f'route="{wire.API}/images/{{digest}}",method="PUT",status="201"}} 1' in metrics.decode()
-    assert f'route="{wire.API}/images/{{digest}}",method="HEAD",status="200"}} 1' in metrics.decode()
+    assert f'route="{protocol.API}/images/{{digest}}",method="PUT",status="201"}} 1' in metrics.decode()
+    assert f'route="{protocol.API}/images/{{digest}}",method="HEAD",status="200"}} 1' in metrics.decode()
 
 
 def test_the_client_runs_without_torch(serve, abdomen, data_dir):
@@ -123,7 +123,7 @@ def test_the_client_runs_without_torch(serve, abdomen, data_dir):
 def test_requests_without_the_right_token_are_refused(serve, abdomen):
     server = serve(tokens=[TOKEN, OTHER_TOKEN])
     for token in (None, "wrong", TOKEN + "x"):
-        status, answer = request(server.url, "POST", f"{wire.API}/sessions", {}, token=token)
+        status, answer = request(server.url, "POST", f"{protocol.API}/sessions", {}, token=token)
         assert status == 401 and answer["kind"] == "unauthorized"
     assert request(server.url, "GET", "/metrics")[0] == 401
     assert request(server.url, "GET", "/health")[0] == 200
@@ -147,7 +147,7 @@ def test_session_ids_cannot_be_guessed(serve, abdomen):
     ids = [session.session_id for session in sessions]
     assert len(set(ids)) == 3 and all(len(i) >= 32 for i in ids)
     for forged in ("1", "0" * 32, ids[0][:-1] + ("A" if ids[0][-1] != "A" else "B"), "../sessions"):
-        status, answer = request(server.url, "POST", f"{wire.API}/sessions/{forged}/click",
+        status, answer = request(server.url, "POST", f"{protocol.API}/sessions/{forged}/click",
                                  {"point_lps": list(inside(abdomen, 60, 50, 15))})
         assert status == 404, forged
     assert all(len(session.clicks) == 0 for session in sessions)
@@ -156,7 +156,7 @@ def test_session_ids_cannot_be_guessed(serve, abdomen):
 
 # ------------------------------------------------------------------------------------------- bad requests
 def upload_headers(dtype="int16", shape="64,64,64"):
-    return {wire.DTYPE_HEADER: dtype, wire.SHAPE_HEADER: shape}
+    return {protocol.DTYPE_HEADER: dtype, protocol.SHAPE_HEADER: shape}
 
 
 def test_malformed_requests_are_refused_with_one_line_errors(serve, abdomen):
@@ -164,7 +164,7 @@ def test_malformed_requests_are_refused_with_one_line_errors(serve, abdomen):
     session = RemoteSession(server.url, abdomen)
     point = list(inside(abdomen, 60, 50, 15))
     array = np.zeros((4, 5, 6), dtype=np.int16)
-    digest = wire.array_digest(array)
+    digest = protocol.array_digest(array)
     body = zlib.compress(array.tobytes())
     cases = [
         ("POST", session_path(session, "click"), b"{not json", {"Content-Type": "application/json"}, "bad_request"),
@@ -175,33 +175,34 @@ def test_malformed_requests_are_refused_with_one_line_errors(serve, abdomen):
         ("POST", session_path(session, "click"), {"point_lps": point, "expected_clicks": 0.5}, {}, "bad_request"),
         ("POST", session_path(session, "box"), {"corners_lps": [point]}, {}, "bad_request"),
         ("PUT", session_path(session, "clicks"), {"clicks": [point]}, {}, "bad_request"),
-        ("POST", f"{wire.API}/sessions", {"image": "abc"}, {}, "bad_request"),
-        ("POST", f"{wire.API}/sessions", {"image": digest, "origin": [0, 0], "spacing": [1, 1, 1],
+        ("POST", f"{protocol.API}/sessions", {"image": "abc"}, {}, "bad_request"),
+        ("POST", f"{protocol.API}/sessions", {"image": digest, "origin": [0, 0], "spacing": [1, 1, 1],
                                           "direction": [1, 0, 0, 0, 1, 0, 0, 0, 1]}, {}, "unknown_image"),
-        ("PUT", f"{wire.API}/images/{digest}", body, upload_headers("complex64", "4,5,6"), "bad_request"),
-        ("PUT", f"{wire.API}/images/{digest}", body, upload_headers("int16", "4,5"), "bad_request"),
-        ("PUT", f"{wire.API}/images/{digest}", body, upload_headers("int16", "4,5,\u00b2"), "bad_request"),
-        ("PUT", f"{wire.API}/images/{digest}", body, upload_headers("int16", "4,5,7"), "bad_request"),
-        ("PUT", f"{wire.API}/images/{digest}", body[:-10], upload_headers("int16", "4,5,6"), "bad_request"),
-        ("PUT", f"{wire.API}/images/{digest}", b"not zlib", upload_headers("int16", "4,5,6"), "bad_request"),
-        ("PUT", f"{wire.API}/images/{digest}", zlib.compress(bytes(240)), upload_headers("uint16", "4,5,6"),
+        ("PUT", f"{protocol.API}/images/{digest}", body, upload_headers("complex64", "4,5,6"), "bad_request"),
+        ("PUT", f"{protocol.API}/images/{digest}", body, upload_headers("int16", "4,5"), "bad_request"),
+        ("PUT", f"{protocol.API}/images/{digest}", body, upload_headers("int16", "4,5,\u00b2"), "bad_request"),
+        ("PUT", f"{protocol.API}/images/{digest}", body, upload_headers("int16", "4,5,7"), "bad_request"),
+        ("PUT", f"{protocol.API}/images/{digest}", body[:-10], upload_headers("int16", "4,5,6"), "bad_request"),
+        ("PUT", f"{protocol.API}/images/{digest}", b"not zlib", upload_headers("int16", "4,5,6"), "bad_request"),
+        ("PUT", f"{protocol.API}/images/{digest}", zlib.compress(bytes(240)), upload_headers("uint16", "4,5,6"),
          "bad_request"),
-        ("PUT", f"{wire.API}/images/{'f' * 64}", body, upload_headers("int16", "4,5,6"), "bad_request"),
-        ("PUT", f"{wire.API}/images/not-a-digest", body, upload_headers("int16", "4,5,6"), "bad_request"),
+        ("PUT", f"{protocol.API}/images/{'f' * 64}", body, upload_headers("int16", "4,5,6"), "bad_request"),
+        ("PUT", f"{protocol.API}/images/not-a-digest", body, upload_headers("int16", "4,5,6"), "bad_request"),
     ]
     for method, path, payload, headers, kind in cases:
         status, answer = request(server.url, method, path, payload, headers)
         expected = 404 if kind == "unknown_image" else 400
         assert status == expected and answer["kind"] == kind, (path, payload, answer)
         assert "\n" not in answer["error"] and answer["error"]
-    status, answer = request(server.url, "GET", f"{wire.API}/nothing-here")
+    status, answer = request(server.url, "GET", f"{protocol.API}/nothing-here")
     assert status == 404 and answer["kind"] == "not_found"
     with pytest.raises(SessionInputError, match="at most 256 clicks"):
         session.set_clicks([(point, True)] * 257)
     # The session was not touched, and the right upload is taken.
     assert request(server.url, "GET", session_path(session, "mask"))[1]["clicks"] == 0
-    assert request(server.url, "PUT", f"{wire.API}/images/{digest}", body, upload_headers("int16", "4,5,6"))[0] == 201
-    assert request(server.url, "HEAD", f"{wire.API}/images/{digest}")[0] == 200
+    upload = request(server.url, "PUT", f"{protocol.API}/images/{digest}", body, upload_headers("int16", "4,5,6"))
+    assert upload[0] == 201
+    assert request(server.url, "HEAD", f"{protocol.API}/images/{digest}")[0] == 200
 
 
 def test_bad_input_reaches_the_client_as_the_local_session_errors(serve, abdomen):
@@ -249,18 +250,18 @@ def test_oversized_bodies_are_refused_before_they_are_read(serve, abdomen):
     digest = "a" * 64
     # The stated array is too large, or its Content-Length: refused from the headers alone, no body sent.
     for headers in (upload_headers("float64", "256,256,256"), upload_headers("int16", "64,64,64")):
-        status, answer = headers_only(server.port, f"PUT {wire.API}/images/{digest}",
+        status, answer = headers_only(server.port, f"PUT {protocol.API}/images/{digest}",
                                       {**headers, "Content-Length": str(10 << 20)})
         assert status == 413 and answer["kind"] == "too_large", answer
     # A chunked body states no length: it is cut off once it passes the limit (263 kB here), even when it is
     # a valid stream that inflates to nothing (empty blocks, 5 bytes each).
     empty_blocks = b"x\x9c" + b"\x00\x00\x00\xff\xff" * 60000
-    status, answer = headers_only(server.port, f"PUT {wire.API}/images/{digest}",
+    status, answer = headers_only(server.port, f"PUT {protocol.API}/images/{digest}",
                                   {**upload_headers("uint8", "64,64,64"), "Transfer-Encoding": "chunked"},
                                   b"".join(b"%x\r\n" % len(part) + part + b"\r\n" for part in
                                            (empty_blocks[i:i + 65536] for i in range(0, len(empty_blocks), 65536))))
     assert status == 413 and "exceeds" in answer["error"], answer
-    status, answer = request(server.url, "POST", f"{wire.API}/sessions", b"{" + b" " * (2 << 20) + b"}")
+    status, answer = request(server.url, "POST", f"{protocol.API}/sessions", b"{" + b" " * (2 << 20) + b"}")
     assert status == 413
     big = sitk.Image([128, 128, 40], sitk.sitkFloat32)
     with pytest.raises(SessionInputError, match="at most 1.0 MiB"):
@@ -274,7 +275,7 @@ def test_a_compression_bomb_is_refused_without_being_expanded(serve, abdomen):
     assert len(bomb) < 2 << 20
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     started = time.perf_counter()
-    status, answer = request(server.url, "PUT", f"{wire.API}/images/{'b' * 64}", bomb,
+    status, answer = request(server.url, "PUT", f"{protocol.API}/images/{'b' * 64}", bomb,
                              upload_headers("int16", "128,128,128"))  # states 4 MiB
     elapsed = time.perf_counter() - started
     peak_growth = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - peak_before
@@ -389,7 +390,7 @@ def test_a_client_that_disconnects_mid_click_leaves_the_session_consistent(serve
     assert status == 200 and answer["clicks"] in (1, 2)
     here = local(abdomen)
     here.set_clicks([(a, True), (b, False)][:answer["clicks"]])
-    np.testing.assert_array_equal(wire.decode_update(answer["update"], here.mask_array().shape).mask,
+    np.testing.assert_array_equal(protocol.decode_update(answer["update"], here.mask_array().shape).mask,
                                   here.mask_array())
     # The client, which never saw that click, carries on from its own prompts.
     here.set_clicks([(a, True)])

@@ -13,9 +13,9 @@ import SimpleITK as sitk
 from server_helpers import Servers, SlowNet, inside, request, wait_until, zlib_bomb
 from standins import CrossPatchThresholdNet
 
+from CTSAM3DLib import protocol
 from CTSAM3DLib.interface import SessionInputError
 from CTSAM3DLib.remote import RemoteSession, ServerError
-from CTSAM3DLib.server import wire
 from CTSAM3DLib.session import InteractiveSession
 
 IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
@@ -35,7 +35,7 @@ def serve():
 
 
 def digest_of(image):
-    return wire.array_digest(sitk.GetArrayViewFromImage(image))
+    return protocol.array_digest(sitk.GetArrayViewFromImage(image))
 
 
 def open_body(image, **changes):
@@ -49,7 +49,7 @@ def test_max_patches_is_capped_by_the_server(serve, abdomen):
     """One click with max_patches 10**9 held the worker 447 s: the server caps the option (--max-patches)."""
     server = serve()
     RemoteSession(server.url, abdomen).close()  # uploads the image
-    status, answer = request(server.url, "POST", f"{wire.API}/sessions",
+    status, answer = request(server.url, "POST", f"{protocol.API}/sessions",
                              open_body(abdomen, options={"max_patches": 10**9}))
     assert status == 400 and answer["kind"] == "input" and "at most 64" in answer["error"], answer
     small = serve(max_patches=4)
@@ -68,7 +68,7 @@ def test_set_clicks_adds_a_bounded_number_of_clicks_per_request(serve, abdomen):
     points = [inside(abdomen, *xyz) for xyz in rng.uniform([10, 10, 3], [110, 90, 27], size=(20, 3))]
     clicks = [(point, bool(n % 3)) for n, point in enumerate(points)]
     remote = RemoteSession(server.url, abdomen, cross_patch=False)
-    status, answer = request(server.url, "PUT", f"{wire.API}/sessions/{remote.session_id}/clicks",
+    status, answer = request(server.url, "PUT", f"{protocol.API}/sessions/{remote.session_id}/clicks",
                              {"clicks": [[list(point), positive] for point, positive in clicks]})
     assert status == 200 and answer["clicks"] == 8, answer
     remote.close()
@@ -84,7 +84,7 @@ def test_set_clicks_adds_a_bounded_number_of_clicks_per_request(serve, abdomen):
     for wanted in (clicks[:3], clicks):
         remote.set_clicks(wanted), here.set_clicks(wanted)
         np.testing.assert_array_equal(remote.mask_array(), here.mask_array())
-    assert request(server.url, "GET", f"{wire.API}/sessions/{remote.session_id}/mask")[1]["clicks"] == 20
+    assert request(server.url, "GET", f"{protocol.API}/sessions/{remote.session_id}/mask")[1]["clicks"] == 20
 
 
 def test_a_patch_covering_too_many_source_voxels_is_refused_at_open(serve, abdomen):
@@ -114,16 +114,16 @@ def test_an_unphysical_geometry_is_refused_with_400(serve, abdomen, changes, mes
     failed click and undo failed too; a scaled or sheared direction was taken silently."""
     server = serve()
     RemoteSession(server.url, abdomen).close()
-    status, answer = request(server.url, "POST", f"{wire.API}/sessions", open_body(abdomen, **changes))
+    status, answer = request(server.url, "POST", f"{protocol.API}/sessions", open_body(abdomen, **changes))
     assert status == 400 and answer["kind"] == "bad_request" and message in answer["error"], answer
     rotated = open_body(abdomen, direction=[0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0])
-    assert request(server.url, "POST", f"{wire.API}/sessions", rotated)[0] == 201
+    assert request(server.url, "POST", f"{protocol.API}/sessions", rotated)[0] == 201
 
 
 def test_deeply_nested_json_is_a_400_not_a_500(serve):
     server = serve()
     for body in (b"[" * 100_000, b'{"image": ' + b"[" * 50_000 + b"}"):
-        status, answer = request(server.url, "POST", f"{wire.API}/sessions", body,
+        status, answer = request(server.url, "POST", f"{protocol.API}/sessions", body,
                                  {"Content-Type": "application/json"})
         assert status == 400 and answer["kind"] == "bad_request" and "nested too deeply" in answer["error"], answer
 
@@ -148,8 +148,8 @@ def test_uploads_beyond_the_memory_budget_are_refused_before_their_body_is_read(
     server = serve(max_memory_bytes=100 << 20, max_image_bytes=256 << 20)
     stated = 64 << 20
     bomb = zlib_bomb(stated, chunk_bytes=1 << 20)
-    head = (f"PUT {wire.API}/images/{'c' * 64} HTTP/1.1\r\nHost: 127.0.0.1\r\n{wire.DTYPE_HEADER}: uint8\r\n"
-            f"{wire.SHAPE_HEADER}: 64,1024,1024\r\nContent-Length: {len(bomb)}\r\n\r\n")
+    head = (f"PUT {protocol.API}/images/{'c' * 64} HTTP/1.1\r\nHost: 127.0.0.1\r\n{protocol.DTYPE_HEADER}: uint8\r\n"
+            f"{protocol.SHAPE_HEADER}: 64,1024,1024\r\nContent-Length: {len(bomb)}\r\n\r\n")
     slow = raw_socket(server.port, head, bomb[:1000])  # holds its reservation while it trickles
     wait_until(lambda: request(server.url, "GET", "/health")[1]["memory"]["reserved_bytes"] >= stated,
                what="the first upload's reservation")
@@ -194,7 +194,7 @@ def test_sessions_share_the_uploaded_image_and_are_bounded_by_the_budget(serve, 
     # needs) was dropped.
     assert len(sessions) == 3 and reserved[1] - reserved[0] == 2 * voxels
     assert reserved[2] == image_bytes + 3 * 2 * voxels <= state.budget.limit_bytes
-    assert request(server.url, "HEAD", f"{wire.API}/images/{digest_of(abdomen)}")[0] == 404
+    assert request(server.url, "HEAD", f"{protocol.API}/images/{digest_of(abdomen)}")[0] == 404
     for session in sessions:
         session.close()
     assert state.budget.used_bytes == 0 and len(state.session_images) == 0
@@ -206,7 +206,7 @@ def test_a_click_whose_work_the_budget_cannot_take_is_refused_and_changes_nothin
     with pytest.raises(ServerError, match="memory budget .* cannot take the work of this click") as refused:
         session.add_click(inside(abdomen, 60, 50, 15))
     assert refused.value.status == 503
-    status, answer = request(server.url, "GET", f"{wire.API}/sessions/{session.session_id}/mask")
+    status, answer = request(server.url, "GET", f"{protocol.API}/sessions/{session.session_id}/mask")
     assert status == 200 and answer["clicks"] == 0 and answer["patches_open"] == 0
     assert session.clicks == [] and session.mask_array().sum() == 0
     with pytest.raises(IndexError):
@@ -228,7 +228,7 @@ def test_the_worker_is_shared_per_token_before_per_session(serve, abdomen):
     finished = []
 
     def click(session, token, label):
-        status, _ = request(server.url, "POST", f"{wire.API}/sessions/{session.session_id}/click",
+        status, _ = request(server.url, "POST", f"{protocol.API}/sessions/{session.session_id}/click",
                             {"point_lps": list(point)}, token=token)
         finished.append((label, status))
 
@@ -266,7 +266,7 @@ def test_only_successful_requests_keep_a_session_alive(serve, abdomen):
     stale = {"point_lps": list(inside(abdomen, 60, 50, 15)), "expected_clicks": 99}
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        status, answer = request(server.url, "POST", f"{wire.API}/sessions/{session.session_id}/click", stale)
+        status, answer = request(server.url, "POST", f"{protocol.API}/sessions/{session.session_id}/click", stale)
         if status == 404:
             break
         assert status == 409, answer
@@ -293,12 +293,12 @@ def test_work_of_clients_that_hung_up_is_dropped(serve, abdomen):
     running.start()
     assert network.started.wait(10)
     for _ in range(3):
-        send_and_hang_up(server.port, "POST", f"{wire.API}/sessions/{other.session_id}/click",
+        send_and_hang_up(server.port, "POST", f"{protocol.API}/sessions/{other.session_id}/click",
                          {"point_lps": list(inside(abdomen, 40, 50, 15))})
-    send_and_hang_up(server.port, "POST", f"{wire.API}/sessions", open_body(abdomen))
+    send_and_hang_up(server.port, "POST", f"{protocol.API}/sessions", open_body(abdomen))
     wait_until(lambda: request(server.url, "GET", "/health")[1]["queue"] == 0, what="the queue to empty")
     running.join(30)
-    status, answer = request(server.url, "GET", f"{wire.API}/sessions/{other.session_id}/mask")
+    status, answer = request(server.url, "GET", f"{protocol.API}/sessions/{other.session_id}/mask")
     assert status == 200 and answer["clicks"] == 0
     assert request(server.url, "GET", "/health")[1]["sessions"] == 2
 
@@ -323,7 +323,7 @@ def test_slow_and_surplus_connections_are_closed(serve, abdomen):
     limits = ConnectionLimits(max_connections=8, header_timeout_s=1.0, body_timeout_s=1.0)
     server = serve(limits=limits)
     trickling = [raw_socket(server.port, "GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-a: ") for _ in range(12)]
-    body = raw_socket(server.port, f"POST {wire.API}/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+    body = raw_socket(server.port, f"POST {protocol.API}/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                                    "application/json\r\nContent-Length: 100\r\n\r\n", b"{")
     assert all(closed_by_server(connection) for connection in [*trickling, body])
     for connection in [*trickling, body]:
@@ -366,7 +366,7 @@ def test_a_server_without_tokens_refuses_other_sites_pages(serve, abdomen):
              ({"Origin": "http://localhost:3000", "Content-Type": "application/json"}, 201, ""),
              ({"Host": "[::1]:8000", "Content-Type": "application/json"}, 201, "")]
     for headers, expected, message in cases:
-        status, answer = request(server.url, "POST", f"{wire.API}/sessions", body, headers)
+        status, answer = request(server.url, "POST", f"{protocol.API}/sessions", body, headers)
         assert status == expected and message in answer.get("error", ""), (headers, answer)
     assert request(server.url, "GET", "/metrics", headers={"Host": "rebound.example"})[0] == 403
 
@@ -411,7 +411,7 @@ def test_a_failed_request_never_leaves_a_session_wedged(serve, abdomen, monkeypa
     with pytest.raises(ServerError) as failed:
         remote.add_click(second)
     assert failed.value.status == 500
-    status, answer = request(server.url, "GET", f"{wire.API}/sessions/{remote.session_id}/mask")
+    status, answer = request(server.url, "GET", f"{protocol.API}/sessions/{remote.session_id}/mask")
     assert status == 200 and answer["clicks"] == 1, answer  # exactly as before the failed click
     np.testing.assert_array_equal(remote.mask_array(), here.mask_array())
 
@@ -419,7 +419,7 @@ def test_a_failed_request_never_leaves_a_session_wedged(serve, abdomen, monkeypa
     renders.update(done=0, failing=2)
     with pytest.raises(ServerError):
         remote.set_clicks([(first, True), (second, True), (third, True)])  # the third click's rendering fails
-    status, _ = request(server.url, "GET", f"{wire.API}/sessions/{session_id}/mask")
+    status, _ = request(server.url, "GET", f"{protocol.API}/sessions/{session_id}/mask")
     assert status == 404  # not a session holding clicks its client was told failed
     monkeypatch.setattr(InteractiveSession, "_render_into_mask", render)
     remote.add_click(second)

@@ -1,4 +1,5 @@
-"""The wire format of ``ctsam3d serve``, shared by the server and ``RemoteSession`` (numpy and stdlib only).
+"""The wire format of ``ctsam3d serve``: the contract between the server and ``RemoteSession``, owned by
+neither (numpy and stdlib only).
 
 No pickle anywhere: requests and answers are JSON; arrays travel as zlib-compressed raw bytes in C
 order, (z, y, x), with their dtype (one of ``DTYPES``, little-endian) and shape stated beside them.
@@ -24,7 +25,7 @@ from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..interface import MaskUpdate
+from .interface import MaskUpdate
 
 API = "/v1"
 """Prefix of every versioned route."""
