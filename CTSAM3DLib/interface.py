@@ -5,6 +5,9 @@
   and the test stand-ins all have this shape.
 - ``Click``, ``MaskUpdate``, ``SessionInputError``, ``ProgressCallback``, ``checked_point``: what a
   session takes and gives back, and the check every click passes, here or on a server's client.
+- ``Segmenter``: what a session offers its callers, whether the network runs here
+  (``InteractiveSession``) or on a server (``RemoteSession``); ``kept_clicks``: the rule of
+  ``set_clicks`` both follow.
 
 This module needs numpy only (torch is named for type checkers), so that a client that runs the
 network elsewhere can use it without torch.
@@ -13,11 +16,24 @@ network elsewhere can use it without torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, List, NamedTuple, Optional, Protocol, Tuple, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    NamedTuple,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+    runtime_checkable,
+)
 
 import numpy as np
 
 if TYPE_CHECKING:
+    import SimpleITK as sitk
     import torch
 
 
@@ -116,3 +132,48 @@ class MaskUpdate:
         """Writes the box into a whole-image (z, y, x) mask array."""
         if not self.empty:
             volume[self.slices] = self.mask
+
+
+def kept_clicks(wanted: Sequence[Click], current: Sequence[Click]) -> int:
+    """How many clicks at the start of ``current`` a ``set_clicks(wanted)`` keeps: those it shares with
+    ``wanted``, in order; the rest are undone and ``wanted``'s remainder added."""
+    kept = 0
+    while kept < min(len(wanted), len(current)) and wanted[kept] == current[kept]:
+        kept += 1
+    return kept
+
+
+@runtime_checkable
+class Segmenter(Protocol):
+    """A click-driven segmentation of one CT, wherever its network runs: ``InteractiveSession`` here,
+    ``RemoteSession`` on a ``ctsam3d serve`` server. Points are LPS millimetres; every call that changes
+    the mask returns what it changed."""
+
+    last_timing: Dict[str, float]
+    """Seconds per step of the last call, and its patch counts."""
+
+    @property
+    def clicks(self) -> List[Click]: ...
+
+    @property
+    def patch_count(self) -> int: ...
+
+    @property
+    def mask(self) -> sitk.Image:
+        """The whole mask, uint8 0/1 in the CT's geometry."""
+
+    def mask_array(self) -> np.ndarray:
+        """A copy of the whole mask, (z, y, x) uint8."""
+
+    def add_click(self, point_lps: Sequence[float], positive: bool = True,
+                  progress: Optional[ProgressCallback] = None) -> MaskUpdate: ...
+
+    def add_box(self, corner_a_lps: Sequence[float], corner_b_lps: Sequence[float],
+                progress: Optional[ProgressCallback] = None) -> MaskUpdate: ...
+
+    def undo(self) -> MaskUpdate: ...
+
+    def set_clicks(self, clicks: Sequence[Tuple[Sequence[float], bool]],
+                   progress: Optional[ProgressCallback] = None) -> MaskUpdate: ...
+
+    def reset(self, initial_mask: Optional[sitk.Image] = None) -> None: ...

@@ -35,7 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__, protocol
-from .interface import Click, MaskUpdate, ProgressCallback, SessionInputError, checked_point
+from .interface import Click, MaskUpdate, ProgressCallback, SessionInputError, checked_point, kept_clicks
 
 __all__ = ["RemoteSession", "ServerError", "server_health"]
 
@@ -318,10 +318,8 @@ class RemoteSession:
         payload = {"clicks": [[list(c.point_lps), c.positive] for c in wanted]}
         updates = [self._apply(answer) for answer in self._in_steps(lambda: self._on_session("PUT", "clicks", payload),
                                                                     len(wanted))]
-        common = 0
-        while common < min(len(wanted), len(self._prompts)) and self._prompts[common].click == wanted[common]:
-            common += 1
-        self._prompts = self._prompts[:common] + [_Prompt(click) for click in wanted[common:]]
+        kept = kept_clicks(wanted, [prompt.click for prompt in self._prompts])
+        self._prompts = self._prompts[:kept] + [_Prompt(click) for click in wanted[kept:]]
         return self._finish(self._enclosing(updates), progress)
 
     def reset(self, initial_mask: Optional[sitk.Image] = None) -> None:

@@ -49,6 +49,7 @@ from .interface import (
     PromptableNetwork,
     SessionInputError,
     checked_point,
+    kept_clicks,
 )
 from .open_patches import OpenPatches, PatchChanges, StepTimes
 from .patch import Patch
@@ -240,11 +241,9 @@ class InteractiveSession:
         click, the clicks before it stay applied."""
         wanted = [Click(self._checked_point(point), bool(positive)) for point, positive in clicks]
         current = self.clicks
-        common = 0
-        while common < min(len(wanted), len(current)) and wanted[common] == current[common]:
-            common += 1
-        changed = [self._take_back() for _ in range(len(current) - common)]
-        changed += [self._apply_click(click, progress, preview) for click in wanted[common:]]
+        kept = kept_clicks(wanted, current)
+        changed = [self._take_back() for _ in range(len(current) - kept)]
+        changed += [self._apply_click(click, progress, preview) for click in wanted[kept:]]
         return self._update(enclosing_region(changed))
 
     # ----------------------------------------------------------------- internals

@@ -17,15 +17,15 @@ import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
 from CTSAM3DLib.constants import MAX_OPEN_PATCHES
+from CTSAM3DLib.interface import Segmenter
 from CTSAM3DLib.world import ras_to_lps
 
 from . import coordinates, dependencies, weights
 from .worker import InferenceWorker, waitProcessingEvents
 
-SessionFactory = Callable[..., Any]
+SessionFactory = Callable[..., Segmenter]
 """(network, image in world LPS, device, cross_patch=..., max_patches=..., initial_mask=..., box_lps=...) ->
-an object with CTSAM3DLib.InteractiveSession's interface (``set_clicks(clicks, progress=...)`` returning a
-``MaskUpdate``, ``mask``, ...)."""
+a ``CTSAM3DLib.interface.Segmenter`` (an ``InteractiveSession`` here, or a ``RemoteSession``)."""
 
 
 class Prediction(NamedTuple):

@@ -12,6 +12,7 @@ from ..constants import MAX_OPEN_PATCHES
 from ..files import check_output_path
 from ..image_files import image_suffix, read_image, write_image_atomically
 from ..inference import PRECISIONS
+from ..interface import Segmenter
 from ..world import ras_to_lps
 from .prompt_files import parse_numbers, parse_point, read_points_file
 from .remote_options import add_server_arguments, check_server_arguments, server_errors
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _prompt(session: Any, box: Optional[Tuple[Point, Point]], clicks: List[Tuple[Point, bool]],
+def _prompt(session: Segmenter, box: Optional[Tuple[Point, Point]], clicks: List[Tuple[Point, bool]],
             initial_mask_path: Optional[Path]) -> None:
     """Gives the session (local or remote) the box, first, and the clicks, printing what each took and the
     box of voxels it changed (the whole mask is built once, for the file)."""
@@ -186,7 +187,7 @@ def patch_progress(what: str) -> Callable[[int, int], None]:
     return show
 
 
-def _local_session(args: argparse.Namespace, image: Any, options: Dict[str, Any]) -> Any:
+def _local_session(args: argparse.Namespace, image: Any, options: Dict[str, Any]) -> Segmenter:
     from .. import InteractiveSession, load_checkpoint
 
     started = time.perf_counter()
@@ -198,7 +199,7 @@ def _local_session(args: argparse.Namespace, image: Any, options: Dict[str, Any]
     return session
 
 
-def _remote_session(url: str, token: Optional[str], image: Any, options: Dict[str, Any]) -> Any:
+def _remote_session(url: str, token: Optional[str], image: Any, options: Dict[str, Any]) -> Segmenter:
     from ..remote import RemoteSession
 
     started = time.perf_counter()

@@ -460,3 +460,22 @@ def test_the_fair_queue_takes_keys_in_turn_and_each_key_in_order():
         future.result(10)
     queue.stop()
     assert ran == ["b1", "c1", "a1", "b2", "a2", "a3"]
+
+
+def test_the_local_and_the_remote_session_are_both_segmenters(serve, abdomen):
+    """Callers (the command line, the Slicer logic, the evaluation) type against ``Segmenter``: both sessions
+    offer each of its members, with its parameters first, in its order."""
+    import inspect
+
+    from CTSAM3DLib.interface import Segmenter
+
+    server = serve()
+    remote = RemoteSession(server.url, abdomen)
+    here = local(abdomen)
+    assert isinstance(remote, Segmenter) and isinstance(here, Segmenter)
+    for cls in (InteractiveSession, RemoteSession):
+        for name in ("add_click", "add_box", "undo", "set_clicks", "reset", "mask_array"):
+            wanted = list(inspect.signature(getattr(Segmenter, name)).parameters)
+            offered = list(inspect.signature(getattr(cls, name)).parameters)
+            assert offered[:len(wanted)] == wanted, (cls.__name__, name, offered)
+    remote.close()
