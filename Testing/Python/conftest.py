@@ -57,3 +57,22 @@ def random_weights(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "weights.pth"
     save_checkpoint(path, build_model("tiny"))
     return path
+
+
+@pytest.fixture(scope="module")
+def abdomen(data_dir):
+    """The 3 mm abdomen CT as an image (a module may define its own ``abdomen`` instead)."""
+    import SimpleITK as sitk
+
+    return sitk.ReadImage(str(require(data_dir / "abdomen-ct-3mm" / "ct.nii.gz")))
+
+
+@pytest.fixture
+def serve():
+    """serve(network, port, **create_app options) -> a started ``ctsam3d serve`` on loopback; all stopped
+    after the test."""
+    from server_helpers import Servers
+
+    servers = Servers()
+    yield servers.start
+    servers.stop()

@@ -14,7 +14,7 @@ import zlib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from server_helpers import Servers, SlowNet, WatchedNet, free_port, inside, request, wait_until, zlib_bomb
+from server_helpers import SlowNet, WatchedNet, free_port, inside, request, wait_until, zlib_bomb
 from standins import CrossPatchThresholdNet
 
 from CTSAM3DLib import protocol
@@ -27,19 +27,6 @@ from CTSAM3DLib.session import InteractiveSession
 TOKEN = "s3cret-token-for-tests"
 OTHER_TOKEN = "another-users-token"
 OPTIONS = {"max_patches": 3}
-
-
-@pytest.fixture(scope="module")
-def abdomen(data_dir):
-    return sitk.ReadImage(str(data_dir / "abdomen-ct-3mm" / "ct.nii.gz"))
-
-
-@pytest.fixture
-def serve():
-    """serve(network, port, **create_app options) -> a started BackgroundServer; all stopped after the test."""
-    servers = Servers()
-    yield servers.start
-    servers.stop()
 
 
 def local(image, **options):

@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from server_helpers import Servers, SlowNet, inside, request, wait_until, zlib_bomb
+from server_helpers import SlowNet, inside, request, wait_until, zlib_bomb
 from standins import CrossPatchThresholdNet
 
 from CTSAM3DLib import protocol
@@ -19,19 +19,6 @@ from CTSAM3DLib.remote import RemoteSession, ServerError
 from CTSAM3DLib.session import InteractiveSession
 
 IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
-
-
-@pytest.fixture(scope="module")
-def abdomen(data_dir):
-    return sitk.ReadImage(str(data_dir / "abdomen-ct-3mm" / "ct.nii.gz"))
-
-
-@pytest.fixture
-def serve():
-    """serve(network, port, **create_app options) -> a started BackgroundServer; all stopped after the test."""
-    servers = Servers()
-    yield servers.start
-    servers.stop()
 
 
 def digest_of(image):

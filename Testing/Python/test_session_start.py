@@ -12,11 +12,6 @@ from CTSAM3DLib.session import InteractiveSession, SessionInputError
 
 
 @pytest.fixture(scope="module")
-def abdomen(data_dir):
-    return sitk.ReadImage(str(data_dir / "abdomen-ct-3mm" / "ct.nii.gz"))
-
-
-@pytest.fixture(scope="module")
 def liver(data_dir, abdomen):
     """The liver of the abdomen CT's labels (TotalSegmentator id 5), on the CT's grid."""
     labels = sitk.ReadImage(str(data_dir / "abdomen-ct-3mm" / "labels.nii.gz"))
