@@ -76,3 +76,15 @@ def serve():
     servers = Servers()
     yield servers.start
     servers.stop()
+
+
+@pytest.fixture
+def editor(request):
+    """A Segment Editor showing the CT-SAM3D effect on a scene of two blobs (``test_slicer_effect.Editor``),
+    cleaned up after the test."""
+    request.getfixturevalue("slicerEnv")
+    from test_slicer_effect import Editor
+
+    created = Editor()
+    yield created
+    created.harness.cleanup()

@@ -108,14 +108,6 @@ def _parent():
     return makeModuleParent()
 
 
-@pytest.fixture
-def editor(request):
-    request.getfixturevalue("slicerEnv")
-    created = Editor()
-    yield created
-    created.harness.cleanup()
-
-
 def test_registration_clone_and_defaults(editor):
     factory = slicer.qSlicerSegmentEditorEffectFactory.instance()
     assert [effect.name for effect in factory.registeredEffects()] == [EFFECT]

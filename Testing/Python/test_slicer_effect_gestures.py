@@ -19,14 +19,6 @@ pytestmark = pytest.mark.usefixtures("slicerEnv")
 MOUSE_MOVE = vtk.vtkCommand.MouseMoveEvent
 
 
-@pytest.fixture
-def editor(request):
-    request.getfixturevalue("slicerEnv")
-    created = Editor()
-    yield created
-    created.harness.cleanup()
-
-
 def pointCount(node):
     return 0 if node is None else node.GetNumberOfControlPoints()
 
