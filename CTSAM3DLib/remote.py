@@ -35,6 +35,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import __version__, protocol
+from .inputs import as_box, box_centre
 from .interface import Click, MaskUpdate, ProgressCallback, SessionInputError, checked_point, kept_clicks
 
 __all__ = ["RemoteSession", "ServerError", "server_health"]
@@ -297,9 +298,9 @@ class RemoteSession:
                 progress: Optional[ProgressCallback] = None) -> MaskUpdate:
         """Prompts with a box (two opposite LPS corners), as ``InteractiveSession.add_box``."""
         corners = _corners((corner_a_lps, corner_b_lps), "a box")
-        update, answer = self._prompt("box", {"corners_lps": [list(c) for c in corners]}, progress)
-        point_lps, positive = answer["click"]
-        self._prompts.append(_Prompt(Click(tuple(float(v) for v in point_lps), bool(positive)), corners))
+        click = Click(box_centre(as_box(*corners)), True)
+        update, _ = self._prompt("box", {"corners_lps": [list(c) for c in corners]}, progress)
+        self._prompts.append(_Prompt(click, corners))
         return update
 
     def undo(self) -> MaskUpdate:
