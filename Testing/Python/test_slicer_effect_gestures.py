@@ -127,7 +127,13 @@ def drawBox(editor, cornerRAS, oppositeRAS):
     editor.harness.leftClick(second, editor.sliceWidget)
 
 
-def test_a_box_prompts_its_centre_once_drawn_and_a_second_box_replaces_the_first():
+BOX_HALF_RAS = np.array([5.0, 4.0, 0.0])
+"""Half the size of the boxes the tests draw (10 x 8 mm in the slice)."""
+
+
+def editorWithBoxAroundBlobA():
+    """An editor running the real session on the CPU, with a box drawn with the ROI tool around blob A's
+    centre; returns the editor and that centre (RAS)."""
     from CTSAM3DSlicerLib.logic import defaultSessionFactory
 
     editor = Editor(sessionFactory=defaultSessionFactory)
@@ -135,9 +141,13 @@ def test_a_box_prompts_its_centre_once_drawn_and_a_second_box_replaces_the_first
     centre = editor.centre(scenes.BLOB_A)
     editor.xyOf(centre)
     editor.effect.boxButton.click()
-    half = np.array([5.0, 4.0, 0.0])
-    drawBox(editor, centre - half, centre + half)
+    drawBox(editor, centre - BOX_HALF_RAS, centre + BOX_HALF_RAS)
     editor.wait()
+    return editor, centre
+
+
+def test_a_box_prompts_its_centre_once_drawn_and_a_second_box_replaces_the_first():
+    editor, centre = editorWithBoxAroundBlobA()
     roi = editor.effect.boxNode()
     bounds = [0.0] * 6
     roi.GetRASBounds(bounds)
@@ -153,7 +163,7 @@ def test_a_box_prompts_its_centre_once_drawn_and_a_second_box_replaces_the_first
     centreB = editor.centre(scenes.BLOB_B)
     editor.xyOf(centreB)
     editor.effect.boxButton.click()
-    drawBox(editor, centreB - half, centreB + half)
+    drawBox(editor, centreB - BOX_HALF_RAS, centreB + BOX_HALF_RAS)
     editor.wait()
     assert editor.harness.sliceView.createdPlaceNodes == [], "the second box went into a new, ignored ROI"
     assert slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLMarkupsROINode") == 1
@@ -265,15 +275,7 @@ def test_help_says_how_to_pan_place_negative_prompts_undo_and_switch_segments(ed
 
 def test_dragging_the_box_outline_resizes_the_box_and_adds_no_prompt():
     """The ROI widget picks the box's outline (its handles) like a prompt: a press there resizes the box."""
-    from CTSAM3DSlicerLib.logic import defaultSessionFactory
-
-    editor = Editor(sessionFactory=defaultSessionFactory)
-    editor.logic.device = "cpu"
-    centre = editor.centre(scenes.BLOB_A)
-    editor.xyOf(centre)
-    editor.effect.boxButton.click()
-    drawBox(editor, centre - np.array([5.0, 4.0, 0.0]), centre + np.array([5.0, 4.0, 0.0]))
-    editor.wait()
+    editor, centre = editorWithBoxAroundBlobA()
     before = editor.segmentMask(editor.s1)
     bounds = [0.0] * 6
     editor.effect.boxNode().GetRASBounds(bounds)
