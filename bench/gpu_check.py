@@ -92,7 +92,6 @@ def child_stall(weights: Path, data: Path, device: str, quick: bool = False) -> 
     patches where the real run has 4 and 16)."""
     import numpy as np
     import SimpleITK as sitk
-    import torch
 
     from CTSAM3DLib import InteractiveSession, load_checkpoint
 
@@ -145,10 +144,10 @@ def child_stall(weights: Path, data: Path, device: str, quick: bool = False) -> 
                                                                                      False))
     call(initial_session, "initial mask: undo", lambda: initial_session.undo())
     call(initial_session, "initial mask: new patch", lambda: initial_session.add_click(centre + mm((100.0, 0, 0))))
-    return {"calls": calls, "compiled_graphs": compiled_graph_count(torch)}
+    return {"calls": calls, "compiled_graphs": compiled_graph_count()}
 
 
-def compiled_graph_count(torch_module) -> int:
+def compiled_graph_count() -> int:
     """Graphs torch.compile made in this process (0 when its compiler was never even imported)."""
     dynamo = sys.modules.get("torch._dynamo.utils")
     if dynamo is None:
