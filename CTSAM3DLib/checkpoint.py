@@ -17,7 +17,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from .device import resolve_device
+from .device import load_cuda_libraries_in_background, resolve_device
 from .files import atomic_output
 from .model import CTSAM3D, build_model
 from .model.encoder import ENCODER_VARIANTS
@@ -181,6 +181,7 @@ def load_checkpoint(path: PathLike, device: Union[str, torch.device, None] = "au
     """The network stored in ``path`` (the authors' ``params.pth`` or this project's own files),
     in eval mode on ``device``. Nothing is loaded unless everything matches."""
     target = resolve_device(device)
+    load_cuda_libraries_in_background(target)
     state = extract_state_dict(read_checkpoint(path), str(path))
     return state_dict_into_model(state, str(path)).to(target).eval()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
@@ -25,6 +25,9 @@ from .constants import LATTICE_SPACING_MM, OUTSIDE_HU, PATCH_SIZE
 
 PATCH_CENTRE_VOXEL = PATCH_SIZE // 2
 """The patch voxel (32, 32, 32) sits on the lattice voxel a patch is centred on."""
+
+COMPUTE_DTYPES = {"mps": torch.float32}
+"""The arithmetic of ``DeviceVolume`` on devices without float64; float64 elsewhere."""
 
 
 def index_to_world_matrix(image: sitk.Image) -> Tuple[np.ndarray, np.ndarray]:
@@ -181,13 +184,31 @@ class SourceRegion:
         return tuple(slice(o, o + n) for o, n in zip(offset[::-1], self.size[::-1]))
 
 
+@dataclass(frozen=True)
+class SeparableMap:
+    """A patch volume's trilinear interpolation onto a source region whose axes each run along one of
+    the patch's (any unrotated scan): three small matrix products instead of a gather per voxel.
+    ``order`` permutes the volume's axes into those moved by source z, y, x; ``matrices`` are the 1D
+    interpolation weights along source z, y, x ((n, S) each); ``distances`` each source voxel's
+    distance from the patch centre along that axis, in patch voxels ((n,) each)."""
+
+    order: Tuple[int, int, int]
+    matrices: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    distances: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
 class SourceGrid:
     """The source image's grid, and the maps between it and patches."""
+
+    SEPARABLE_MAPS_KEPT = 256
+    """How many (region, patch) interpolation maps ``patch_samples`` keeps: a refining click renders the
+    region it rendered before, and building the map is most of the host's work there."""
 
     def __init__(self, image: sitk.Image) -> None:
         self.size = tuple(int(v) for v in image.GetSize())
         self.index_to_world, self.origin_lps = index_to_world_matrix(image)
         self.world_to_index = np.linalg.inv(self.index_to_world)
+        self._separable_maps: Dict[tuple, Optional[SeparableMap]] = {}
 
     def continuous_index(self, point_lps: Sequence[float]) -> np.ndarray:
         return self.world_to_index @ (np.asarray(point_lps, dtype=np.float64) - self.origin_lps)
@@ -275,23 +296,45 @@ class SourceGrid:
         The same values as ``sample_patch_volume`` at ``patch_coordinates`` (up to float rounding);
         for an axis-aligned grid, trilinear interpolation factors into one 1D interpolation per
         axis, three small matrix products instead of a gather per voxel."""
-        axes = self.axis_aligned_coordinates(region, patch, volume.device)
         size = volume.shape[-1]
-        centre = (size - 1) / 2
-        if axes is None:
+        separable = self._separable_map(region, patch, size, volume.device)
+        if separable is None:
+            centre = (size - 1) / 2
             coordinates = self.patch_coordinates(region, patch, volume.device)
             distance = (coordinates - centre).abs().amax(dim=-1)
             return sample_patch_volume(volume, coordinates), distance <= size / 2 if footprint_only else distance
-        (x_component, x_values), (y_component, y_values), (z_component, z_values) = axes
-        # Patch volume axis 2 - c carries coordinate component c: order the volume's axes as the
-        # components moved by source z, y, x.
-        ordered = volume.to(torch.float32)[0, 0].permute(2 - z_component, 2 - y_component, 2 - x_component)
-        sampled = interpolate_separably(ordered, z_values, y_values, x_values)
-        dz, dy, dx = ((values - centre).abs() for values in (z_values, y_values, x_values))
+        ordered = volume.to(torch.float32)[0, 0].permute(separable.order)
+        matrix_z, matrix_y, matrix_x = separable.matrices
+        a, b, c = ordered.shape
+        sampled = torch.mm(matrix_z, ordered.reshape(a, b * c))
+        sampled = torch.matmul(matrix_y, sampled.view(-1, b, c))
+        sampled = torch.matmul(sampled, matrix_x.t())
+        dz, dy, dx = separable.distances
         if footprint_only:
             half = size / 2
             return sampled, (dz <= half)[:, None, None] & (dy <= half)[None, :, None] & (dx <= half)[None, None, :]
         return sampled, torch.maximum(torch.maximum(dz[:, None, None], dy[None, :, None]), dx[None, None, :])
+
+    def _separable_map(self, region: SourceRegion, patch: PatchGeometry, size: int,
+                       device: torch.device) -> Optional[SeparableMap]:
+        """``SeparableMap`` of a patch volume onto a region (None for an oblique grid), kept for later calls."""
+        key = (region, patch, size, str(device))
+        if key not in self._separable_maps:
+            if len(self._separable_maps) >= self.SEPARABLE_MAPS_KEPT:
+                self._separable_maps.clear()
+            axes = self.axis_aligned_coordinates(region, patch, device)
+            if axes is None:
+                self._separable_maps[key] = None
+            else:
+                (x_component, x_values), (y_component, y_values), (z_component, z_values) = axes
+                centre = (size - 1) / 2
+                self._separable_maps[key] = SeparableMap(
+                    # Patch volume axis 2 - c carries coordinate component c: order the volume's axes as
+                    # the components moved by source z, y, x.
+                    (2 - z_component, 2 - y_component, 2 - x_component),
+                    tuple(linear_interpolation_matrix(values, size) for values in (z_values, y_values, x_values)),
+                    tuple((values - centre).abs() for values in (z_values, y_values, x_values)))
+        return self._separable_maps[key]
 
     def assemble(
         self, region: SourceRegion, patches: Iterable[Tuple[PatchGeometry, SourceRegion, torch.Tensor]],
@@ -341,14 +384,15 @@ class SourceGrid:
 class DeviceVolume:
     """The CT's voxels held as a tensor on a torch device, and patches sampled from them there.
 
-    The same lattice points and interpolation as ``Lattice.sample`` (ITK's linear interpolation: border
-    voxels extended half a voxel, -1024 HU beyond the image and the lattice, integer scans truncated),
-    computed in float32 with torch instead of float64 in SimpleITK on the CPU: on a GPU this keeps a
-    click's work on the GPU. Values agree with ``Lattice.sample`` to rounding: on integer scans whose
-    voxels the lattice points hit exactly, either side's rounding may truncate an integer value to the
-    next one below, so about 1% of voxels differ by 1 HU there. The float32 network on a CPU keeps
-    ``Lattice.sample``, the path the parity tests check. ``for_mask`` makes one that samples a 0/1 mask
-    as ``Lattice.sample_mask`` does.
+    The same values as ``Lattice.sample``, bit for bit: SimpleITK's resampling is reproduced step by
+    step in float64, on a GPU without leaving it. ITK maps each output row's two ends to continuous
+    source indices and places the row's points between them (``start + (end - start) * i / row
+    length``), then interpolates linearly along x, y and z in turn, borders extended half a voxel, and
+    truncates for an integer scan. Computed any other way the rounding differs in the last bit, which
+    on an integer scan whose voxels the lattice points hit exactly (the 1.5 mm aorta CT) truncated
+    about 1% of voxels to the integer below: enough to move a cross-patch click on a GPU. Apple MPS has
+    no float64: there the indices are still ITK's and the interpolation is float32 (``COMPUTE_DTYPES``).
+    ``for_mask`` makes one that samples a 0/1 mask as ``Lattice.sample_mask`` does.
     """
 
     def __init__(self, image: sitk.Image, lattice: Lattice, device: torch.device, *, outside: float = OUTSIDE_HU,
@@ -363,8 +407,16 @@ class DeviceVolume:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             self.voxels = torch.from_numpy(values).to(device)
-        self.grid = SourceGrid(image)
+        self.size = tuple(int(v) for v in image.GetSize())
         self.lattice = lattice
+        self.compute_dtype = COMPUTE_DTYPES.get(self.voxels.device.type, torch.float64)
+        self._origin = np.array(image.GetOrigin(), dtype=np.float64)
+        self._point_to_index = itk_point_to_index_matrix(image)
+        self._separable = bool(np.all((self._point_to_index != 0).sum(axis=1) == 1)
+                               and np.all((self._point_to_index != 0).sum(axis=0) == 1))
+        """Whether each source axis runs along one lattice axis (any unrotated scan): then every index
+        component is a 1D function of one output axis, computed on the CPU, and the interpolation goes
+        axis by axis over a block of voxels instead of gathering eight voxels per point."""
 
     @classmethod
     def for_mask(cls, mask: sitk.Image, lattice: Lattice, device: torch.device) -> DeviceVolume:
@@ -375,83 +427,152 @@ class DeviceVolume:
     def sample(self, geometries: Sequence[PatchGeometry]) -> torch.Tensor:
         """The patches' values (Hounsfield units for a CT), (N, S, S, S) float32 on the volume's device,
         (z, y, x)."""
-        return torch.stack([self._sample_one(geometry) for geometry in geometries])
+        size = geometries[0].size if geometries else PATCH_SIZE
+        patches = torch.full((len(geometries),) + (size,) * 3, float(self.outside), device=self.voxels.device)
+        for patch, geometry in zip(patches, geometries):
+            self._sample_into(patch, geometry)
+        return patches
 
-    def _sample_one(self, geometry: PatchGeometry) -> torch.Tensor:
-        device = self.voxels.device
+    def _sample_into(self, patch: torch.Tensor, geometry: PatchGeometry) -> None:
+        """Writes one patch into ``patch`` (S, S, S), as the resampling of ``Lattice.sample`` (whole
+        lattice rows through the patch's rows, then cropped) or of ``Lattice.sample_mask`` (the patch
+        alone) makes it; where it has no rows, ``patch`` is left as it is."""
         size = geometry.size
-        region = self.grid.region_of(geometry)
-        if region is None:
-            return torch.full((size,) * 3, self.outside, device=device)
-        block = self.voxels[region.slices].to(torch.float32)
-        aligned = self._sample_axis_aligned(geometry, region, block)
-        if aligned is not None:
-            return aligned
-        index = self._source_indices(geometry, device)
-        extent = torch.tensor(self.grid.size, dtype=torch.float32, device=device)
-        inside = ((index >= -0.5) & (index < extent - 0.5)).all(dim=-1)
-        lattice_index = torch.arange(size, device=device)
-        start = geometry.start_index
-        for axis in range(3 if self.bounded_by_lattice else 0):  # (x, y, z) lattice axes are dims 2, 1, 0
-            on_lattice = (lattice_index + start[axis] >= 0) & (lattice_index + start[axis] < self.lattice.size[axis])
-            inside &= on_lattice.view([-1 if dim == 2 - axis else 1 for dim in range(3)])
-        local = index - torch.tensor(region.start, dtype=torch.float32, device=device)
-        span = torch.tensor([max(n - 1, 1) for n in region.size], dtype=torch.float32, device=device)
-        sampled = F.grid_sample(
-            block[None, None], (local / span * 2 - 1)[None], mode="bilinear", padding_mode="border",
-            align_corners=True,
-        )[0, 0]
-        return self._finish(sampled, inside)
+        start = np.array(geometry.start_index)
+        if self.bounded_by_lattice:
+            low, high = np.maximum(start, 0), np.minimum(start + size, self.lattice.size)
+            rows_origin = np.array(self.lattice.origin_lps) + geometry.spacing * np.array([0, low[1], low[2]])
+            row_length, first_x = int(self.lattice.size[0]), int(low[0])
+        else:
+            low, high = start, start + size
+            rows_origin, row_length, first_x = np.array(geometry.origin_lps), size, 0
+        if np.any(high <= low):
+            return
+        shape = tuple(int(n) for n in (high - low)[::-1])
+        index = self._continuous_indices(rows_origin, geometry.spacing, row_length, first_x, shape)
+        inner = tuple(slice(a - s, b - s) for a, b, s in zip(low[::-1], high[::-1], start[::-1]))
+        patch[inner] = self._interpolate(index, shape)
 
-    def _finish(self, sampled: torch.Tensor, inside: torch.Tensor) -> torch.Tensor:
+    def _continuous_indices(self, rows_origin: np.ndarray, spacing: float, row_length: int, first_x: int,
+                            shape: Tuple[int, int, int]) -> List[torch.Tensor]:
+        """Source continuous indices x, y, z of the output voxels ``first_x + i`` of rows ``j``, ``k``
+        ((k, j, i) < ``shape``) of an output grid at ``rows_origin`` (identity direction), as ITK's
+        resampling computes them: three float64 tensors broadcastable to ``shape``, each of size 1 along
+        the output axes it does not depend on; on the CPU for a separable grid. Terms with a zero
+        coefficient are left out: adding zero changes nothing, so the values are ITK's all the same."""
+        device = torch.device("cpu") if self._separable else self.voxels.device
+        dtype = torch.float64 if device.type == "cpu" else self.compute_dtype
+        steps = [torch.arange(n, dtype=dtype, device=device) for n in shape[::-1]]
+        offset_y = (rows_origin[1] + spacing * steps[1] - self._origin[1]).view(1, -1, 1)
+        offset_z = (rows_origin[2] + spacing * steps[2] - self._origin[2]).view(-1, 1, 1)
+        fractions = ((first_x + steps[0]) / row_length).view(1, 1, -1)
+
+        def at_row_ends(row: np.ndarray, x_index: int) -> torch.Tensor:
+            """One index component at output voxel ``x_index`` of every row, (nz|1, ny|1, 1)."""
+            value = torch.full((1, 1, 1), float(row[0] * ((rows_origin[0] + spacing * x_index) - self._origin[0])),
+                               dtype=dtype, device=device)
+            if row[1] != 0:
+                value = value + float(row[1]) * offset_y
+            if row[2] != 0:
+                value = value + float(row[2]) * offset_z
+            return value
+
+        components = []
+        for row in self._point_to_index:
+            start = at_row_ends(row, 0)
+            if row[0] == 0:  # both ends of a row give the same index, and start + 0 * fraction is start
+                components.append(start)
+            else:
+                components.append(start + (at_row_ends(row, row_length) - start) * fractions)
+        return components
+
+    def _interpolate(self, index: List[torch.Tensor], shape: Tuple[int, int, int]) -> torch.Tensor:
+        """ITK's linear interpolation at continuous indices (x, y, z components, broadcastable to
+        ``shape``): along x, then y, then z, between a voxel and the next (the voxel alone at or beyond
+        the last one); ``outside`` beyond half a voxel past the border; truncated for an integer scan."""
+        device = self.voxels.device
+        inside = torch.ones(shape, dtype=torch.bool, device=device)
+        lower, upper, fraction = [], [], []
+        for component, extent in zip(index, self.size):
+            inside = inside & ((component >= -0.5) & (component < extent - 0.5)).to(device, non_blocking=True)
+            base = component.floor().clamp(0, extent - 1)
+            fraction.append((component - base).clamp(min=0).to(device, self.compute_dtype, non_blocking=True))
+            lower.append(base.long())
+            upper.append((lower[-1] + 1).clamp(max=extent - 1))
+        if self._separable:
+            value = self._interpolate_separably(lower, upper, fraction)
+        else:
+            value = self._interpolate_pointwise(lower, upper, fraction)
         if self.truncates:
-            sampled = torch.trunc(sampled)
-        return torch.where(inside, sampled, torch.full_like(sampled, self.outside))
+            value = value.trunc_()
+        return value.masked_fill_(~inside, float(self.outside))
 
-    def _sample_axis_aligned(self, geometry: PatchGeometry, region: SourceRegion,
-                             block: torch.Tensor) -> Optional[torch.Tensor]:
-        """The patch by one 1D interpolation per axis when each lattice axis runs along one source
-        axis (any unrotated scan); None for an oblique one."""
-        matrix = self.grid.world_to_index * geometry.spacing
-        sources = moved_components(matrix)
-        if sources is None:
-            return None
-        device = block.device
-        offset = self.grid.world_to_index @ (np.array(geometry.origin_lps) - self.grid.origin_lps)
-        steps = torch.arange(geometry.size, dtype=torch.float64)
-        positions, valid = [], []
-        for axis in range(3):  # lattice x, y, z
-            source = sources[axis]
-            index = steps * float(matrix[source, axis]) + float(offset[source])
-            lattice_index = steps + geometry.start_index[axis]
-            on_lattice = (lattice_index >= 0) & (lattice_index < self.lattice.size[axis])
-            in_image = (index >= -0.5) & (index < self.grid.size[source] - 0.5)
-            valid.append((in_image & on_lattice if self.bounded_by_lattice else in_image).to(device))
-            positions.append((index - region.start[source]).to(device=device, dtype=torch.float32))
-        # Block dim 2 - s carries source axis s: order it as the source axes moved by lattice z, y, x.
-        ordered = block.permute(2 - sources[2], 2 - sources[1], 2 - sources[0])
-        sampled = interpolate_separably(ordered, positions[2], positions[1], positions[0])
-        inside = valid[2][:, None, None] & valid[1][None, :, None] & valid[0][None, None, :]
-        return self._finish(sampled, inside)
+    def _interpolate_pointwise(self, lower: List[torch.Tensor], upper: List[torch.Tensor],
+                               fraction: List[torch.Tensor]) -> torch.Tensor:
+        """Eight voxels gathered for every point (any grid)."""
+        flat = self.voxels.reshape(-1)
+        width, height = self.size[0], self.size[1]
 
-    def _source_indices(self, geometry: PatchGeometry, device: torch.device) -> torch.Tensor:
-        """Continuous (x, y, z) source indices of the patch's lattice points, (S, S, S, 3) in (z, y, x) order."""
-        steps = torch.arange(geometry.size, dtype=torch.float32, device=device)
-        return affine_points(steps, steps, steps, self.grid.world_to_index * geometry.spacing,
-                             self.grid.world_to_index @ (np.array(geometry.origin_lps) - self.grid.origin_lps))
+        def voxel(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+            return flat[(z * height + y) * width + x].to(self.compute_dtype)
+
+        (x0, y0, z0), (x1, y1, z1), (fx, fy, fz) = lower, upper, fraction
+        along_x = [_between(voxel(x0, y, z), voxel(x1, y, z), fx) for z in (z0, z1) for y in (y0, y1)]
+        return _between(_between(along_x[0], along_x[1], fy), _between(along_x[2], along_x[3], fy), fz)
+
+    def _interpolate_separably(self, lower: List[torch.Tensor], upper: List[torch.Tensor],
+                               fraction: List[torch.Tensor]) -> torch.Tensor:
+        """For a separable grid (indices on the CPU): the block of voxels the points reach, interpolated
+        along source x, then y, then z, each step over a whole axis at once: per point the operations of
+        ``_interpolate_pointwise``, in the same order."""
+        first = [int(low.min()) for low in lower]
+        last = [int(high.max()) + 1 for high in upper]
+        block = self.voxels[tuple(slice(a, b) for a, b in zip(first[::-1], last[::-1]))]
+        # Each step gathers along dim 0 (whole rows: fast) and records which output dim it produced.
+        values = block.permute(2, 0, 1)  # source x, z, y
+        runs_along = []
+        for axis in range(3):  # source x, y, z
+            low, high = ((index.reshape(-1) - first[axis]).to(self.voxels.device, non_blocking=True)
+                         for index in (lower[axis], upper[axis]))
+            runs_along.append(next(dim for dim in range(3) if self._point_to_index[axis, 2 - dim] != 0))
+            values = _between(values.index_select(0, low).to(self.compute_dtype),
+                              values.index_select(0, high).to(self.compute_dtype), fraction[axis].reshape(-1, 1, 1))
+            # Next: source y to dim 0 (after x: x', z, y -> y, x', z), then source z (y', x', z -> z, y', x').
+            values = values.permute(2, 0, 1).contiguous() if axis < 2 else values
+        # values now runs along (source z, y, x)'s output dims.
+        return values.permute([[runs_along[2], runs_along[1], runs_along[0]].index(dim) for dim in range(3)])
+
+
+def _between(low: torch.Tensor, high: torch.Tensor, fraction: torch.Tensor) -> torch.Tensor:
+    """Linear interpolation written as ITK writes it (``low + (high - low) * fraction``), for its rounding."""
+    return low + (high - low) * fraction
+
+
+def itk_point_to_index_matrix(image: sitk.Image) -> np.ndarray:
+    """The 3x3 matrix ITK maps (point - origin) to continuous indices with, read back from SimpleITK:
+    ITK inverts direction x spacing numerically, and only its own numbers reproduce its rounding."""
+    origin = np.array(image.GetOrigin(), dtype=np.float64)
+    columns = []
+    for axis in range(3):
+        # A step of a power of two that moves the origin exactly: the map is read back unrounded.
+        step = next(step for step in (1.0, -1.0, 0.5, -0.5, 2.0, -2.0) if (origin[axis] + step) - origin[axis] == step)
+        point = origin.copy()
+        point[axis] += step
+        columns.append(np.array(image.TransformPhysicalPointToContinuousIndex(point.tolist())) / step)
+    return np.array(columns, dtype=np.float64).T
 
 
 def affine_points(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, matrix: np.ndarray,
                   offset: np.ndarray) -> torch.Tensor:
     """``matrix @ (x, y, z) + offset`` at every combination of the 1D coordinates ``x``, ``y``, ``z``
-    (float32 tensors on one device): (nz, ny, nx, 3) float32, built separably (each input axis adds
-    one column of the map)."""
-    columns = torch.as_tensor(matrix, dtype=torch.float32, device=x.device)
+    (tensors of one dtype on one device): (nz, ny, nx, 3) of that dtype, built separably (each input
+    axis adds one column of the map)."""
+    columns = torch.as_tensor(matrix, dtype=x.dtype, device=x.device)
     return (
         z[:, None, None, None] * columns[:, 2]
         + y[None, :, None, None] * columns[:, 1]
         + x[None, None, :, None] * columns[:, 0]
-        + torch.as_tensor(offset, dtype=torch.float32, device=x.device)
+        + torch.as_tensor(offset, dtype=x.dtype, device=x.device)
     )
 
 
@@ -464,26 +585,15 @@ def moved_components(matrix: np.ndarray) -> Optional[List[int]]:
     return [int(np.argmax(moving[:, column])) for column in range(3)]
 
 
-def interpolate_separably(volume: torch.Tensor, z_positions: torch.Tensor, y_positions: torch.Tensor,
-                          x_positions: torch.Tensor) -> torch.Tensor:
-    """Trilinear samples of a volume (a, b, c) at every combination of positions along its three
-    axes (continuous voxel indices; border values beyond the outer voxels): (nz, ny, nx). Three
-    small matrix products instead of a gather per sample."""
-    a, b, c = volume.shape
-    sampled = torch.mm(linear_interpolation_matrix(z_positions, a), volume.reshape(a, b * c))
-    sampled = torch.matmul(linear_interpolation_matrix(y_positions, b), sampled.view(-1, b, c))
-    return torch.matmul(sampled, linear_interpolation_matrix(x_positions, c).t())
-
-
 def linear_interpolation_matrix(positions: torch.Tensor, size: int) -> torch.Tensor:
     """(n, size) weights of 1D linear interpolation at ``positions`` on voxels 0..size-1, positions
     beyond the outer voxels taking the border value (grid_sample's "border", align_corners=True)."""
     if size == 1:
-        return torch.ones(positions.shape[0], 1, dtype=torch.float32, device=positions.device)
+        return torch.ones(positions.shape[0], 1, dtype=positions.dtype, device=positions.device)
     clamped = positions.clamp(0, size - 1)
     lower = clamped.floor().clamp(max=size - 2).long()
     upper_weight = clamped - lower
-    weights = torch.zeros(positions.shape[0], size, dtype=torch.float32, device=positions.device)
+    weights = torch.zeros(positions.shape[0], size, dtype=positions.dtype, device=positions.device)
     rows = torch.arange(positions.shape[0], device=positions.device)
     weights[rows, lower] = 1 - upper_weight
     weights[rows, lower + 1] = upper_weight

@@ -160,12 +160,12 @@ class OpenPatches:
             points[row, : len(patch_labels)] = patch_points
             labels[row, : len(patch_labels)] = patch_labels
         patches = [self._patches[pid] for pid in pids]
-        features = [torch.cat(level, dim=0) for level in zip(*(patch.features for patch in patches))]
+        features = [_batch(level) for level in zip(*(patch.features for patch in patches))]
         previous = [patch.probability for patch in patches]
         mask_prompt = None
         if any(p is not None for p in previous):
             zeros = torch.zeros(1, 1, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE, device=self.device)
-            mask_prompt = torch.cat([zeros if p is None else p for p in previous], dim=0)
+            mask_prompt = _batch([zeros if p is None else p for p in previous])
         with times.step("decode"), torch.no_grad():
             probability, _ = self.net.decode(features, torch.from_numpy(points).to(self.device),
                                              torch.from_numpy(labels).to(self.device), mask_prompt)
@@ -264,3 +264,8 @@ class OpenPatches:
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _batch(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Tensors (1, ...) as one batch; a single one as it is (a refining click copies nothing here)."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors), dim=0)

@@ -69,9 +69,9 @@ from it abandons the click, as from a ``ProgressCallback``."""
 SAMPLING = ("auto", "exact", "device")
 """How patches are cut from the CT: "exact" through SimpleITK on the CPU (bit-exact with the authors'
 pipeline), "device" with torch where the network runs (``geometry.DeviceVolume``: on a GPU the volume
-stays there; on a CPU it takes about half the time). "auto" is device on CUDA and for the optimised
-precisions on a CPU; exact for the float32 network on a CPU (the path the parity tests check) and on
-Apple MPS (where torch's 3D grid_sample, which oblique scans need, is not implemented everywhere)."""
+stays there; the same values, bit for bit, except on Apple MPS). "auto" is device on CUDA and for the
+optimised precisions on a CPU; exact for the float32 network on a CPU (the path the parity tests check)
+and on Apple MPS (which has no float64)."""
 
 
 @dataclass

@@ -165,8 +165,8 @@ def test_the_command_starts_from_a_mask_and_takes_a_box(tmp_path, data_dir, abdo
 @pytest.mark.parametrize("orientation", ["as stored", "flipped", "oblique"])
 def test_the_initial_mask_sampled_on_the_device_is_the_exact_paths(abdomen, liver, orientation):
     """With device sampling the start mask lives where the network runs (DeviceVolume.for_mask, uint8):
-    each patch's first mask prompt equals Lattice.sample_mask's to float rounding, in patches inside,
-    across and beside the liver, and the session's masks after clicks are the exact path's."""
+    each patch's first mask prompt equals Lattice.sample_mask's bit for bit, in patches inside, across
+    and beside the liver, and the session's masks after clicks are the exact path's."""
     from test_inference import reoriented
 
     from CTSAM3DLib.geometry import DeviceVolume, Lattice
@@ -180,8 +180,7 @@ def test_the_initial_mask_sampled_on_the_device_is_the_exact_paths(abdomen, live
     centre = image.TransformIndexToPhysicalPoint([int(v) for v in inside[len(inside) // 2][::-1]])
     geometry = lattice.patch_centred_on(lattice.nearest_index(centre))
     for patch in (geometry, geometry.shifted((1, 0, 0)), geometry.shifted((-1, -1, 0)), geometry.shifted((3, 3, 3))):
-        np.testing.assert_allclose(device_mask.sample([patch])[0].numpy(), lattice.sample_mask(exact_image, patch),
-                                   atol=1e-3)
+        np.testing.assert_array_equal(device_mask.sample([patch])[0].numpy(), lattice.sample_mask(exact_image, patch))
     masks = []
     for sampling in ("exact", "device"):
         session = InteractiveSession(PromptFollowingNet(), image, device="cpu", initial_mask=mask, cross_patch=False,
