@@ -529,7 +529,7 @@ class DeviceVolume:
         last = [int(high.max()) + 1 for high in upper]
         block = self.voxels[tuple(slice(a, b) for a, b in zip(first[::-1], last[::-1]))]
         # Each step gathers along dim 0 (whole rows: fast) and records which output dim it produced.
-        values = block.permute(2, 0, 1)  # source x, z, y
+        values = block.permute(2, 0, 1).contiguous()  # source x, z, y
         runs_along = []
         for axis in range(3):  # source x, y, z
             low, high = ((index.reshape(-1) - first[axis]).to(self.voxels.device, non_blocking=True)

@@ -389,6 +389,26 @@ def test_patch_samples_equal_trilinear_sampling_at_the_patch_coordinates(data_di
     assert sampled.shape == distance.shape == coordinates.shape[:-1]
     np.testing.assert_allclose(sampled.numpy(), sample_patch_volume(volume, coordinates).numpy(), atol=1e-4)
     np.testing.assert_allclose(distance.numpy(), (coordinates - 31.5).abs().amax(dim=-1).numpy(), atol=1e-4)
+    # A second call (a refining click re-renders its region) reuses the region's map: the same values,
+    # for another volume too; the maps kept are bounded.
+    again = torch.rand(1, 1, 64, 64, 64, generator=torch.Generator().manual_seed(4))
+    np.testing.assert_array_equal(grid.patch_samples(region, geometry, again)[0].numpy(),
+                                  SourceGrid(image).patch_samples(region, geometry, again)[0].numpy())
+    for shift in range(SourceGrid.SEPARABLE_MAPS_KEPT + 5):
+        moved = lattice.patch_centred_on(lattice.nearest_index(point) + (shift % 16 - 8, shift // 16 - 8, 0))
+        grid.patch_samples(grid.region_of(moved), moved, volume)
+    assert len(grid._separable_maps) <= SourceGrid.SEPARABLE_MAPS_KEPT
+
+
+def test_cuda_libraries_load_in_the_background_only_on_cuda():
+    """load_checkpoint's early loading of cuDNN and cuBLAS starts a thread on CUDA only."""
+    import threading
+
+    from CTSAM3DLib.device import load_cuda_libraries_in_background
+
+    for device in ("cpu", "meta"):
+        load_cuda_libraries_in_background(torch.device(device))
+    assert not [thread for thread in threading.enumerate() if thread.name == "ctsam3d-cuda-libraries"]
 
 
 # ------------------------------------------------------------------ sampling where the network runs
