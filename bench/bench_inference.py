@@ -48,6 +48,7 @@ from CTSAM3DLib.inference import available_precisions, choose_precision, prepare
 from CTSAM3DLib.model import build_model  # noqa: E402
 from CTSAM3DLib.preprocess import normalize_hu  # noqa: E402
 from CTSAM3DLib.reference_weights import deterministic_state_dict  # noqa: E402
+from CTSAM3DLib.runtime import Runtime  # noqa: E402
 
 CTS = ("chest-abdomen-ct", "abdomen-ct-3mm", "aorta-ct-1.5mm", "body-ct-3mm")
 TIMED_CT = "chest-abdomen-ct"
@@ -265,8 +266,9 @@ def session_rows(net, image, device, precisions, repeats, data_dir: Path, cross_
     def new_session(precision: str) -> InteractiveSession:
         # One patch per click: cross-patch prompting would add a variable number of neighbour
         # patches (each an encoder, U-Net and decoder run), which the per-click targets exclude.
-        return InteractiveSession(net, image, device=device, precision=precision, cross_patch=False)
+        return InteractiveSession(runtimes[precision], image, cross_patch=False)
 
+    runtimes = {precision: Runtime(net, device, precision) for precision in precisions}
     sessions = {precision: new_session(precision) for precision in precisions}
     opening = {precision: [] for precision in precisions}
     refining = {precision: [] for precision in precisions}
@@ -294,15 +296,16 @@ def session_rows(net, image, device, precisions, repeats, data_dir: Path, cross_
         })
     sessions.clear()
     for row in results:
-        row.update(cross_patch_run(net, image, device, row["precision"], max(1, repeats // 2), cross_patch_cap))
+        row.update(cross_patch_run(runtimes[row["precision"]], image, max(1, repeats // 2), cross_patch_cap))
         row.update(fresh_process(device, row["precision"], data_dir))
     return results
 
 
-def cross_patch_run(net, image, device, precision, repeats, cap: int = 16) -> Dict[str, float]:
+def cross_patch_run(runtime: Runtime, image, repeats, cap: int = 16) -> Dict[str, float]:
     """One click that cross-patch prompting carries into 16 patches (the reference weights' masks reach
     every neighbour, so the cap is what stops it): median seconds and the patches it opened."""
-    session = InteractiveSession(net, image, device=device, precision=precision, max_patches=cap)
+    precision = runtime.precision
+    session = InteractiveSession(runtime, image, max_patches=cap)
     times = []
     for repeat in range(repeats + 1):
         log(f"  {cap}-patch click ({precision}), round {repeat + 1} of {repeats + 1}")

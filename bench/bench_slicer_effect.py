@@ -39,6 +39,7 @@ from slicer_standins.clicks import timeClicksInTurns, timeEffectClicks  # noqa: 
 
 from CTSAM3DLib.model import build_model  # noqa: E402
 from CTSAM3DLib.reference_weights import deterministic_state_dict  # noqa: E402
+from CTSAM3DLib.runtime import Runtime  # noqa: E402
 from CTSAM3DLib.session import InteractiveSession  # noqa: E402
 from CTSAM3DLib.world import ras_to_lps  # noqa: E402
 
@@ -99,8 +100,9 @@ def main() -> None:
         effect.crossPatchCheckBox.click()
 
         image = coordinates.volumeToImage(volumeNode)
-        session = InteractiveSession(network, image, device="cpu", cross_patch=False)
-        polledSession = InteractiveSession(network, image, device="cpu", cross_patch=False)
+        runtime = Runtime(network, "cpu")
+        session = InteractiveSession(runtime, image, cross_patch=False)
+        polledSession = InteractiveSession(runtime, image, cross_patch=False)
         worker = InferenceWorker("bench")
         polled = []
         session.set_clicks([(ras_to_lps(pointsRAS[0]), True)])

@@ -94,9 +94,10 @@ def child_stall(weights: Path, data: Path, device: str, quick: bool = False) -> 
     import SimpleITK as sitk
 
     from CTSAM3DLib import InteractiveSession, load_checkpoint
+    from CTSAM3DLib.runtime import Runtime
 
     image = sitk.ReadImage(str(data / "abdomen-ct-3mm" / "ct.nii.gz"))
-    net = load_checkpoint(weights, device=device)
+    net = Runtime(load_checkpoint(weights, device=device), device)  # prepared once, for every session below
     centre = np.array(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
     calls: List[Dict[str, object]] = []
 
@@ -188,10 +189,10 @@ def steady_state(weights: Path, data: Path, device: str, repeats: int, profile: 
     import torch
 
     from CTSAM3DLib import InteractiveSession, load_checkpoint
+    from CTSAM3DLib.runtime import Runtime
 
     image = sitk.ReadImage(str(data / CHEST / "ct.nii.gz"))
-    net = load_checkpoint(weights, device=device)
-    InteractiveSession(net, image, device=device)  # the shared preparation, outside the peak below
+    net = Runtime(load_checkpoint(weights, device=device), device)  # prepared outside the peak below
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
@@ -310,11 +311,12 @@ def agreement(weights: Path, data: Path, device: str, quick: bool) -> List[Tuple
     import torch
 
     from CTSAM3DLib import InteractiveSession, load_checkpoint
+    from CTSAM3DLib.runtime import Runtime
 
     torch.set_num_threads(os.cpu_count() or 1)
-    net = load_checkpoint(weights, device=device)
-    plain_net = load_checkpoint(weights, device=device)
-    reference = load_checkpoint(weights, device="cpu")
+    net = Runtime(load_checkpoint(weights, device=device), device)
+    plain_net = Runtime(load_checkpoint(weights, device=device), device, cuda_graphs=False)
+    reference = Runtime(load_checkpoint(weights, device="cpu"), "cpu", "float32")
     rows = []
     cases = sorted(p.parent for p in data.glob("*/ct.nii.gz"))
     for case in cases[:1] if quick else cases:
@@ -328,9 +330,7 @@ def agreement(weights: Path, data: Path, device: str, quick: bool) -> List[Tuple
             log(f"  agreement: {case.name}, {mode}")
             ours = InteractiveSession(net, image, device=device, **options)
             exact = InteractiveSession(net, image, device=device, sampling="exact", **options)
-            os.environ["CTSAM3D_CUDA_GRAPHS"] = "0"
             plain = InteractiveSession(plain_net, image, device=device, sampling="exact", **options)
-            del os.environ["CTSAM3D_CUDA_GRAPHS"]
             theirs = InteractiveSession(reference, image, device="cpu", precision="float32", sampling="exact",
                                         **options)
             per_click, exact_per_click, plain_per_click = [], [], []

@@ -51,9 +51,8 @@ from starlette.routing import Match
 
 from .. import __version__, protocol
 from ..constants import MAX_OPEN_PATCHES
-from ..device import resolve_device
-from ..inference import prepare_network, resolve_precision
 from ..interface import Click, MaskUpdate, SessionInputError, checked_point
+from ..runtime import Runtime
 from ..session import InteractiveSession
 from ..torch_warnings import hide_torch_internal_warnings
 from . import bounds, browsers
@@ -155,12 +154,9 @@ class _Server:
                  idle_timeout_s: float,
                  sweep_interval_s: Optional[float], max_queued_per_session: int, max_patches: int,
                  max_patch_source_voxels: int, max_memory_bytes: int, model_info: Optional[Mapping[str, Any]]) -> None:
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(network, self.device, precision)
-        self.network = network
-        # Prepared (and warmed up) now rather than at the first user's click; every session then gets this
-        # prepared network back from prepare_network, which keeps it.
-        prepare_network(network, self.device, self.precision)
+        # Prepared (and warmed up) now rather than at the first user's click; every session runs on it.
+        self.runtime = Runtime(network, device, precision)
+        self.device, self.precision = self.runtime.device, self.runtime.precision
         self.patch_bytes = bounds.PATCH_BYTES_ESTIMATE
         self._patch_measured = False
         self.tokens = None if tokens is None else [token.encode("utf-8") for token in tokens]
@@ -426,8 +422,8 @@ class _Server:
                 warnings.simplefilter("always")
                 hide_torch_internal_warnings()
                 try:
-                    session = InteractiveSession(self.network, image, device=self.device, precision=self.precision,
-                                                 initial_mask=self.mask_image(initial, image), **options)
+                    session = InteractiveSession(self.runtime, image, initial_mask=self.mask_image(initial, image),
+                                                 **options)
                 except ValueError as error:  # SessionInputError, or an option the session refuses
                     raise ApiError(400, protocol.KIND_INPUT, str(error)) from error
             cautions.extend(str(warning.message) for warning in caught)
