@@ -42,16 +42,17 @@ from typing import Any, AsyncIterator, Callable, Dict, List, Mapping, Optional, 
 import numpy as np
 import SimpleITK as sitk
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
+from typing_extensions import Annotated
 
 from .. import __version__, protocol
 from ..constants import MAX_OPEN_PATCHES
-from ..interface import Click, MaskUpdate, SessionInputError, checked_point
+from ..interface import Click, MaskUpdate, SessionInputError, checked_point, kept_clicks
 from ..runtime import Runtime
 from ..session import InteractiveSession
 from ..torch_warnings import hide_torch_internal_warnings
@@ -62,19 +63,19 @@ from .connections import uvicorn_config
 from .disconnects import ClientGoneError, unless_client_leaves
 from .images import ImageCache, SessionImages
 from .metrics import CONTENT_TYPE, Gauge, Metrics, resident_memory_bytes
-from .parsing import (
-    ApiError,
-    Geometry,
-    bad_request,
-    check_declared_length,
-    parse_boolean,
-    parse_corners,
-    parse_digest,
-    parse_expected_clicks,
-    parse_numbers,
-    parse_options,
-)
+from .parsing import ApiError, Geometry, bad_request, check_declared_length, parse_digest
 from .registry import QueueFullError, SessionRegistry, SessionsFullError, UnknownSessionError
+from .request_bodies import (
+    AddBox,
+    AddClick,
+    GeometryFields,
+    OpenSession,
+    Prompt,
+    Reset,
+    SessionOptions,
+    SetClicks,
+    parse_body,
+)
 from .upload import receive_array, upload_overhead_bytes
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,49 @@ def _error_response(status: int, kind: str, message: str, headers: Optional[Dict
                     **extra: Any) -> JSONResponse:
     return JSONResponse({"error": " ".join(str(message).split()), "kind": kind, **extra}, status_code=status,
                         headers=headers)
+
+
+# ----------------------------------------------------------------------------------- dependencies
+def _server_of(request: Request) -> _Server:
+    return request.app.state.server
+
+
+async def _caller(request: Request) -> Optional[int]:
+    """The authorisation of every route but /health: the index of the request's token (see
+    ``_Server.authorize``), before anything of the request is read."""
+    return await _server_of(request).authorize(request)
+
+
+async def _authorized(request: Request) -> bool:
+    """Whether the request brings a valid token (/health shows its details only then)."""
+    try:
+        await _server_of(request).authorize(request)
+    except ApiError:
+        return False
+    return True
+
+
+Caller = Annotated[Optional[int], Depends(_caller)]
+Authorized = Annotated[bool, Depends(_authorized)]
+
+
+def _body(model: type) -> Any:
+    """The request's JSON body as ``model`` (see ``request_bodies``): read once authorised, bounded while
+    it streams in (``_Server.read_json``), then validated."""
+
+    async def read(request: Request, _: Caller) -> Any:
+        server = _server_of(request)
+        return parse_body(model, await server.read_json(request), {"held": server.holds})
+
+    return Depends(read)
+
+
+OpenSessionBody = Annotated[OpenSession, _body(OpenSession)]
+AddClickBody = Annotated[AddClick, _body(AddClick)]
+AddBoxBody = Annotated[AddBox, _body(AddBox)]
+PromptBody = Annotated[Prompt, _body(Prompt)]
+SetClicksBody = Annotated[SetClicks, _body(SetClicks)]
+ResetBody = Annotated[Reset, _body(Reset)]
 
 
 @dataclass
@@ -280,6 +324,9 @@ class _Server:
             self.patch_bytes, self._patch_measured = bounds.patch_bytes(patches[0]), True
         hosted.state.resize(hosted.state_bytes + len(patches) * self.patch_bytes, force=True)
 
+    def holds(self, digest: str) -> bool:
+        return self.images.get(digest) is not None
+
     def array_of(self, digest: str, what: str) -> np.ndarray:
         array = self.images.get(digest)
         if array is None:
@@ -287,19 +334,17 @@ class _Server:
                            f"with PUT {protocol.API}/images/{digest}", image=digest)
         return array
 
-    def initial_mask(self, body: Mapping[str, Any]) -> Optional[Tuple[np.ndarray, Optional[Geometry]]]:
+    def initial_mask(self, digest: Optional[str], geometry: Optional[GeometryFields]
+                     ) -> Optional[Tuple[np.ndarray, Optional[Geometry]]]:
         """The uploaded initial mask a request names, with its geometry when it states one."""
-        if body.get("initial_mask") is None:
+        if digest is None:
             return None
-        array = self.array_of(parse_digest(body["initial_mask"], "initial_mask"), "initial mask")
+        array = self.array_of(digest, "initial mask")
         if array.dtype != np.uint8:
             raise bad_request(f"an initial mask must be uploaded as uint8, not {array.dtype.name}")
-        geometry = body.get("initial_mask_geometry")
         if geometry is None:
             return array, None
-        if not isinstance(geometry, dict):
-            raise bad_request("initial_mask_geometry must be an object")
-        return array, Geometry.parse(geometry, "initial_mask_geometry")
+        return array, Geometry.checked(geometry.origin, geometry.spacing, geometry.direction, "initial_mask_geometry")
 
     @staticmethod
     def mask_image(mask: Optional[Tuple[np.ndarray, Optional[Geometry]]], image: sitk.Image) -> Optional[sitk.Image]:
@@ -321,11 +366,9 @@ class _Server:
             trim(0)
 
     # ------------------------------------------------------------------ routes
-    async def health(self, request: Request) -> Dict[str, Any]:
+    async def health(self, authorized: Authorized) -> Dict[str, Any]:
         """Up or not, for anyone; the details (model, activity, limits) only with a valid token."""
-        try:
-            await self.authorize(request)
-        except ApiError:
+        if not authorized:
             return {"status": "ok"}
         return {"status": "ok", "version": __version__, "sessions": len(self.registry),
                 "max_sessions": self.registry.max_sessions, "queue": self.registry.pending(),
@@ -333,8 +376,7 @@ class _Server:
                 "max_image_bytes": self.max_image_bytes,
                 "memory": {"budget_bytes": self.budget.limit_bytes, "reserved_bytes": self.budget.used_bytes}}
 
-    async def metrics_text(self, request: Request) -> Response:
-        await self.authorize(request)
+    async def metrics_text(self, _: Caller) -> Response:
         gauges = [
             Gauge("ctsam3d_sessions_open", "Sessions open now.", len(self.registry)),
             Gauge("ctsam3d_queue_length", "Jobs waiting for the network worker.", self.registry.pending()),
@@ -357,12 +399,12 @@ class _Server:
             ]
         return Response(self.metrics.render(gauges), media_type=CONTENT_TYPE)
 
-    async def has_image(self, digest: str, request: Request) -> Response:
-        await self.authorize(request)
+    async def has_image(self, digest: str, _: Caller) -> Response:
         return Response(status_code=200 if protocol.is_digest(digest) and self.images.get(digest) is not None else 404)
 
-    async def put_image(self, digest: str, request: Request) -> Response:
-        await self.authorize(request)
+    async def put_image(self, digest: str, request: Request, _: Caller) -> Response:
+        """The body streams through ``receive_array`` (bounded by the stated dtype and shape, and by the
+        memory budget); it is never read whole by the framework."""
         parse_digest(digest, "the image's name")
         dtype = protocol.parse_dtype(request.headers.get(protocol.DTYPE_HEADER, ""))
         shape = protocol.parse_shape(request.headers.get(protocol.SHAPE_HEADER, ""))
@@ -389,25 +431,26 @@ class _Server:
         self.images.put(digest, array, reservation)
         return JSONResponse({"image": digest, "bytes": raw_bytes}, status_code=201)
 
-    async def open_session(self, request: Request) -> JSONResponse:
-        owner = await self.authorize(request)
-        body = await self.read_json(request)
-        digest = parse_digest(body.get("image"), "image")
-        array = self.array_of(digest, "image")
-        geometry = Geometry.parse(body, "the image's")
-        options = parse_options(body.get("options"), self.max_patches)
+    async def open_session(self, request: Request, owner: Caller, body: OpenSessionBody) -> JSONResponse:
+        array = self.array_of(body.image, "image")
+        geometry = Geometry.checked(body.origin, body.spacing, body.direction, "the image's")
+        options = {name: value for name, value in (body.options or SessionOptions()).model_dump().items()
+                   if value is not None}
+        if options.get("max_patches", 0) > self.max_patches:
+            raise ApiError(400, protocol.KIND_INPUT, f"max_patches is at most {self.max_patches} on this server "
+                           f"(ctsam3d serve --max-patches), got {options['max_patches']}")
         covered = bounds.patch_source_voxels(array.shape[::-1], geometry.spacing, geometry.direction)
         if covered > self.max_patch_source_voxels:
             raise ApiError(400, protocol.KIND_INPUT, f"at this spacing and direction one 96 mm patch covers {covered} "
                            f"voxels of the image; this server takes at most {self.max_patch_source_voxels}: "
                            "resample the image to a coarser spacing")
-        initial = self.initial_mask(body)
+        initial = self.initial_mask(body.initial_mask, body.initial_mask_geometry)
         cautions: List[str] = []
         state_bytes = bounds.session_state_bytes(array)
         new_patches = 1 if options.get("cross_patch") is False else options.get("max_patches", MAX_OPEN_PATCHES) + 1
         state = self.budget.reserve(state_bytes, "a new session")
         try:
-            image, give_back = await run_in_threadpool(self.session_images.acquire, (digest, geometry.key()),
+            image, give_back = await run_in_threadpool(self.session_images.acquire, (body.image, geometry.key()),
                                                        array.nbytes, lambda: geometry.image(array))
         except BaseException:
             state.release()
@@ -443,41 +486,27 @@ class _Server:
         return JSONResponse({"session": session_id, "clicks": 0, "patches_open": 0, "device": str(self.device),
                              "precision": self.precision, "warnings": cautions}, status_code=201)
 
-    async def click(self, session_id: str, request: Request) -> Response:
-        owner = await self.authorize(request)
-        body = await self.read_json(request)
-        point = parse_numbers(body.get("point_lps"), 3, "point_lps")
-        positive = parse_boolean(body.get("positive", True), "positive")
-        expected = parse_expected_clicks(body)
-
+    async def click(self, session_id: str, request: Request, owner: Caller, body: AddClickBody) -> Response:
         def work(session: InteractiveSession) -> _Outcome:
-            _check_count(session, expected)
+            _check_count(session, body.expected_clicks)
             _check_room(len(session.clicks) + 1)
-            return _Outcome.of(session, session.add_click(point, positive))
+            return _Outcome.of(session, session.add_click(body.point_lps, body.positive))
 
         return await self.answer(request, session_id, owner, "click", work)
 
-    async def box(self, session_id: str, request: Request) -> Response:
-        owner = await self.authorize(request)
-        body = await self.read_json(request)
-        corners = parse_corners(body.get("corners_lps"), "corners_lps")
-        expected = parse_expected_clicks(body)
-
+    async def box(self, session_id: str, request: Request, owner: Caller, body: AddBoxBody) -> Response:
         def work(session: InteractiveSession) -> _Outcome:
-            _check_count(session, expected)
+            _check_count(session, body.expected_clicks)
             _check_room(len(session.clicks) + 1)
-            update = session.add_box(*corners)
+            update = session.add_box(*body.corners_lps)
             point_lps, positive = session.clicks[-1]
             return _Outcome.of(session, update, click=[list(point_lps), positive])
 
         return await self.answer(request, session_id, owner, "box", work)
 
-    async def undo(self, session_id: str, request: Request) -> Response:
-        owner = await self.authorize(request)
-        expected = parse_expected_clicks(await self.read_json(request))
-
+    async def undo(self, session_id: str, request: Request, owner: Caller, body: PromptBody) -> Response:
         def work(session: InteractiveSession) -> _Outcome:
-            _check_count(session, expected)
+            _check_count(session, body.expected_clicks)
             try:
                 return _Outcome.of(session, session.undo())
             except IndexError as error:
@@ -485,31 +514,21 @@ class _Server:
 
         return await self.answer(request, session_id, owner, "undo", work)
 
-    async def set_clicks(self, session_id: str, request: Request) -> Response:
-        owner = await self.authorize(request)
-        listed = (await self.read_json(request)).get("clicks")
-        if not isinstance(listed, list) or not all(isinstance(item, list) and len(item) == 2 for item in listed):
-            raise bad_request("clicks must be a list of [[x, y, z], positive] pairs")
-        clicks = [(parse_numbers(point, 3, "a click's point"), parse_boolean(positive, "a click's sign"))
-                  for point, positive in listed]
+    async def set_clicks(self, session_id: str, request: Request, owner: Caller, body: SetClicksBody) -> Response:
+        clicks = [(list(point), positive) for point, positive in body.clicks]
 
         def work(session: InteractiveSession) -> _Outcome:
             # A bounded step towards the clicks asked for; the answer's click count tells the client where
             # the session stands, and it sends the request again for the rest.
             _check_room(len(clicks))
             wanted = [Click(checked_point(point), positive) for point, positive in clicks]
-            current = session.clicks
-            common = 0
-            while common < min(len(wanted), len(current)) and wanted[common] == current[common]:
-                common += 1
-            step = clicks[:common + bounds.CLICKS_ADDED_PER_REQUEST]
+            step = clicks[:kept_clicks(wanted, session.clicks) + bounds.CLICKS_ADDED_PER_REQUEST]
             return _Outcome.of(session, session.set_clicks(step))
 
         return await self.answer(request, session_id, owner, "set_clicks", work)
 
-    async def reset(self, session_id: str, request: Request) -> Response:
-        owner = await self.authorize(request)
-        initial = self.initial_mask(await self.read_json(request))
+    async def reset(self, session_id: str, request: Request, owner: Caller, body: ResetBody) -> Response:
+        initial = self.initial_mask(body.initial_mask, body.initial_mask_geometry)
 
         def work(session: InteractiveSession) -> _Outcome:
             session.reset(self.mask_image(initial, session.image))
@@ -517,15 +536,13 @@ class _Server:
 
         return await self.answer(request, session_id, owner, "reset", work)
 
-    async def mask(self, session_id: str, request: Request) -> Response:
-        owner = await self.authorize(request)
+    async def mask(self, session_id: str, request: Request, owner: Caller) -> Response:
         def work(session: InteractiveSession) -> _Outcome:
             return _Outcome.of(session, MaskUpdate((0, 0, 0), session.mask_array()))
 
         return await self.answer(request, session_id, owner, "mask", work)
 
-    async def close_session(self, session_id: str, request: Request) -> Response:
-        owner = await self.authorize(request)
+    async def close_session(self, session_id: str, owner: Caller) -> Response:
         await asyncio.wrap_future(self.registry.close(session_id, owner))
         return Response(status_code=204)
 

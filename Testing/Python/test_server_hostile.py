@@ -128,6 +128,40 @@ def answer_of(connection):
     return reply.status, reply.headers, json.loads(reply.read())
 
 
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", f"{protocol.API}/sessions"), ("POST", f"{protocol.API}/sessions/{'d' * 32}/click"),
+    ("PUT", f"{protocol.API}/sessions/{'d' * 32}/clicks"), ("PUT", f"{protocol.API}/images/{'c' * 64}"),
+])
+def test_a_request_without_a_valid_token_is_refused_before_its_body_is_read(serve, method, path):
+    """The declared request bodies are read by the route's dependency only after the token is checked: a
+    client that states a 512 KiB body and sends none of it gets its 401 at once."""
+    server = serve(tokens=["secret"])
+    head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"{protocol.DTYPE_HEADER}: uint8\r\n{protocol.SHAPE_HEADER}: 64,64,64\r\n"
+            f"Authorization: Bearer wrong\r\nContent-Length: {512 << 10}\r\n\r\n")
+    connection = raw_socket(server.port, head)
+    status, headers, answer = answer_of(connection)
+    connection.close()
+    assert status == 401 and answer["kind"] == "unauthorized" and headers["WWW-Authenticate"] == "Bearer", answer
+
+
+def test_a_json_body_is_bounded_while_it_streams_in(serve):
+    """A chunked body states no length: the declared request models get it from the bounded reader, which
+    refuses it (413) once it passes 1 MiB, long before the client has sent it all."""
+    server = serve()
+    head = (f"POST {protocol.API}/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b" " * (256 << 10)
+    connection = raw_socket(server.port, head)
+    try:
+        for _ in range(5):
+            connection.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        status, _, answer = answer_of(connection)
+    finally:
+        connection.close()
+    assert status == 413 and answer["kind"] == "too_large" and "exceeds the 1048576 bytes" in answer["error"], answer
+
+
 def test_uploads_beyond_the_memory_budget_are_refused_before_their_body_is_read(serve):
     """Three 1 MB zlib bodies stating 1 GiB each took 5.2 GB at once (and 40 could run): an upload reserves its
     array's bytes in the budget from its headers, so the next one that does not fit gets 503 and Retry-After
