@@ -11,7 +11,7 @@ the client and the server.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
+from typing import Annotated, Any, Dict, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -28,7 +28,6 @@ from pydantic import (
     field_validator,
 )
 from pydantic_core import ErrorDetails
-from typing_extensions import Annotated
 
 from .. import protocol
 from .parsing import ApiError, bad_request
