@@ -10,13 +10,14 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from server_helpers import SlowNet, inside, request, wait_until, zlib_bomb
-from standins import CrossPatchThresholdNet
+from server_helpers import inside, request, wait_until
 
 from CTSAM3DLib import protocol
 from CTSAM3DLib.interface import SessionInputError
 from CTSAM3DLib.remote import RemoteSession, ServerError
 from CTSAM3DLib.session import InteractiveSession
+from standins.networks import CrossPatchThresholdNet, SlowNet
+from standins.payloads import zlib_bomb
 
 IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
 
