@@ -212,13 +212,8 @@ class PreparedNetwork:
         return self._encode_eager(image)
 
     @torch.no_grad()
-    def decode(
-        self,
-        features: List[torch.Tensor],
-        points: torch.Tensor,
-        labels: torch.Tensor,
-        mask_prompt: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, features: List[torch.Tensor], points: torch.Tensor, labels: torch.Tensor,
+               mask_prompt: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """As ``CTSAM3D.decode``: -> probability (B,1,64^3) float32, quality (B,1) float32."""
         if self._graphed_decode is not None and labels.shape[0] == 1 and labels.shape[1] <= MAX_CLICKS:
             return self._graphed_decode(*features, *fixed_shape_prompt(points, labels, mask_prompt))

@@ -193,9 +193,7 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
             if not joining:
                 self._loading = None
                 self.progress = None
-        self.network = network
-        self.device = device
-        self.loadedCheckpoint = path
+        self.network, self.device, self.loadedCheckpoint = network, device, path
         self._runtime = None
         self.releaseSession()
 
