@@ -24,6 +24,7 @@ _EXPORTS = {
     "InteractiveSession": "session",
     "MaskUpdate": "interface",
     "RemoteSession": "remote",
+    "Runtime": "runtime",
     "SessionInputError": "interface",
 }
 

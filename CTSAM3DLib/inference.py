@@ -19,8 +19,8 @@ a mask prompt is always passed, so one graph serves every click of a patch. Batc
 (cross-patch prompting) and patches with more than ``MAX_CLICKS`` clicks run eagerly: large batches are
 bound by arithmetic, not launches. Where a capture fails, a warning says so and those calls run eagerly.
 ``cuda_graphs=False`` or ``CTSAM3D_CUDA_GRAPHS=0`` switches the graphs off. Nothing is compiled, so no
-click ever waits for a compiler. Prepared networks are kept per network, device and precision (and
-weights version), so sessions share one warm-up.
+click ever waits for a compiler. Nothing is kept here either: ``CTSAM3DLib.runtime.Runtime`` holds a
+prepared network for the sessions that share it.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ import contextlib
 import functools
 import os
 import warnings
-import weakref
-from typing import Any, ContextManager, Dict, List, Optional, Tuple
+from typing import Any, ContextManager, List, Optional, Tuple
 
 import torch
 
@@ -125,10 +124,6 @@ def resolve_precision(net: PromptableNetwork, device: torch.device, precision: s
     return precision
 
 
-_PREPARED: weakref.WeakKeyDictionary[CTSAM3D, Dict[tuple, PreparedNetwork]] = weakref.WeakKeyDictionary()
-"""Prepared forms of each loaded network, so that sessions on one network share one preparation."""
-
-
 def cuda_graphs_default() -> bool:
     """Whether CUDA graphs are used when the caller does not say: yes, unless ``CTSAM3D_CUDA_GRAPHS=0``
     (or the deprecated ``CTSAM3D_COMPILE=0``, from when the graphs came from torch.compile)."""
@@ -144,10 +139,10 @@ def prepare_network(net: PromptableNetwork, device: torch.device, precision: str
     """The network ready for ``device`` at ``precision`` (one of ``PRECISIONS``; see ``resolve_precision``).
 
     A ``torch.nn.Module`` is moved there in eval mode; the CT-SAM3D network at "float32" off CUDA is
-    returned itself, otherwise wrapped in a ``PreparedNetwork`` (made once per network, device,
-    precision and weights version) with the same ``encode``/``decode``/``cross_patch``. Any other
-    network runs as it is. ``cuda_graphs`` (default: ``cuda_graphs_default()``) replays a single
-    patch's encode and decode from CUDA graphs; it is ignored off CUDA.
+    returned itself (warmed up), otherwise wrapped in a new ``PreparedNetwork`` with the same
+    ``encode``/``decode``/``cross_patch``. Any other network runs as it is. ``cuda_graphs`` (default:
+    ``cuda_graphs_default()``) replays a single patch's encode and decode from CUDA graphs; it is ignored
+    off CUDA. Each call prepares anew: keep the result (``CTSAM3DLib.runtime.Runtime`` does).
     """
     precision = resolve_precision(net, device, precision)
     device = torch.device(device)
@@ -158,17 +153,10 @@ def prepare_network(net: PromptableNetwork, device: torch.device, precision: str
     if cuda_graphs is None:
         cuda_graphs = cuda_graphs_default()
     cuda_graphs = cuda_graphs and device.type == "cuda"
-    # A load_state_dict copies into the parameters in place, which bumps their version counters.
-    key = (str(device), precision, cuda_graphs, tuple(parameter._version for parameter in net.parameters()))
-    prepared = _PREPARED.setdefault(net, {})
-    if key not in prepared:
-        prepared.clear()
-        if precision == "float32" and not cuda_graphs:
-            warm_up(net, device)
-            prepared[key] = net
-        else:
-            prepared[key] = PreparedNetwork(net, device, precision, cuda_graphs=cuda_graphs)
-    return prepared[key]
+    if precision == "float32" and not cuda_graphs:
+        warm_up(net, device)
+        return net
+    return PreparedNetwork(net, device, precision, cuda_graphs=cuda_graphs)
 
 
 @torch.no_grad()
@@ -187,7 +175,7 @@ class PreparedNetwork:
 
     It reuses the network's own parameters: the int8 decoder keeps only their 8-bit codes (and a
     bfloat16 copy of its upscaling matrices), made once here; nothing is read from disk. Weights
-    loaded into the network later are not seen: prepare it again (``prepare_network`` notices). Outputs
+    loaded into the network later are not seen: prepare it again (``Runtime.current`` notices). Outputs
     are float32 whatever the precision. It warms up here (``warm_up``, and the capture of the graphs),
     so that no one-off work is paid by a user's first click.
     """
@@ -224,13 +212,8 @@ class PreparedNetwork:
         return self._encode_eager(image)
 
     @torch.no_grad()
-    def decode(
-        self,
-        features: List[torch.Tensor],
-        points: torch.Tensor,
-        labels: torch.Tensor,
-        mask_prompt: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, features: List[torch.Tensor], points: torch.Tensor, labels: torch.Tensor,
+               mask_prompt: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """As ``CTSAM3D.decode``: -> probability (B,1,64^3) float32, quality (B,1) float32."""
         if self._graphed_decode is not None and labels.shape[0] == 1 and labels.shape[1] <= MAX_CLICKS:
             return self._graphed_decode(*features, *fixed_shape_prompt(points, labels, mask_prompt))

@@ -92,6 +92,14 @@ def checked_point(point_lps: Any, what: str = "a click") -> Tuple[float, float, 
     return tuple(float(v) for v in point)
 
 
+def checked_corners(corners: Any, what: str) -> Tuple[Tuple[float, float, float], Tuple[float, float, float]]:
+    """Two opposite corners of a box (LPS mm), each as ``checked_point``; SessionInputError naming ``what``
+    unless there are two."""
+    if corners is None or len(corners) != 2:
+        raise SessionInputError(f"{what} needs two corners of 3 finite coordinates (LPS mm)")
+    return checked_point(corners[0], f"{what}'s corner"), checked_point(corners[1], f"{what}'s corner")
+
+
 ProgressCallback = Callable[[int, int], None]
 """``progress(patches_decoded, patches_planned)``, called before and after each batch of patches a
 click decodes; ``patches_planned`` grows as cross-patch prompting finds neighbours. An exception

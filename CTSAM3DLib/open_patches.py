@@ -68,11 +68,8 @@ class OpenPatches:
     def __init__(self, net: PromptableNetwork, device: torch.device, image: sitk.Image, lattice: Lattice,
                  grid: SourceGrid, device_volume: Optional[DeviceVolume], limits: PropagationLimits,
                  initial_on: Callable[[PatchGeometry], Optional[torch.Tensor]]) -> None:
-        self.net = net
-        self.device = device
-        self.image = image
-        self.lattice = lattice
-        self.grid = grid
+        self.net, self.device = net, device
+        self.image, self.lattice, self.grid = image, lattice, grid
         self.device_volume = device_volume
         self.limits = limits
         self._initial_on = initial_on

@@ -10,6 +10,9 @@ Mask updates (``encode_update``) are ``MaskUpdate``s: {"start": [x, y, z], "shap
 "dtype": "uint8", "data": base64 of the zlib-compressed mask bytes}.
 
 Errors are one-line JSON objects {"error": message, "kind": one of the ``KIND_*`` names}.
+
+Session options (``SESSION_OPTIONS``) are declared here once: the client encodes them with
+``encode_session_options``, and the server builds its request model from the same declarations.
 """
 
 from __future__ import annotations
@@ -20,12 +23,13 @@ import hashlib
 import math
 import re
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Sequence, Tuple, Union
 
 import numpy as np
 
-from .interface import MaskUpdate
+from .interface import MaskUpdate, checked_corners
 
 API = "/v1"
 """Prefix of every versioned route."""
@@ -56,6 +60,52 @@ KIND_BUSY = "busy"
 """Too many sessions open, or too many requests queued for one session."""
 KIND_NOT_FOUND = "not_found"
 KIND_INTERNAL = "internal"
+
+OPTION_BOOLEAN = "boolean"
+OPTION_WHOLE = "whole"
+OPTION_CORNERS = "corners"
+"""The kinds of session option: true or false; a whole number; two opposite corners [[x, y, z], [x, y, z]]
+(LPS mm)."""
+
+
+@dataclass(frozen=True)
+class SessionOption:
+    """An ``InteractiveSession`` option a client may choose for its session on the server: its name (the
+    session's keyword and the key in a session's "options") and its kind (one of the ``OPTION_*``)."""
+
+    name: str
+    kind: str
+
+
+SESSION_OPTIONS = (
+    SessionOption("cross_patch", OPTION_BOOLEAN),
+    SessionOption("max_patches", OPTION_WHOLE),
+    SessionOption("box_lps", OPTION_CORNERS),
+    SessionOption("cross_patch_box_lps", OPTION_CORNERS),
+)
+"""What a client may choose; device, precision and sampling are the server's. Absent or null: the
+session's default."""
+
+SESSION_OPTION_NAMES = tuple(option.name for option in SESSION_OPTIONS)
+
+
+def encode_session_options(options: Mapping[str, Any]) -> Dict[str, Any]:
+    """The "options" of a session-opening request from ``InteractiveSession`` keywords (those of
+    ``SESSION_OPTIONS`` that are given and not None); corners that are not two points of 3 finite numbers
+    are refused with a ``SessionInputError``, as the session refuses them."""
+    encoded: Dict[str, Any] = {}
+    for option in SESSION_OPTIONS:
+        value = options.get(option.name)
+        if value is None:
+            continue
+        if option.kind == OPTION_BOOLEAN:
+            encoded[option.name] = bool(value)
+        elif option.kind == OPTION_WHOLE:
+            encoded[option.name] = int(value)
+        else:
+            encoded[option.name] = [list(corner) for corner in checked_corners(value, option.name)]
+    return encoded
+
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _WHOLE = re.compile(r"^[0-9]{1,18}$")

@@ -36,11 +36,19 @@ import SimpleITK as sitk
 
 from . import __version__, protocol
 from .inputs import as_box, box_centre
-from .interface import Click, MaskUpdate, ProgressCallback, SessionInputError, checked_point, kept_clicks
+from .interface import (
+    Click,
+    MaskUpdate,
+    ProgressCallback,
+    SessionInputError,
+    checked_corners,
+    checked_point,
+    kept_clicks,
+)
 
 __all__ = ["RemoteSession", "ServerError", "server_health"]
 
-SESSION_OPTIONS = ("cross_patch", "max_patches", "box_lps", "cross_patch_box_lps", "initial_mask")
+SESSION_OPTIONS = (*protocol.SESSION_OPTION_NAMES, "initial_mask")
 """The ``InteractiveSession`` options a remote session takes; device, precision and sampling are the server's."""
 
 BACKOFF_S = 0.25
@@ -184,12 +192,6 @@ class _InitialMask:
     """The mask as the session sees it: 0/1 uint8, (z, y, x)."""
 
 
-def _corners(corners: Sequence[Any], what: str) -> Corners:
-    if corners is None or len(corners) != 2:
-        raise SessionInputError(f"{what} needs two corners of 3 finite coordinates (LPS mm)")
-    return checked_point(corners[0], f"{what}'s corner"), checked_point(corners[1], f"{what}'s corner")
-
-
 def _geometry(image: sitk.Image) -> Dict[str, List[float]]:
     return {"origin": list(image.GetOrigin()), "spacing": list(image.GetSpacing()),
             "direction": list(image.GetDirection())}
@@ -240,7 +242,7 @@ class RemoteSession:
         self.url = self._client.url
         self.image = _checked_image(image, "the image")
         self._image = _upload_of(sitk.GetArrayViewFromImage(image))
-        self._options = self._wire_options(session_options)
+        self._options = protocol.encode_session_options(session_options)
         self._initial = _initial_mask(session_options.get("initial_mask"))
         self._mask = self._starting_mask(self._initial)
         self._prompts: List[_Prompt] = []
@@ -297,7 +299,7 @@ class RemoteSession:
     def add_box(self, corner_a_lps: Sequence[float], corner_b_lps: Sequence[float],
                 progress: Optional[ProgressCallback] = None) -> MaskUpdate:
         """Prompts with a box (two opposite LPS corners), as ``InteractiveSession.add_box``."""
-        corners = _corners((corner_a_lps, corner_b_lps), "a box")
+        corners = checked_corners((corner_a_lps, corner_b_lps), "a box")
         click = Click(box_centre(as_box(*corners)), True)
         update, _ = self._prompt("box", {"corners_lps": [list(c) for c in corners]}, progress)
         self._prompts.append(_Prompt(click, corners))
@@ -486,17 +488,6 @@ class RemoteSession:
                                     f"takes at most {self._max_image_bytes / 2**20:.1f} MiB")
         self._client.call("PUT", f"{protocol.API}/images/{upload.digest}", body=protocol.compress(upload.array),
                           headers={**protocol.array_headers(upload.array), "Content-Type": "application/octet-stream"})
-
-    def _wire_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
-        chosen: Dict[str, Any] = {}
-        if options.get("cross_patch") is not None:
-            chosen["cross_patch"] = bool(options["cross_patch"])
-        if options.get("max_patches") is not None:
-            chosen["max_patches"] = int(options["max_patches"])
-        for name in ("box_lps", "cross_patch_box_lps"):
-            if options.get(name) is not None:
-                chosen[name] = [list(corner) for corner in _corners(options[name], name)]
-        return chosen
 
     @staticmethod
     def _initial_payload(initial: Optional[_InitialMask]) -> Dict[str, Union[str, None, Dict[str, List[float]]]]:

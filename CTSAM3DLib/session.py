@@ -36,9 +36,7 @@ import SimpleITK as sitk
 import torch
 
 from .constants import MASK_THRESHOLD, MAX_OPEN_PATCHES
-from .device import resolve_device
 from .geometry import DeviceVolume, Lattice, SourceRegion
-from .inference import prepare_network, resolve_precision
 from .inputs import as_box, box_centre, readable_image, validate_image
 from .interface import (
     Box,
@@ -55,9 +53,10 @@ from .open_patches import OpenPatches, PatchChanges, StepTimes
 from .patch import Patch
 from .propagation import PropagationLimits, heatmap_peaks, touched_offsets
 from .rendering import SessionMask, enclosing_region
+from .runtime import SAMPLING, Runtime
 
-__all__ = ["Click", "InteractiveSession", "MaskUpdate", "PreviewCallback", "ProgressCallback", "SessionInputError",
-           "as_box", "readable_image", "validate_image"]
+__all__ = ["SAMPLING", "Click", "InteractiveSession", "MaskUpdate", "PreviewCallback", "ProgressCallback",
+           "Runtime", "SessionInputError", "as_box", "readable_image", "validate_image"]
 
 PreviewCallback = Callable[[MaskUpdate], None]
 """``preview(update)``: during a click that cross-patch prompting carries on, called before each further
@@ -65,14 +64,6 @@ level of neighbours with the mask as it stands over what the click has changed s
 ``update`` has the meaning of a ``MaskUpdate`` against the mask before the click). The click's own
 result is still the call's return value, and the session's mask changes only then. An exception raised
 from it abandons the click, as from a ``ProgressCallback``."""
-
-SAMPLING = ("auto", "exact", "device")
-"""How patches are cut from the CT: "exact" through SimpleITK on the CPU (bit-exact with the authors'
-pipeline), "device" with torch where the network runs (``geometry.DeviceVolume``: on a GPU the volume
-stays there; the same values, bit for bit, except on Apple MPS). "auto" is device on CUDA and for the
-optimised precisions on a CPU; exact for the float32 network on a CPU (the path the parity tests check)
-and on Apple MPS (which has no float64)."""
-
 
 @dataclass
 class _HistoryEntry:
@@ -88,10 +79,12 @@ class InteractiveSession:
     """Click-driven segmentation of one CT.
 
     ``net`` is a ``PromptableNetwork`` (a ``CrossPatchNetwork`` for cross-patch prompting; see
-    ``CTSAM3DLib.model.CTSAM3D``); ``image`` a 3D scalar ``SimpleITK.Image`` in Hounsfield units,
+    ``CTSAM3DLib.model.CTSAM3D``), or a ``CTSAM3DLib.runtime.Runtime`` of one, which sessions on one
+    network share so that it is prepared once (``device`` and ``precision`` are then the runtime's:
+    "auto" or the same); ``image`` a 3D scalar ``SimpleITK.Image`` in Hounsfield units,
     with any size, spacing and direction. Points are LPS world millimetres. ``precision`` chooses
     how the network runs (see ``CTSAM3DLib.inference``); "auto" picks the fastest path for the device.
-    ``sampling`` chooses where patches are cut from the CT (see ``SAMPLING``).
+    ``sampling`` chooses where patches are cut from the CT (see ``SAMPLING``; "auto": the runtime's).
     ``cross_patch`` switches cross-patch prompting (None: on whenever the network has a
     ``cross_patch`` method, as CT-SAM3D does); ``max_patches`` caps the open patches it may reach,
     and ``cross_patch_box_lps`` ((min x, y, z), (max x, y, z)) optionally limits it to neighbours
@@ -105,7 +98,7 @@ class InteractiveSession:
 
     def __init__(
         self,
-        net: PromptableNetwork,
+        net: Union[PromptableNetwork, Runtime],
         image: sitk.Image,
         device: Union[str, torch.device, None] = "auto",
         precision: str = "auto",
@@ -123,14 +116,21 @@ class InteractiveSession:
             raise ValueError(f"max_patches must be at least 1, got {max_patches}")
         if sampling not in SAMPLING:
             raise ValueError(f"unknown sampling {sampling!r}; choose one of {', '.join(SAMPLING)}")
-        has_cross_patch = isinstance(net, CrossPatchNetwork)
+        has_cross_patch = isinstance(net.source if isinstance(net, Runtime) else net, CrossPatchNetwork)
         if cross_patch and not has_cross_patch:
             raise ValueError("cross-patch prompting needs a network with a cross_patch method")
+        if isinstance(net, Runtime):
+            if not net.accepts(device, precision):
+                raise ValueError(f"this session asks for device {device} at precision {precision!r}, but its runtime "
+                                 f"runs on {net.device} at {net.precision!r}")
+            self.runtime = net.current()
+        else:
+            self.runtime = Runtime(net, device, precision)
         self.image = image
-        self.device = resolve_device(device)
-        self.precision = resolve_precision(net, self.device, precision)
+        self.device = self.runtime.device
+        self.precision = self.runtime.precision
         """The precision the network runs at ("auto" resolved; see ``CTSAM3DLib.inference``)."""
-        self.net = prepare_network(net, self.device, self.precision)
+        self.net = self.runtime.network
         self.cross_patch = has_cross_patch if cross_patch is None else cross_patch
         self.max_patches = max_patches
         self.cross_patch_box_lps = None if cross_patch_box_lps is None else as_box(*cross_patch_box_lps)
@@ -138,12 +138,10 @@ class InteractiveSession:
         self.box_lps: Optional[Box] = self._fixed_box
         """The box results are clipped to (``box_lps`` or the last ``add_box``), or None."""
         self.lattice = Lattice.of_image(image)
-        if sampling == "auto":
-            on_device = self.device.type == "cuda" or (self.device.type == "cpu" and self.precision != "float32")
-            sampling = "device" if on_device else "exact"
-        self.sampling = sampling
-        self._device_volume = DeviceVolume(image, self.lattice, self.device) if sampling == "device" else None
-        self._canvas = SessionMask(image, self.lattice, self.device, sample_on_device=sampling == "device")
+        self.sampling = self.runtime.sampling if sampling == "auto" else sampling
+        on_device = self.sampling == "device"
+        self._device_volume = DeviceVolume(image, self.lattice, self.device) if on_device else None
+        self._canvas = SessionMask(image, self.lattice, self.device, sample_on_device=on_device)
         self.grid = self._canvas.grid
         self._patches = OpenPatches(self.net, self.device, image, self.lattice, self.grid, self._device_volume,
                                     PropagationLimits(self.lattice, self.grid, max_patches, self.cross_patch_box_lps),

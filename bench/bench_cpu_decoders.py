@@ -1,6 +1,6 @@
 """The mask decoder on a CPU, candidate runtimes side by side on the same patches (issue 26).
 
-    python bench/bench_cpu_decoders.py [--repeats 5] [--output cpu-decoders.md]
+    python -m bench.bench_cpu_decoders [--repeats 5] [--output cpu-decoders.md]
 
 For one refining decode (two clicks and the previous mask as prompt) on the central patch of every CT in
 ../shared/data, each candidate's median seconds on the chest CT's patch (taken in turns, so that machine
@@ -34,34 +34,14 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from bench_inference import machine_description  # noqa: E402
-
-from CTSAM3DLib.geometry import Lattice  # noqa: E402
-from CTSAM3DLib.inference import prepare_network  # noqa: E402
-from CTSAM3DLib.model import build_model  # noqa: E402
-from CTSAM3DLib.preprocess import normalize_hu  # noqa: E402
-from CTSAM3DLib.reference_weights import deterministic_state_dict  # noqa: E402
+from bench.common import central_patch, dice, load_network, log, machine_description, shared_data
+from CTSAM3DLib.inference import prepare_network
 
 CTS = ("chest-abdomen-ct", "abdomen-ct-3mm", "aorta-ct-1.5mm", "body-ct-3mm")
 POINTS = torch.tensor([[[32.0, 32.0, 32.0], [40.0, 30.0, 27.0]]])
 LABELS = torch.tensor([[1, 0]])
 Decoder = Callable[[List[np.ndarray], np.ndarray], np.ndarray]
 """features (4 arrays), prompt (1,3,64^3) -> probability (1,1,64^3)."""
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def central_patch(path: Path) -> torch.Tensor:
-    image = sitk.ReadImage(str(path))
-    lattice = Lattice.of_image(image)
-    centre = image.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in image.GetSize()])
-    geometry = lattice.patch_centred_on(lattice.nearest_index(centre))
-    return torch.from_numpy(normalize_hu(lattice.sample(image, geometry)))[None, None]
 
 
 class DecoderOnly(torch.nn.Module):
@@ -146,26 +126,19 @@ def openvino_decoder(model, precision: str) -> Decoder:
     return lambda features, prompt: request.infer([*features, prompt])[compiled.output(0)].copy()
 
 
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0.5, b > 0.5
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * np.logical_and(a, b).sum() / total)
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=shared_data())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", type=Path)
     args = parser.parse_args(argv)
-    net = build_model("tiny")
-    net.load_state_dict(deterministic_state_dict(net), strict=True)
-    net.eval()
+    net = load_network()
     cases = [name for name in CTS if (args.data / name / "ct.nii.gz").exists()]
     if not cases:
         log(f"no CTs under {args.data}")
         return 2
-    examples = {name: inputs_of(net, central_patch(args.data / name / "ct.nii.gz")) for name in cases}
+    examples = {name: inputs_of(net, central_patch(sitk.ReadImage(str(args.data / name / "ct.nii.gz"))))
+                for name in cases}
     int8 = prepare_network(net, torch.device("cpu"), "int8")
 
     def torch_float32(features, prompt):
@@ -216,14 +189,14 @@ def measure(candidates: Dict[str, Decoder], examples, repeats: int) -> Dict[str,
             times[name].append(time.perf_counter() - started)
     results = {}
     for name, candidate in candidates.items():
-        dices = [dice(candidate(*example), reference[case]) for case, example in examples.items()]
+        dices = [dice(candidate(*example) > 0.5, reference[case] > 0.5) for case, example in examples.items()]
         results[name] = {"seconds": statistics.median(times[name]), "dice": min(dices)}
     return results
 
 
 def table(results, missing, args) -> str:
     base = results["float32 (authors' decoder)"]["seconds"]
-    lines = [f"`python bench/bench_cpu_decoders.py --repeats {args.repeats}` on "
+    lines = [f"`python -m bench.bench_cpu_decoders --repeats {args.repeats}` on "
              f"{machine_description(torch.device('cpu'))}, torch {torch.__version__}", "",
              "| candidate | refining decode (s) | speed-up over float32 | lowest mask Dice vs float32 |",
              "| --- | --- | --- | --- |"]

@@ -13,8 +13,8 @@ Measures, with warm-up and medians over repeats, per device and precision:
 Then the agreement with float32 on patches of every CT in ../shared/data. Runs on the CPU, and on the
 GPU when torch sees one. Writes a markdown table (``--output``).
 
-    python bench/bench_inference.py                    # everything, 5 repeats
-    python bench/bench_inference.py --repeats 9 --output bench/results.md
+    python -m bench.bench_inference                    # everything, 5 repeats
+    python -m bench.bench_inference --repeats 9 --output bench/results.md
 
 The weights are the deterministic reference weights (same numbers as the authors' fixture), not
 trained ones: timings are those of the real network; masks carry no anatomical meaning.
@@ -26,75 +26,36 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from CTSAM3DLib import InteractiveSession  # noqa: E402
-from CTSAM3DLib.geometry import Lattice  # noqa: E402
-from CTSAM3DLib.inference import available_precisions, choose_precision, prepare_network  # noqa: E402
-from CTSAM3DLib.model import build_model  # noqa: E402
-from CTSAM3DLib.preprocess import normalize_hu  # noqa: E402
-from CTSAM3DLib.reference_weights import deterministic_state_dict  # noqa: E402
+from bench.common import (
+    REPO_ROOT,
+    central_patch,
+    dice,
+    load_network,
+    log,
+    machine_description,
+    shared_data,
+    synchronise,
+    timed,
+)
+from CTSAM3DLib import InteractiveSession
+from CTSAM3DLib.inference import available_precisions, choose_precision, prepare_network
+from CTSAM3DLib.runtime import Runtime
+from standins.networks import InstantNetwork
 
 CTS = ("chest-abdomen-ct", "abdomen-ct-3mm", "aorta-ct-1.5mm", "body-ct-3mm")
 TIMED_CT = "chest-abdomen-ct"
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def machine_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = ""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        found = [f for f in ("avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f" {f}" in text]
-        flags = ", " + " ".join(found) if found else ""
-    except OSError:
-        pass
-    return f"{model}, {torch.get_num_threads()} torch threads, {os.cpu_count()} logical CPUs{flags}"
-
-
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(function: Callable[[], object], device: torch.device) -> float:
-    synchronise(device)
-    started = time.perf_counter()
-    function()
-    synchronise(device)
-    return time.perf_counter() - started
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(bool), b.astype(bool)
-    total = a.sum() + b.sum()
-    return 1.0 if total == 0 else float(2 * (a & b).sum() / total)
 
 
 def agreement(probability: torch.Tensor, reference: torch.Tensor) -> Tuple[float, float]:
@@ -130,12 +91,6 @@ def peak_memory_mb(device: torch.device) -> Optional[float]:
 
 
 # ---------------------------------------------------------------------------- inputs
-def load_network() -> torch.nn.Module:
-    net = build_model("tiny")
-    net.load_state_dict(deterministic_state_dict(net), strict=True)
-    return net.eval()
-
-
 def central_points(image: sitk.Image) -> List[Tuple[float, float, float]]:
     """Three click points (LPS) near the scan's centre, all within one patch: the first opens it."""
     size = np.array(image.GetSize(), dtype=np.float64)
@@ -144,14 +99,6 @@ def central_points(image: sitk.Image) -> List[Tuple[float, float, float]]:
     step = 10.0 / spacing  # 10 mm in voxels
     indices = [centre, centre + step * np.array([1, 0, 0]), centre + step * np.array([0, -1, 1])]
     return [image.TransformContinuousIndexToPhysicalPoint(index.tolist()) for index in indices]
-
-
-def patch_of(image: sitk.Image) -> torch.Tensor:
-    """The normalised 64^3 patch (1,1,64^3) centred on the scan's centre."""
-    lattice = Lattice.of_image(image)
-    point = central_points(image)[0]
-    geometry = lattice.patch_centred_on(lattice.nearest_index(point))
-    return torch.from_numpy(normalize_hu(lattice.sample(image, geometry)))[None, None]
 
 
 def decoder_inputs(device: torch.device):
@@ -165,7 +112,7 @@ def decoder_inputs(device: torch.device):
 def network_rows(net, image, device, precisions, repeats) -> Tuple[List[Dict], Dict]:
     """Encoder and decoder alone, per precision, against float32 on the same inputs. The
     precisions take turns within every repeat, so a change in the machine's load hits them alike."""
-    patch = patch_of(image).to(device)
+    patch = central_patch(image).to(device)
     points, labels = decoder_inputs(device)
     prepared = {precision: prepare_network(net, device, precision) for precision in precisions}
     with torch.no_grad():
@@ -196,22 +143,6 @@ def network_rows(net, image, device, precisions, repeats) -> Tuple[List[Dict], D
             })
     baseline = {key: rows[0][key] for key in ("encode", "decode")}
     return rows, baseline
-
-
-class InstantNetwork:
-    """A network that costs nothing (the encoder returns its input, the decoder a fixed ball, the
-    cross-patch U-Net nothing), so that a session's time is the session's own work."""
-
-    def __init__(self, device: torch.device) -> None:
-        z, y, x = torch.meshgrid(*(torch.arange(64.0, device=device),) * 3, indexing="ij")
-        self.ball = (((x - 32) ** 2 + (y - 32) ** 2 + (z - 32) ** 2) <= 20**2).float()[None, None]
-
-    def encode(self, image: torch.Tensor) -> List[torch.Tensor]:
-        return [image]
-
-    def decode(self, features, points, labels, mask_prompt=None):
-        batch = features[0].shape[0]
-        return self.ball.expand(batch, -1, -1, -1, -1), torch.ones(batch, 1, device=self.ball.device)
 
 
 Steps = Dict[str, float]
@@ -265,8 +196,9 @@ def session_rows(net, image, device, precisions, repeats, data_dir: Path, cross_
     def new_session(precision: str) -> InteractiveSession:
         # One patch per click: cross-patch prompting would add a variable number of neighbour
         # patches (each an encoder, U-Net and decoder run), which the per-click targets exclude.
-        return InteractiveSession(net, image, device=device, precision=precision, cross_patch=False)
+        return InteractiveSession(runtimes[precision], image, cross_patch=False)
 
+    runtimes = {precision: Runtime(net, device, precision) for precision in precisions}
     sessions = {precision: new_session(precision) for precision in precisions}
     opening = {precision: [] for precision in precisions}
     refining = {precision: [] for precision in precisions}
@@ -294,15 +226,16 @@ def session_rows(net, image, device, precisions, repeats, data_dir: Path, cross_
         })
     sessions.clear()
     for row in results:
-        row.update(cross_patch_run(net, image, device, row["precision"], max(1, repeats // 2), cross_patch_cap))
+        row.update(cross_patch_run(runtimes[row["precision"]], image, max(1, repeats // 2), cross_patch_cap))
         row.update(fresh_process(device, row["precision"], data_dir))
     return results
 
 
-def cross_patch_run(net, image, device, precision, repeats, cap: int = 16) -> Dict[str, float]:
+def cross_patch_run(runtime: Runtime, image, repeats, cap: int = 16) -> Dict[str, float]:
     """One click that cross-patch prompting carries into 16 patches (the reference weights' masks reach
     every neighbour, so the cap is what stops it): median seconds and the patches it opened."""
-    session = InteractiveSession(net, image, device=device, precision=precision, max_patches=cap)
+    precision = runtime.precision
+    session = InteractiveSession(runtime, image, max_patches=cap)
     times = []
     for repeat in range(repeats + 1):
         log(f"  {cap}-patch click ({precision}), round {repeat + 1} of {repeats + 1}")
@@ -318,9 +251,9 @@ def fresh_process(device, precision, data_dir: Path) -> Dict[str, Optional[float
     would hide it): session start, first click, a later click that opens a patch, and peak memory (on
     the GPU what torch allocated; on the CPU the peak resident set)."""
     child = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--fresh-child", precision, "--data", str(data_dir),
+        [sys.executable, "-m", "bench.bench_inference", "--fresh-child", precision, "--data", str(data_dir),
          "--devices", str(device)],
-        capture_output=True, text=True, check=False,
+        capture_output=True, text=True, check=False, cwd=REPO_ROOT,
     )
     lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
     if child.returncode != 0 or not lines:
@@ -359,7 +292,7 @@ def accuracy_rows(net, data_dir: Path, device, precisions) -> List[Dict]:
         path = data_dir / name / "ct.nii.gz"
         if not path.exists():
             raise SystemExit(f"missing {path}: the benchmark reads the real CTs of ../shared/data")
-        patch = patch_of(sitk.ReadImage(str(path))).to(device)
+        patch = central_patch(sitk.ReadImage(str(path))).to(device)
         points = torch.tensor([[[32.0, 32.0, 32.0], [40.0, 30.0, 27.0], [24.0, 36.0, 30.0]]], device=device)
         labels = torch.tensor([[1, 0, 1]], device=device)
         outputs = {}
@@ -465,7 +398,7 @@ def report(device, machine, overhead, network, base, sessions, accuracy, volume_
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "data",
+    parser.add_argument("--data", type=Path, default=shared_data(),
                         help="folder of the real CTs (default: ../shared/data beside the clone)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
     parser.add_argument("--devices", nargs="+", default=None,
@@ -492,7 +425,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     image = sitk.ReadImage(str(chest_path))
     volume_mb = image.GetNumberOfPixels() * image.GetSizeOfPixelComponent() / 2**20
     net = load_network()
-    command = "python bench/bench_inference.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m bench.bench_inference " + " ".join(argv if argv is not None else sys.argv[1:])
     sections = []
     for name in devices:
         device = torch.device(name)

@@ -7,9 +7,9 @@ second the server gets through, and the errors (there must be none). Then ``--se
 opened, clicked once and left to expire (a one-second idle timeout): the server's resident memory before
 and after says whether expired sessions give their memory back.
 
-    python bench/bench_server.py                          # the cheap stand-in network (protocol and queue)
-    python bench/bench_server.py --network real           # CT-SAM3D on reference weights
-    python bench/bench_server.py --network both --users 1 4 --clicks 10
+    python -m bench.bench_server                          # the cheap stand-in network (protocol and queue)
+    python -m bench.bench_server --network real           # CT-SAM3D on reference weights
+    python -m bench.bench_server --network both --users 1 4 --clicks 10
 
 The stand-in (``BallNet``, below) answers at once, so its numbers are those of the server itself: HTTP,
 JSON, compression, the queue, the session's bookkeeping. Clients and server share this process (and
@@ -34,45 +34,13 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-
-from bench_inference import load_network, log, machine_description  # noqa: E402
-
-from CTSAM3DLib.remote import RemoteSession  # noqa: E402
-from CTSAM3DLib.server.app import BackgroundServer, create_app  # noqa: E402
-from CTSAM3DLib.server.metrics import resident_memory_bytes  # noqa: E402
+from bench.common import load_network, log, machine_description, shared_data
+from CTSAM3DLib.remote import RemoteSession
+from CTSAM3DLib.server.app import BackgroundServer, create_app
+from CTSAM3DLib.server.metrics import resident_memory_bytes
+from standins.networks import BallNet
 
 NETWORKS = ("stand-in", "real")
-
-
-class BallNet:
-    """A stand-in network that costs next to nothing: the encoder hands the patch on, the decoder answers
-    a ball of ``radius`` voxels around each positive click (cleared around negative ones), and cross-patch
-    prompting finds nothing."""
-
-    def __init__(self, radius: float = 10.0) -> None:
-        self.radius = radius
-
-    def encode(self, image: torch.Tensor) -> List[torch.Tensor]:
-        return [image]
-
-    def decode(self, features, points, labels, mask_prompt=None):
-        size = features[0].shape[-1]
-        axis = torch.arange(size, dtype=torch.float32, device=features[0].device)
-        probability = torch.zeros_like(features[0])
-        for row in range(points.shape[0]):
-            for point, label in zip(points[row], labels[row]):
-                if int(label) < 0:
-                    continue
-                x, y, z = (float(v) for v in point)
-                ball = ((axis[:, None, None] - z) ** 2 + (axis[None, :, None] - y) ** 2
-                        + (axis[None, None, :] - x) ** 2) <= self.radius ** 2
-                probability[row, 0][ball] = float(int(label) == 1)
-        return probability, torch.zeros(points.shape[0], 1)
-
-    def cross_patch(self, image, mask, neighbour_image):
-        return torch.zeros_like(image)
 
 
 def click_points(image: sitk.Image, count: int, seed: int) -> List[Tuple[Tuple[float, float, float], bool]]:
@@ -212,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--cross-patch", choices=("on", "off"), default="on")
     parser.add_argument("--max-patches", type=int, default=4)
     parser.add_argument("--image", default="abdomen-ct-3mm", help="a CT folder of ../shared/data")
-    parser.add_argument("--data", type=Path, default=REPO_ROOT.parent / "shared" / "data")
+    parser.add_argument("--data", type=Path, default=shared_data())
     args = parser.parse_args(argv)
     image = sitk.ReadImage(str(args.data / args.image / "ct.nii.gz"))
     options = {"cross_patch": args.cross_patch == "on", "max_patches": args.max_patches}
@@ -233,7 +201,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                                                                 args.clicks, options)})
         log(f"{name}: {args.sessions} sessions opened and left to expire")
         memory.append({"network": name, **memory_run(network, args.device, image, args.sessions, options)})
-    command = "python bench/bench_server.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python -m bench.bench_server " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     settings = (f"CT: {args.image} {image.GetSize()}; cross-patch {args.cross_patch}, at most {args.max_patches} "
                 "patches; clients and server in one process, on loopback.")
     print(report(rows, memory, machine_description(device_used), command.strip(), settings))

@@ -7,8 +7,8 @@ multiplies). For each attack the honest user clicks ``--clicks`` times on abdome
 runs; the issue's bound is: at most twice the unloaded click plus one attacker batch (the longest job an
 attacker may put on the worker: one click, or one ``set_clicks`` step of 8 clicks).
 
-    python bench/bench_server_attacks.py
-    python bench/bench_server_attacks.py --decode-ms 100 --clicks 7 --budget-mb 1536
+    python -m bench.bench_server_attacks
+    python -m bench.bench_server_attacks --decode-ms 100 --clicks 7 --budget-mb 1536
 
 Peak memory is this process's resident memory (server and attacking clients together; the clients hold
 little) above its level before the attack, and the budget's own peak of reserved bytes.
@@ -26,42 +26,25 @@ import statistics
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-sys.path.insert(0, str(REPO_ROOT / "Testing" / "Python"))
-
-from bench_inference import log, machine_description  # noqa: E402
-from standins import CrossPatchThresholdNet  # noqa: E402
-
-from CTSAM3DLib import protocol  # noqa: E402
-from CTSAM3DLib.remote import RemoteSession  # noqa: E402
-from CTSAM3DLib.server.app import BackgroundServer, create_app  # noqa: E402
-from CTSAM3DLib.server.metrics import resident_memory_bytes  # noqa: E402
+from bench.common import log, machine_description, shared_data
+from CTSAM3DLib import protocol
+from CTSAM3DLib.remote import RemoteSession
+from CTSAM3DLib.server.app import BackgroundServer, create_app
+from CTSAM3DLib.server.metrics import resident_memory_bytes
+from standins.networks import SlowNet
+from standins.payloads import zlib_bomb
 
 ATTACKER, HONEST = "attacker-token-for-the-bench-0123", "honest-token-for-the-bench-012345"
 HEADER_TIMEOUT_S = 2.0
 """The server's header deadline here (10 s by default), so that the slowloris attack ends within the bench."""
 
-DATA = REPO_ROOT.parent / "shared" / "data" / "abdomen-ct-3mm" / "ct.nii.gz"
-
-
-class CostlyNet(CrossPatchThresholdNet):
-    """The threshold stand-in whose decoder costs ``decode_s`` seconds, as a real network's would."""
-
-    def __init__(self, decode_s: float) -> None:
-        super().__init__()
-        self.decode_s = decode_s
-
-    def decode(self, features, points, labels, mask_prompt=None):
-        time.sleep(self.decode_s)
-        return super().decode(features, points, labels, mask_prompt)
+DATA = shared_data() / "abdomen-ct-3mm" / "ct.nii.gz"
 
 
 def call(port: int, method: str, path: str, body: Any = None, token: Optional[str] = None,
@@ -259,14 +242,6 @@ def merge(counts: Sequence[Dict[int, int]]) -> Dict[int, int]:
     return merged
 
 
-def zlib_bomb(total_bytes: int) -> bytes:
-    import zlib
-
-    chunk = bytes(16 << 20)
-    compressor = zlib.compressobj(9)
-    return b"".join(compressor.compress(chunk) for _ in range(total_bytes // len(chunk))) + compressor.flush()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--decode-ms", type=float, default=100.0, help="the stand-in decoder's cost per call")
@@ -278,7 +253,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     budget = int(args.budget_mb * 2**20)
     from CTSAM3DLib.server.bounds import ConnectionLimits
 
-    app = create_app(CostlyNet(args.decode_ms / 1000), device="cpu", tokens=[ATTACKER, HONEST],
+    app = create_app(SlowNet(args.decode_ms / 1000), device="cpu", tokens=[ATTACKER, HONEST],
                      max_memory_bytes=budget)
     limits = ConnectionLimits(header_timeout_s=HEADER_TIMEOUT_S)
     rows = []
@@ -307,7 +282,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             log(f"  honest median {median:.2f} s; {outcome}")
         peak_reserved = state.budget.peak_bytes
         honest.close()
-    command = "python " + " ".join(shlex.quote(a) for a in [f"bench/{Path(__file__).name}", *(argv or sys.argv[1:])])
+    command = "python -m bench.bench_server_attacks " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     print(f"Machine: {machine_description(torch.device('cpu'))}. Command: `{command}`. Stand-in decoder "
           f"{args.decode_ms:g} ms per call; one attacker batch (set_clicks step of 8 clicks) {attacker_batch:.2f} s; "
           f"budget {args.budget_mb:g} MiB, peak reserved {peak_reserved / 2**20:.0f} MiB.\n")

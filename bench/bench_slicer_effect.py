@@ -2,7 +2,7 @@
 
 Slicer runs Python through PythonQt without thread support, so its main thread holds the GIL whenever
 Qt's event loop runs C++ code. This bench plays that loop with the test stand-ins (the GIL held between
-Python calls, Testing/Python/slicer_standins/qt.py) over the real MRML libraries of slicer-core, and times
+Python calls, standins/slicer_standins/qt.py) over the real MRML libraries of slicer-core, and times
 the same clicks three ways, medians over ``--repeats`` (each a click on a fresh segment, opening a patch):
 
 - plain: ``InteractiveSession.set_clicks`` called directly (what the click costs in plain Python);
@@ -12,7 +12,7 @@ the same clicks three ways, medians over ``--repeats`` (each a click on a fresh 
 Also the gaps between event-loop passes while the effect waits (Slicer's responsiveness). Real network
 (CT-SAM3D with the deterministic reference weights), the aorta CT of ../shared/data, cross-patch off.
 
-    python bench/bench_slicer_effect.py --repeats 5
+    python -m bench.bench_slicer_effect --repeats 5
 """
 
 from __future__ import annotations
@@ -23,26 +23,21 @@ import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
+import slicer
 import torch
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "Testing" / "Python")]
+from bench.common import load_network, machine_description, shared_data
+from CTSAM3DLib.runtime import Runtime
+from CTSAM3DLib.session import InteractiveSession
+from CTSAM3DLib.world import ras_to_lps
+from standins import slicer_standins
+from standins.slicer_standins import effects, qt, scenes
+from standins.slicer_standins.application import makeModuleParent
+from standins.slicer_standins.clicks import timeClicksInTurns, timeEffectClicks
 
-import slicer  # noqa: E402
-import slicer_standins  # noqa: E402
-from slicer_standins import effects, qt, scenes  # noqa: E402
-from slicer_standins.application import makeModuleParent  # noqa: E402
-from slicer_standins.clicks import timeClicksInTurns, timeEffectClicks  # noqa: E402
-
-from CTSAM3DLib.model import build_model  # noqa: E402
-from CTSAM3DLib.reference_weights import deterministic_state_dict  # noqa: E402
-from CTSAM3DLib.session import InteractiveSession  # noqa: E402
-from CTSAM3DLib.world import ras_to_lps  # noqa: E402
-
-CT = REPO_ROOT.parent / "shared" / "data" / "aorta-ct-1.5mm" / "ct.nii.gz"
+CT = shared_data() / "aorta-ct-1.5mm" / "ct.nii.gz"
 POINT_IJK = (60, 63, 82)
 POLL_MSEC = 30
 
@@ -81,8 +76,7 @@ def main() -> None:
 
         import CTSAM3D
 
-        network = build_model("tiny")
-        network.load_state_dict(deterministic_state_dict(network))
+        network = load_network()
         CTSAM3D.CTSAM3D(makeModuleParent())
         slicer.app.emit("startupCompleted()")
         logic = CTSAM3DLogic.shared()
@@ -99,8 +93,9 @@ def main() -> None:
         effect.crossPatchCheckBox.click()
 
         image = coordinates.volumeToImage(volumeNode)
-        session = InteractiveSession(network, image, device="cpu", cross_patch=False)
-        polledSession = InteractiveSession(network, image, device="cpu", cross_patch=False)
+        runtime = Runtime(network, "cpu")
+        session = InteractiveSession(runtime, image, cross_patch=False)
+        polledSession = InteractiveSession(runtime, image, cross_patch=False)
         worker = InferenceWorker("bench")
         polled = []
         session.set_clicks([(ras_to_lps(pointsRAS[0]), True)])
@@ -115,13 +110,8 @@ def main() -> None:
         harness.cleanup()
         worker.shutdown()
 
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-         if line.startswith("model name")),
-        platform.processor(),
-    ) if Path("/proc/cpuinfo").is_file() else platform.processor()
     base = statistics.median(plain)
-    print(f"machine: {cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+    print(f"machine: {machine_description('cpu')}, torch {torch.__version__}, "
           f"Python {platform.python_version()}; {arguments.repeats} clicks, medians")
     print("| path | click (s) | ratio to plain |")
     print("| --- | --- | --- |")

@@ -13,8 +13,8 @@ Patches are synthetic (random intensities with a ball to segment), so no data is
 the default is one timed step after no warm-up: a decoder pass of the full network costs about 2 s
 per patch there.
 
-    python bench/bench_training.py                       # GPU if present, else CPU
-    python bench/bench_training.py --mode plain --batch 6 --steps 30 --compile
+    python -m bench.bench_training                       # GPU if present, else CPU
+    python -m bench.bench_training --mode plain --batch 6 --steps 30 --compile
 """
 
 from __future__ import annotations
@@ -30,12 +30,10 @@ from typing import Dict
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from CTSAM3DLib import build_model, resolve_device  # noqa: E402
-from CTSAM3DLib.training.config import ClickConfig, LossConfig  # noqa: E402
-from CTSAM3DLib.training.losses import mask_loss  # noqa: E402
-from CTSAM3DLib.training.step import InteractiveTrainingStep, autocast_for  # noqa: E402
+from CTSAM3DLib import build_model, resolve_device
+from CTSAM3DLib.training.config import ClickConfig, LossConfig
+from CTSAM3DLib.training.losses import mask_loss
+from CTSAM3DLib.training.step import InteractiveTrainingStep, autocast_for
 
 
 def synthetic_batch(batch: int, device: torch.device, generator: torch.Generator) -> Dict[str, torch.Tensor]:

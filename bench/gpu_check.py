@@ -1,6 +1,6 @@
 """The GPU targets of issue 21, measured: first use, no stall, steady speed, memory, agreement, the CLI.
 
-    python bench/gpu_check.py [--data ../shared/data] [--output gpu-check.md]
+    python -m bench.gpu_check [--data ../shared/data] [--output gpu-check.md]
 
 On a machine with a CUDA GPU this measures, and compares with its target:
 - fresh processes (two): importing torch, loading the weights, creating a session (network prepared,
@@ -33,21 +33,11 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
+from bench.common import REPO_ROOT, dice, log, shared_data, synchronise, timed
 
 CHEST = "chest-abdomen-ct"
 LIVER_POINT_LPS = (-71.1, -25.4, -245.0)
 """The README's liver click on the chest CT."""
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def default_data() -> Path:
-    shared = os.environ.get("CTSAM3D_SHARED")
-    return Path(shared) / "data" if shared else REPO_ROOT.parent / "shared" / "data"
 
 
 # ---------------------------------------------------------------------------- children (fresh processes)
@@ -60,26 +50,25 @@ def child_fresh(weights: Path, data: Path, device: str) -> Dict[str, float]:
     import numpy as np
     import SimpleITK as sitk
 
-    from CTSAM3DLib import InteractiveSession, load_checkpoint
-    from CTSAM3DLib.inference import prepare_network
+    from CTSAM3DLib import InteractiveSession, Runtime, load_checkpoint
 
     image = sitk.ReadImage(str(data / CHEST / "ct.nii.gz"))
     started = time.perf_counter()
     net = load_checkpoint(weights, device=device)
-    sync(device)
+    synchronise(device)
     load = time.perf_counter() - started
     started = time.perf_counter()
     # The first convolution waits for cuDNN (its libraries are read from disk after a machine starts;
     # load_checkpoint has them loaded in the background meanwhile): timed as a part of the session's
     # creation, and shown apart.
     torch.nn.functional.conv3d(torch.zeros(1, 1, 4, 4, 4, device=device), torch.zeros(1, 1, 3, 3, 3, device=device))
-    sync(device)
+    synchronise(device)
     first_convolution = time.perf_counter() - started
-    prepare_network(net, torch.device(device))
-    sync(device)
+    runtime = Runtime(net, device)
+    synchronise(device)
     prepare = time.perf_counter() - started - first_convolution
-    session = InteractiveSession(net, image, device=device, cross_patch=False)
-    sync(device)
+    session = InteractiveSession(runtime, image, device=device, cross_patch=False)
+    synchronise(device)
     create = time.perf_counter() - started
     centre = np.array(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
     first = timed(lambda: session.add_click(centre), device)
@@ -96,17 +85,14 @@ def child_fresh(weights: Path, data: Path, device: str) -> Dict[str, float]:
 def child_creation_profile(weights: Path, data: Path, device: str) -> Dict[str, str]:
     """A fresh process's session creation (preparing the network, then the session), by Python function."""
     import SimpleITK as sitk
-    import torch
 
-    from CTSAM3DLib import InteractiveSession, load_checkpoint
-    from CTSAM3DLib.inference import prepare_network
+    from CTSAM3DLib import InteractiveSession, Runtime, load_checkpoint
 
     image = sitk.ReadImage(str(data / CHEST / "ct.nii.gz"))
     net = load_checkpoint(weights, device=device)
-    sync(device)
-    return {"profile": python_profile(lambda: (prepare_network(net, torch.device(device)),
-                                               InteractiveSession(net, image, device=device, cross_patch=False),
-                                               sync(device)))}
+    synchronise(device)
+    return {"profile": python_profile(lambda: (InteractiveSession(Runtime(net, device), image, device=device,
+                                                                  cross_patch=False), synchronise(device)))}
 
 
 def child_stall(weights: Path, data: Path, device: str, quick: bool = False) -> Dict[str, object]:
@@ -116,9 +102,10 @@ def child_stall(weights: Path, data: Path, device: str, quick: bool = False) -> 
     import SimpleITK as sitk
 
     from CTSAM3DLib import InteractiveSession, load_checkpoint
+    from CTSAM3DLib.runtime import Runtime
 
     image = sitk.ReadImage(str(data / "abdomen-ct-3mm" / "ct.nii.gz"))
-    net = load_checkpoint(weights, device=device)
+    net = Runtime(load_checkpoint(weights, device=device), device)  # prepared once, for every session below
     centre = np.array(image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in image.GetSize()]))
     calls: List[Dict[str, object]] = []
 
@@ -177,25 +164,10 @@ def compiled_graph_count() -> int:
     return int(dynamo.counters["stats"].get("unique_graphs", 0))
 
 
-def sync(device: str) -> None:
-    import torch
-
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def timed(action: Callable[[], object], device: str) -> float:
-    sync(device)
-    started = time.perf_counter()
-    action()
-    sync(device)
-    return time.perf_counter() - started
-
-
 def run_child(kind: str, weights: Path, data: Path, device: str, quick: bool) -> Dict:
-    child = subprocess.run([sys.executable, __file__, "--child", kind, "--weights", str(weights), "--data", str(data),
-                            "--device", device, *(["--quick"] if quick else [])], capture_output=True, text=True,
-                           check=False)
+    child = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--child", kind, "--weights", str(weights),
+                            "--data", str(data), "--device", device, *(["--quick"] if quick else [])],
+                           capture_output=True, text=True, check=False, cwd=REPO_ROOT)
     lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
     if child.returncode != 0 or not lines:
         raise RuntimeError(f"the {kind} child failed: {child.stderr.strip()[-2000:]}")
@@ -210,10 +182,10 @@ def steady_state(weights: Path, data: Path, device: str, repeats: int, profile: 
     import torch
 
     from CTSAM3DLib import InteractiveSession, load_checkpoint
+    from CTSAM3DLib.runtime import Runtime
 
     image = sitk.ReadImage(str(data / CHEST / "ct.nii.gz"))
-    net = load_checkpoint(weights, device=device)
-    InteractiveSession(net, image, device=device)  # the shared preparation, outside the peak below
+    net = Runtime(load_checkpoint(weights, device=device), device)  # prepared outside the peak below
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         baseline = torch.cuda.memory_allocated()
@@ -247,11 +219,11 @@ def steady_state(weights: Path, data: Path, device: str, repeats: int, profile: 
         session.add_click(centre)
         profile.write_text(
             "One click carried into 16 patches:\n"
-            + python_profile(lambda: (wide.reset(), wide.add_click(LIVER_POINT_LPS), sync(device)))
+            + python_profile(lambda: (wide.reset(), wide.add_click(LIVER_POINT_LPS), synchronise(device)))
             + "\nA refining click:\n"
-            + python_profile(lambda: (session.add_click(centre + (2.0, 2.0, 0.0)), sync(device)))
+            + python_profile(lambda: (session.add_click(centre + (2.0, 2.0, 0.0)), synchronise(device)))
             + "\nA refining click, by torch operation:\n"
-            + torch_profile(lambda: (session.add_click(centre + (1.0, 2.0, 0.0)), sync(device))))
+            + torch_profile(lambda: (session.add_click(centre + (1.0, 2.0, 0.0)), synchronise(device))))
     step_medians = {name: statistics.median(step.get(name, 0.0) for step in steps)
                     for name in ("sample", "encode", "decode", "cross_patch", "paste")}
     return {"refining": statistics.median(refining), "new_patch": statistics.median(new_patch), **network,
@@ -301,7 +273,7 @@ def decode_candidates(network, features, points, labels, previous, repeats: int)
             started = time.perf_counter()
             with cudnn_tf32(tf32):
                 candidate = PreparedNetwork(copy.deepcopy(network), torch.device("cuda"), precision, cuda_graphs=True)
-            sync("cuda")
+            synchronise("cuda")
             prepare = time.perf_counter() - started
             times = [timed(lambda c=candidate: c.decode(features, points, labels, previous), "cuda")
                      for _ in range(repeats)]
@@ -349,11 +321,13 @@ def agreement(weights: Path, data: Path, device: str, quick: bool) -> List[Tuple
     import torch
 
     from CTSAM3DLib import InteractiveSession, load_checkpoint
+    from CTSAM3DLib.runtime import Runtime
 
     torch.set_num_threads(os.cpu_count() or 1)
-    net = load_checkpoint(weights, device=device)
-    strict_net = load_checkpoint(weights, device=device)
-    reference = load_checkpoint(weights, device="cpu")
+    net = Runtime(load_checkpoint(weights, device=device), device)
+    with cudnn_tf32(False):
+        strict_net = Runtime(load_checkpoint(weights, device=device), device)
+    reference = Runtime(load_checkpoint(weights, device="cpu"), "cpu", "float32")
     rows = []
     cases = sorted(p.parent for p in data.glob("*/ct.nii.gz"))
     for case in cases[:1] if quick else cases:
@@ -416,13 +390,6 @@ def propagated(session) -> List[Tuple[float, ...]]:
     """The cross-patch clicks of a session's patches, rounded to 0.1 mm."""
     return sorted(tuple(round(v, 1) for v in point) for patch in session.patches
                   for point in patch.propagated_points_lps)
-
-
-def dice(a, b) -> float:
-    import numpy as np
-
-    total = int(np.count_nonzero(a)) + int(np.count_nonzero(b))
-    return 1.0 if total == 0 else 2.0 * int(np.count_nonzero(a & b)) / total
 
 
 def command_line(weights: Path, data: Path, device: str, max_patches: int) -> Dict[str, object]:
@@ -552,7 +519,7 @@ def judge(results: Dict, judged: bool) -> Targets:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=default_data())
+    parser.add_argument("--data", type=Path, default=shared_data())
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--weights", type=Path, help="checkpoint (default: reference weights made here)")
     parser.add_argument("--repeats", type=int, default=7)
@@ -606,7 +573,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log("command line")
         results["cli"] = command_line(weights, args.data, args.device, 2 if args.quick else 16)
     targets = judge(results, judged)
-    report = (f"`python bench/gpu_check.py` on {machine}, torch {torch.__version__}, Python "
+    report = (f"`python -m bench.gpu_check` on {machine}, torch {torch.__version__}, Python "
               f"{sys.version.split()[0]}\n\n{targets.markdown()}\n")
     print(report)
     for call in results["stall"]["calls"]:

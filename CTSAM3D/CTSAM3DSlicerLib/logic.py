@@ -24,8 +24,10 @@ from . import coordinates, dependencies, weights
 from .worker import InferenceWorker, waitProcessingEvents
 
 SessionFactory = Callable[..., Segmenter]
-"""(network, image in world LPS, device, cross_patch=..., max_patches=..., initial_mask=..., box_lps=...) ->
-a ``CTSAM3DLib.interface.Segmenter`` (an ``InteractiveSession`` here, or a ``RemoteSession``)."""
+"""(runtime, image in world LPS, device, cross_patch=..., max_patches=..., initial_mask=..., box_lps=...) ->
+a ``CTSAM3DLib.interface.Segmenter`` (an ``InteractiveSession`` here, or a ``RemoteSession``). ``runtime`` is
+the loaded network prepared for ``device`` (a ``CTSAM3DLib.runtime.Runtime``, shared by the sessions on it),
+or None when sessions run on a server."""
 
 
 class Prediction(NamedTuple):
@@ -55,21 +57,21 @@ class Progress(NamedTuple):
     total: int = 0
 
 
-def defaultSessionFactory(network, image: sitk.Image, device: str, cross_patch: bool = True,
+def defaultSessionFactory(runtime, image: sitk.Image, device: str, cross_patch: bool = True,
                           max_patches: int = MAX_OPEN_PATCHES, initial_mask: Optional[sitk.Image] = None,
                           box_lps=None):
     from CTSAM3DLib.session import InteractiveSession
 
     # Switched on, it runs whenever the network has a cross-patch model (CT-SAM3D always does).
-    return InteractiveSession(network, image, device=device, cross_patch=None if cross_patch else False,
+    return InteractiveSession(runtime, image, device=device, cross_patch=None if cross_patch else False,
                               max_patches=max_patches, initial_mask=initial_mask, box_lps=box_lps)
 
 
 def remoteSessionFactory(url: str, token: Optional[str] = None) -> SessionFactory:
     """Sessions run by a ``ctsam3d serve`` server at ``url`` (``CTSAM3DLib.remote.RemoteSession``: the same
-    interface, no PyTorch needed here); the network and device arguments are the server's business."""
+    interface, no PyTorch needed here); the runtime and device arguments are the server's business."""
 
-    def factory(network, image: sitk.Image, device: str, cross_patch: bool = True,
+    def factory(runtime, image: sitk.Image, device: str, cross_patch: bool = True,
                 max_patches: int = MAX_OPEN_PATCHES, initial_mask: Optional[sitk.Image] = None, box_lps=None):
         from CTSAM3DLib.remote import RemoteSession
 
@@ -117,6 +119,9 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         self.lastTiming: dict = {}
         self.progress: Optional[Progress] = None
         self._loading: Optional[Tuple[str, str, concurrent.futures.Future]] = None
+        self._runtime: Optional[Tuple[Any, str, Any]] = None
+        """(network, device, the ``CTSAM3DLib.runtime.Runtime`` of that network on that device): made on the
+        worker at the first session, kept for the next ones while the network and device stay."""
         self.crossPatch = True
         self.maxPatches = MAX_OPEN_PATCHES
         self._session = None
@@ -141,6 +146,7 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         """Use an already built network (any object with encode/decode), e.g. from Python."""
         self.network = network
         self.loadedCheckpoint = None
+        self._runtime = None
         self.releaseSession()
 
     def loadModel(
@@ -187,9 +193,8 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
             if not joining:
                 self._loading = None
                 self.progress = None
-        self.network = network
-        self.device = device
-        self.loadedCheckpoint = path
+        self.network, self.device, self.loadedCheckpoint = network, device, path
+        self._runtime = None
         self.releaseSession()
 
     def ensureModel(self, onTick: Optional[Callable[[], None]] = None) -> None:
@@ -257,7 +262,7 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         clicks = makeClicks(prompts)
         network, factory, device = self.network, self.sessionFactory, self.device
         if self.serverURL is not None:
-            factory = remoteSessionFactory(self.serverURL, self._serverToken)
+            factory, network = remoteSessionFactory(self.serverURL, self._serverToken), None
         options = {"cross_patch": self.crossPatch, "max_patches": self.maxPatches}
         if initialMask is not None:
             options["initial_mask"] = initialMask
@@ -277,7 +282,7 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
             self.progress = Progress("Segmenting")
             if image is not None:
                 self.releaseSession()
-                self._session = factory(network, image, device, **options)
+                self._session = factory(self._runtimeFor(network, device), image, device, **options)
                 self._sessionKey = key
                 self._sessionNumber += 1
             session = self._session
@@ -290,6 +295,17 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
             return Prediction(update, lambda: session.mask, self._sessionNumber, image is not None)
 
         return self.worker.submit(run)
+
+    def _runtimeFor(self, network, device: str):
+        """The runtime of ``network`` on ``device`` (None for no network), prepared once: runs on the worker."""
+        if network is None:
+            return None
+        kept = self._runtime
+        if kept is None or kept[0] is not network or kept[1] != device:
+            from CTSAM3DLib.runtime import Runtime
+
+            kept = self._runtime = (network, device, Runtime(network, device))
+        return kept[2]
 
     def predict(
         self,

@@ -110,13 +110,14 @@ def add_parser(subparsers) -> None:
 
 def _model_method(weights: Path, device_spec: str, options: Dict[str, object]) -> Method:
     from .. import load_checkpoint, resolve_device
+    from ..runtime import Runtime
     from ..session import InteractiveSession
 
     device = resolve_device(device_spec)
-    net = load_checkpoint(weights, device=device)
+    runtime = Runtime(load_checkpoint(weights, device=device), device)
 
     def make_session(image):
-        return InteractiveSession(net, image, device=device, **options)
+        return InteractiveSession(runtime, image, **options)
 
     return Method(MODEL, make_session)
 

@@ -189,11 +189,12 @@ def patch_progress(what: str) -> Callable[[int, int], None]:
 
 def _local_session(args: argparse.Namespace, image: Any, options: Dict[str, Any]) -> Segmenter:
     from .. import InteractiveSession, load_checkpoint
+    from ..runtime import Runtime
 
     started = time.perf_counter()
     net = load_checkpoint(args.weights, device=args.device)
     print(f"loaded {args.weights} in {time.perf_counter() - started:.2f} s")
-    session = InteractiveSession(net, image, device=args.device, precision=args.precision, **options)
+    session = InteractiveSession(Runtime(net, args.device, args.precision), image, **options)
     chosen = " (auto)" if args.precision == "auto" else ""
     print(f"device: {session.device}, precision: {session.precision}{chosen}")
     return session

@@ -9,7 +9,7 @@ whose value map is upsampled back and added to the attention output. Four 1x1x1 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -58,13 +58,28 @@ def to_volume(tokens: torch.Tensor, shape: Tuple[int, int, int]) -> torch.Tensor
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *shape)
 
 
-class ConvStem(nn.Module):
+class PatchEmbedding(nn.Module):
+    """Halves the resolution with a 3x3x3 stride-2 convolution (or ``proj``, another downsampling), then
+    pixel attention and layer norm: (B,C,S^3) -> tokens at the new resolution, and that resolution."""
+
+    def __init__(self, in_channels: int, out_channels: int, proj: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.proj = proj if proj is not None else nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=2,
+                                                            padding=1)
+        self.pos = PixelAttention(out_channels)
+        self.norm = nn.LayerNorm(out_channels, eps=1e-6)
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
+        x = self.pos(self.proj(x))
+        return self.norm(to_tokens(x)), tuple(x.shape[2:])
+
+
+class ConvStem(PatchEmbedding):
     """Two stride-2 conv-BN-ReLU layers and a 1x1x1 projection: (B,1,64^3) -> tokens at 16^3."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
         hidden = out_channels // 2
-        self.proj = nn.Sequential(
+        super().__init__(in_channels, out_channels, proj=nn.Sequential(
             nn.Conv3d(in_channels, hidden, kernel_size=3, stride=2, padding=1, bias=False),
             nn.BatchNorm3d(hidden),
             nn.ReLU(inplace=True),
@@ -72,27 +87,7 @@ class ConvStem(nn.Module):
             nn.BatchNorm3d(out_channels),
             nn.ReLU(inplace=True),
             nn.Conv3d(out_channels, out_channels, kernel_size=1),
-        )
-        self.pos = PixelAttention(out_channels)
-        self.norm = nn.LayerNorm(out_channels, eps=1e-6)
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
-        x = self.pos(self.proj(x))
-        return self.norm(to_tokens(x)), tuple(x.shape[2:])
-
-
-class PatchEmbedding(nn.Module):
-    """Halves the resolution with a 3x3x3 stride-2 convolution: (B,C,S^3) -> tokens at (S/2)^3."""
-
-    def __init__(self, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.proj = nn.Conv3d(in_channels, out_channels, kernel_size=3, stride=2, padding=1)
-        self.pos = PixelAttention(out_channels)
-        self.norm = nn.LayerNorm(out_channels, eps=1e-6)
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
-        x = self.pos(self.proj(x))
-        return self.norm(to_tokens(x)), tuple(x.shape[2:])
+        ))
 
 
 class EfficientAttention(nn.Module):

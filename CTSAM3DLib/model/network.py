@@ -31,13 +31,8 @@ class CTSAM3D(nn.Module):
         """image (B,1,64,64,64) in [0,1] -> [(B,128,16^3), (B,128,8^3), (B,128,4^3), (B,256,2^3)]."""
         return self.image_encoder(image)
 
-    def decode(
-        self,
-        features: List[torch.Tensor],
-        points: torch.Tensor,
-        labels: torch.Tensor,
-        mask_prompt: Optional[torch.Tensor] = None,
-    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    def decode(self, features: List[torch.Tensor], points: torch.Tensor, labels: torch.Tensor,
+               mask_prompt: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """features from ``encode``; points (B,N,3) float (x, y, z) patch voxel indices;
         labels (B,N) (1 positive, 0 negative, -1 padding); mask_prompt (B,1,64^3) previous
         probability or None -> probability (B,1,64^3) in [0,1], quality (B,1)."""

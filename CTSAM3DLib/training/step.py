@@ -43,10 +43,8 @@ class InteractiveTrainingStep(nn.Module):
     def __init__(self, net: nn.Module, clicks: ClickConfig, loss: LossConfig, bf16: bool = True,
                  checkpoint_decoder: bool = False, click_executor: Optional[Executor] = None) -> None:
         super().__init__()
-        self.net = net
-        self.click_executor = click_executor
-        self.clicks = clicks
-        self.loss = loss
+        self.net, self.click_executor = net, click_executor
+        self.clicks, self.loss = clicks, loss
         self.bf16 = bf16
         self.checkpoint_decoder = checkpoint_decoder
 

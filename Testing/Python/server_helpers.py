@@ -1,15 +1,11 @@
-"""Helpers for the tests of ``ctsam3d serve``: raw HTTP requests (for what ``RemoteSession`` never sends),
-stand-in networks that are slow or watched, and a zlib bomb."""
+"""Helpers for the tests of ``ctsam3d serve``: servers started and stopped, raw HTTP requests (for what
+``RemoteSession`` never sends). Stand-in networks are ``standins.networks``; a zlib bomb ``standins.payloads``."""
 
 import http.client
 import json
 import socket
-import struct
-import threading
 import time
 import urllib.parse
-import weakref
-import zlib
 from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
@@ -20,9 +16,8 @@ try:
 except ImportError as missing:
     pytest.fail(f"the server tests need FastAPI and uvicorn ({missing}): pip install -e '.[test]'", pytrace=False)
 
-from standins import CrossPatchThresholdNet
-
 from CTSAM3DLib.server.app import BackgroundServer, create_app
+from standins.networks import CrossPatchThresholdNet
 
 
 def inside(image, x, y, z):
@@ -82,48 +77,3 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
-
-
-class SlowNet(CrossPatchThresholdNet):
-    """CrossPatchThresholdNet whose decoder takes at least ``decode_s`` seconds: a job long enough to queue
-    behind. Records when each decode ends. ``started`` is set when a decode begins."""
-
-    def __init__(self, decode_s: float) -> None:
-        super().__init__()
-        self.decode_s = decode_s
-        self.started = threading.Event()
-
-    def decode(self, features, points, labels, mask_prompt=None):
-        self.started.set()
-        time.sleep(self.decode_s)
-        return super().decode(features, points, labels, mask_prompt)
-
-
-class WatchedNet(CrossPatchThresholdNet):
-    """CrossPatchThresholdNet that keeps weak references to the features it hands out: they stay alive
-    exactly as long as some session holds them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.features: List[weakref.ref] = []
-
-    def encode(self, image):
-        features = [image.clone()]
-        self.features += [weakref.ref(feature) for feature in features]
-        return features
-
-
-def zlib_bomb(total_bytes: int, chunk_bytes: int = 16 << 20) -> bytes:
-    """A valid zlib stream of ``total_bytes`` zeros in about 1 kB per MB, made without building the zeros:
-    after a full flush, every further chunk of zeros compresses to the same bytes, so one is repeated."""
-    chunk = bytes(chunk_bytes)
-    count = total_bytes // chunk_bytes
-    compressor = zlib.compressobj(9)
-    first = compressor.compress(chunk) + compressor.flush(zlib.Z_FULL_FLUSH)
-    middle = compressor.compress(chunk) + compressor.flush(zlib.Z_FULL_FLUSH)
-    assert compressor.compress(chunk) + compressor.flush(zlib.Z_FULL_FLUSH) == middle
-    last = compressor.compress(chunk) + compressor.flush()
-    checksum = 1
-    for _ in range(count):
-        checksum = zlib.adler32(chunk, checksum)
-    return first + middle * (count - 2) + last[:-4] + struct.pack(">I", checksum)

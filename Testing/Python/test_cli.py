@@ -111,11 +111,11 @@ def test_the_command_line_shows_its_own_warnings_and_none_from_torchs_internals(
 
 def test_a_click_that_reaches_several_patches_prints_its_progress(capsys):
     """A large organ takes seconds on a CPU: the command says how far each such click has got."""
-    from standins import CrossPatchThresholdNet
     from test_cross_patch import rod_along_x, synthetic_ct
 
     from CTSAM3DLib import InteractiveSession
     from CTSAM3DLib.commands.segment import _prompt
+    from standins.networks import CrossPatchThresholdNet
 
     session = InteractiveSession(CrossPatchThresholdNet(), synthetic_ct(rod_along_x()), device="cpu")
     _prompt(session, None, [((0.0, 0.0, 0.0), True)], None)

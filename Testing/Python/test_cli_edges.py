@@ -13,7 +13,6 @@ import pytest
 import SimpleITK as sitk
 import torch
 from dicom_series import write_ct_series
-from standins import CrossPatchThresholdNet, ThresholdNet
 
 from CTSAM3DLib import __version__
 from CTSAM3DLib.cli import attach_negative_values, build_parser, main
@@ -21,6 +20,7 @@ from CTSAM3DLib.commands.segment import collect_clicks
 from CTSAM3DLib.image_files import read_image
 from CTSAM3DLib.inference import choose_precision
 from CTSAM3DLib.session import InteractiveSession, SessionInputError
+from standins.networks import CrossPatchThresholdNet, ThresholdNet
 
 
 @pytest.fixture

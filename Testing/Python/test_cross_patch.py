@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from standins import CrossPatchThresholdNet, ThresholdNet
 
 from CTSAM3DLib.propagation import NEIGHBOUR_OFFSETS, batched_heatmap_peaks, heatmap_peaks, touched_offsets
 from CTSAM3DLib.session import InteractiveSession
+from standins.networks import CrossPatchThresholdNet, ThresholdNet
 
 
 def synthetic_ct(shape_lps, size=(170, 90, 70), spacing=(2.0, 1.6, 2.5), degrees=(0.0, 0.0, 0.0)):

@@ -4,7 +4,6 @@ segmenter), structure sizes, and the region-growing baseline, on oblique and fli
 import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813 (the name every SimpleITK user knows)
-from standins import ThresholdNet
 
 from CTSAM3DLib.evaluation.baseline import RegionGrowingSession
 from CTSAM3DLib.evaluation.protocol import (
@@ -15,6 +14,7 @@ from CTSAM3DLib.evaluation.protocol import (
 )
 from CTSAM3DLib.session import InteractiveSession
 from CTSAM3DLib.simulated_annotator import interior_point
+from standins.networks import ThresholdNet
 
 
 def oblique_flipped(array_zyx, spacing=(1.2, 0.9, 2.0), origin=(30.0, -12.0, 7.0)):

@@ -6,7 +6,6 @@ import csv
 import numpy as np
 import pytest
 import SimpleITK as sitk  # noqa: N813 (the name every SimpleITK user knows)
-from standins import ThresholdNet
 
 from CTSAM3DLib import cli
 from CTSAM3DLib.commands import evaluate as evaluate_command
@@ -16,6 +15,7 @@ from CTSAM3DLib.evaluation.report import build_curves, render_report
 from CTSAM3DLib.evaluation.results import ResultsError, ResultStore
 from CTSAM3DLib.evaluation.runner import Method, evaluate, select_structures
 from CTSAM3DLib.session import InteractiveSession
+from standins.networks import ThresholdNet
 
 SETTINGS = {"protocol": {"clicks": 2, "tolerance_mm": 2.0, "patch_cap": None}}
 

@@ -3,7 +3,6 @@ box protocol, on the real CTs of ../shared/data."""
 
 import numpy as np
 import SimpleITK as sitk
-from standins import PromptFollowingNet
 from test_evaluation_run import baseline, read_csv, run_subcommand
 
 from CTSAM3DLib.datasets import find_cases
@@ -11,6 +10,7 @@ from CTSAM3DLib.evaluation.protocol import degraded_start, jittered_box, run_cli
 from CTSAM3DLib.evaluation.results import ResultStore
 from CTSAM3DLib.evaluation.runner import Method, evaluate
 from CTSAM3DLib.session import InteractiveSession
+from standins.networks import PromptFollowingNet
 
 
 def kidney(data_dir):

@@ -29,6 +29,7 @@ from CTSAM3DLib.model.int8_conv import Int8Conv3d, int8_convolution_available, q
 from CTSAM3DLib.model.prompt import click_maps
 from CTSAM3DLib.preprocess import normalize_hu
 from CTSAM3DLib.reference_weights import deterministic_state_dict
+from CTSAM3DLib.runtime import Runtime
 
 CPU = torch.device("cpu")
 OPTIMISED = [p for p in available_precisions(CPU) if p not in ("auto", "float32")]
@@ -145,10 +146,11 @@ def test_padding_clicks_to_the_maximum_leaves_the_click_maps_unchanged():
 
 
 @pytest.mark.skipif(not OPTIMISED, reason="no optimised path on this CPU")
-def test_sessions_on_one_network_share_one_preparation_until_its_weights_change(net, monkeypatch):
-    """The warm-up (and on CUDA the graph's capture) happens once per loaded network, not per session."""
+def test_sessions_on_one_runtime_share_one_preparation_until_its_weights_change(net, data_dir, monkeypatch):
+    """The warm-up (and on CUDA the graph's capture) happens once per runtime, not per session; weights
+    loaded into the network afterwards make the next session's runtime prepare again, and serve them."""
     precision = OPTIMISED[0]
-    net = copy.deepcopy(net)  # one that no earlier test has prepared
+    net = copy.deepcopy(net)
     made = []
     original = PreparedNetwork.__init__
 
@@ -157,10 +159,32 @@ def test_sessions_on_one_network_share_one_preparation_until_its_weights_change(
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(PreparedNetwork, "__init__", counting)
-    first = prepare_network(net, CPU, precision)
-    assert prepare_network(net, CPU, precision) is first and len(made) == 1
-    net.load_state_dict({name: value.clone() for name, value in net.state_dict().items()})
-    assert prepare_network(net, CPU, precision) is not first and len(made) == 2
+    image = sitk.ReadImage(str(data_dir / "abdomen-ct-3mm" / "ct.nii.gz"))
+    runtime = Runtime(net, CPU, precision)
+    first = InteractiveSession(runtime, image, device="cpu", cross_patch=False)
+    second = InteractiveSession(runtime, image, cross_patch=False)
+    assert first.net is second.net is runtime.network and len(made) == 1
+    assert first.precision == second.precision == precision and first.sampling == "device"
+    patch = central_patch(data_dir / "abdomen-ct-3mm" / "ct.nii.gz")
+    before = two_clicks(runtime.network, patch)
+    with torch.no_grad():
+        net.mask_decoder.spade1.conv_0.weight.neg_()  # as an optimiser step, in place
+    third = InteractiveSession(runtime, image, cross_patch=False)
+    assert third.net is runtime.network is not first.net and len(made) == 2
+    assert not torch.equal(two_clicks(third.net, patch), before), "the new weights must be served"
+    assert first.net is not third.net, "a session keeps the network it started with"
+
+
+def test_a_session_refuses_a_runtime_of_another_device_or_precision(net, data_dir):
+    image = sitk.ReadImage(str(data_dir / "abdomen-ct-3mm" / "ct.nii.gz"))
+    runtime = Runtime(net, CPU, "float32")
+    assert runtime.network is net and runtime.sampling == "exact" and not runtime.cuda_graphs
+    assert InteractiveSession(runtime, image, device="cpu", precision="float32").net is net
+    for precision in OPTIMISED:
+        with pytest.raises(ValueError, match=f"asks for device cpu at precision '{precision}'.*'float32'"):
+            InteractiveSession(runtime, image, device="cpu", precision=precision)
+    with pytest.raises(ValueError, match="unknown sampling 'gpu'"):
+        Runtime(net, CPU, sampling="gpu")
 
 
 # ------------------------------------------------------------------ CUDA graphs: their logic on the CPU

@@ -14,8 +14,7 @@ import zlib
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from server_helpers import SlowNet, WatchedNet, free_port, inside, request, wait_until, zlib_bomb
-from standins import CrossPatchThresholdNet
+from server_helpers import free_port, inside, request, wait_until
 
 from CTSAM3DLib import protocol
 from CTSAM3DLib.interface import SessionInputError
@@ -23,6 +22,8 @@ from CTSAM3DLib.remote import RemoteSession, ServerError, server_health
 from CTSAM3DLib.server.app import BackgroundServer, create_app
 from CTSAM3DLib.server.registry import FairQueue, QueueFullError
 from CTSAM3DLib.session import InteractiveSession
+from standins.networks import CrossPatchThresholdNet, SlowNet, WatchedNet
+from standins.payloads import zlib_bomb
 
 TOKEN = "s3cret-token-for-tests"
 OTHER_TOKEN = "another-users-token"

@@ -14,7 +14,6 @@ import pytest
 import SimpleITK as sitk
 from conftest import REPO_ROOT
 from server_helpers import free_port, request
-from standins import CrossPatchThresholdNet
 
 from CTSAM3DLib.cli import main
 from CTSAM3DLib.commands.serve import is_loopback
@@ -22,6 +21,7 @@ from CTSAM3DLib.files import sha256_of
 from CTSAM3DLib.remote import RemoteSession
 from CTSAM3DLib.server.app import BackgroundServer, create_app
 from CTSAM3DLib.session import InteractiveSession
+from standins.networks import CrossPatchThresholdNet
 
 TOKEN = "token-of-the-commands-tests"
 

@@ -10,13 +10,14 @@ import time
 import numpy as np
 import pytest
 import SimpleITK as sitk
-from server_helpers import SlowNet, inside, request, wait_until, zlib_bomb
-from standins import CrossPatchThresholdNet
+from server_helpers import inside, request, wait_until
 
 from CTSAM3DLib import protocol
 from CTSAM3DLib.interface import SessionInputError
 from CTSAM3DLib.remote import RemoteSession, ServerError
 from CTSAM3DLib.session import InteractiveSession
+from standins.networks import CrossPatchThresholdNet, SlowNet
+from standins.payloads import zlib_bomb
 
 IDENTITY = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
 
@@ -126,6 +127,40 @@ def answer_of(connection):
     reply = http.client.HTTPResponse(connection)
     reply.begin()
     return reply.status, reply.headers, json.loads(reply.read())
+
+
+@pytest.mark.parametrize(("method", "path"), [
+    ("POST", f"{protocol.API}/sessions"), ("POST", f"{protocol.API}/sessions/{'d' * 32}/click"),
+    ("PUT", f"{protocol.API}/sessions/{'d' * 32}/clicks"), ("PUT", f"{protocol.API}/images/{'c' * 64}"),
+])
+def test_a_request_without_a_valid_token_is_refused_before_its_body_is_read(serve, method, path):
+    """The declared request bodies are read by the route's dependency only after the token is checked: a
+    client that states a 512 KiB body and sends none of it gets its 401 at once."""
+    server = serve(tokens=["secret"])
+    head = (f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"{protocol.DTYPE_HEADER}: uint8\r\n{protocol.SHAPE_HEADER}: 64,64,64\r\n"
+            f"Authorization: Bearer wrong\r\nContent-Length: {512 << 10}\r\n\r\n")
+    connection = raw_socket(server.port, head)
+    status, headers, answer = answer_of(connection)
+    connection.close()
+    assert status == 401 and answer["kind"] == "unauthorized" and headers["WWW-Authenticate"] == "Bearer", answer
+
+
+def test_a_json_body_is_bounded_while_it_streams_in(serve):
+    """A chunked body states no length: the declared request models get it from the bounded reader, which
+    refuses it (413) once it passes 1 MiB, long before the client has sent it all."""
+    server = serve()
+    head = (f"POST {protocol.API}/sessions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b" " * (256 << 10)
+    connection = raw_socket(server.port, head)
+    try:
+        for _ in range(5):
+            connection.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+        status, _, answer = answer_of(connection)
+    finally:
+        connection.close()
+    assert status == 413 and answer["kind"] == "too_large" and "exceeds the 1048576 bytes" in answer["error"], answer
 
 
 def test_uploads_beyond_the_memory_budget_are_refused_before_their_body_is_read(serve):

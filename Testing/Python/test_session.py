@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from standins import ThresholdNet
 
 from CTSAM3DLib.constants import HU_WINDOW
 from CTSAM3DLib.geometry import Lattice
 from CTSAM3DLib.session import Click, InteractiveSession, SessionInputError
+from standins.networks import RecordingNet, ThresholdNet
 
 # ThresholdNet's 0.5 on the [0, 1] window is this many HU.
 THRESHOLD_HU = HU_WINDOW[0] + 0.5 * (HU_WINDOW[1] - HU_WINDOW[0])
@@ -199,18 +199,6 @@ def lattice_point(session, point_lps):
     return np.array(lattice.origin_lps) + lattice.spacing * lattice.nearest_index(point_lps)
 
 
-class RecordingNet(ThresholdNet):
-    """Remembers the prompts each decode received."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def decode(self, features, points, labels, mask_prompt=None):
-        self.calls.append((points.clone(), labels.clone(), None if mask_prompt is None else mask_prompt.clone()))
-        return super().decode(features, points, labels, mask_prompt)
-
-
 def test_several_patches_and_clicks_in_their_overlap(chest):
     net = RecordingNet()
     session = InteractiveSession(net, chest, device="cpu")
@@ -361,7 +349,7 @@ def test_every_call_returns_exactly_what_it_changed(chest):
     refining patches, cross-patch neighbours, a negative click, undo, set_clicks moving a click, a box,
     undo of the box) holds the session's whole mask after every call; a click's box is the few patches
     it touched, not the scan."""
-    from standins import CrossPatchThresholdNet
+    from standins.networks import CrossPatchThresholdNet
 
     session = InteractiveSession(CrossPatchThresholdNet(), chest, device="cpu", max_patches=4)
     viewer = session.mask_array()
@@ -393,7 +381,7 @@ def test_the_mask_is_always_the_rendering_of_the_patches(chest, start):
     """However a call's regions are rendered (one pass over their enclosing box when they lie close, as
     cross-patch neighbours do; one pass each when far apart), the whole mask equals the patches' result
     where they decide, and the initial mask elsewhere."""
-    from standins import CrossPatchThresholdNet
+    from standins.networks import CrossPatchThresholdNet
 
     near = np.array(chest.TransformContinuousIndexToPhysicalPoint([250.0, 300.0, 70.0]))
     far = np.array(chest.TransformContinuousIndexToPhysicalPoint([60.0, 90.0, 15.0]))

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from standins import PromptFollowingNet, ThresholdNet
 from test_cross_patch import rod_along_x, synthetic_ct
 
 from CTSAM3DLib.session import InteractiveSession, SessionInputError
+from standins.networks import PromptFollowingNet, ThresholdNet
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import slicer
 import vtk
-from slicer_standins import effects, qt, scenes
-from slicer_standins.fixtures import pumpUntil, slicerEnv  # noqa: F401  (used by pytestmark)
-from slicer_standins.sessions import ComponentSession
-from standins import CrossPatchThresholdNet, ThresholdNet
+
+from standins.networks import CrossPatchThresholdNet, ThresholdNet
+from standins.slicer_standins import effects, qt, scenes
+from standins.slicer_standins.fixtures import pumpUntil, slicerEnv  # noqa: F401  (used by pytestmark)
+from standins.slicer_standins.sessions import ComponentSession
 
 pytestmark = pytest.mark.usefixtures("slicerEnv")
 
@@ -103,7 +104,7 @@ class Editor:
 
 
 def _parent():
-    from slicer_standins.application import makeModuleParent
+    from standins.slicer_standins.application import makeModuleParent
 
     return makeModuleParent()
 
@@ -373,7 +374,7 @@ def test_prompts_survive_saving_and_reloading_the_scene(editor, tmp_path):
     path = scenes.saveScene(str(tmp_path))
     editor.harness.cleanup()
     slicer.mrmlScene.Clear()
-    from slicer_standins import newScene
+    from standins.slicer_standins import newScene
 
     newScene(str(tmp_path / "cache2"), str(tmp_path / "temp2"))
     scenes.loadScene(path)
@@ -584,7 +585,7 @@ def test_prompt_lists_follow_their_segmentation_when_an_import_renames_node_ids(
     editor.click(editor.centre(scenes.BLOB_B), shift=True)
     path = scenes.saveScene(str(tmp_path))
     editor.harness.cleanup()
-    from slicer_standins import newScene
+    from standins.slicer_standins import newScene
 
     newScene(str(tmp_path / "cache2"), str(tmp_path / "temp2"))
     # Nodes that take the imported nodes' IDs, so the import must rename them (and their references).

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import slicer
 import vtk
-from slicer_standins import effects, qt, scenes
-from slicer_standins.fixtures import slicerEnv  # noqa: F401  (used by pytestmark)
 from test_slicer_effect import BESIDE_B, Editor, ProgressSession, SlowSession
+
+from standins.slicer_standins import effects, qt, scenes
+from standins.slicer_standins.fixtures import slicerEnv  # noqa: F401  (used by pytestmark)
 
 pytestmark = pytest.mark.usefixtures("slicerEnv")
 

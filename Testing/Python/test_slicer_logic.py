@@ -9,10 +9,11 @@ import pytest
 import SimpleITK as sitk  # noqa: N813
 import slicer
 import vtk
-from slicer_standins import scenes
-from slicer_standins.fixtures import slicerEnv  # noqa: F401  (used by pytestmark)
-from slicer_standins.sessions import ComponentSession
-from standins import ThresholdNet
+
+from standins.networks import ThresholdNet
+from standins.slicer_standins import scenes
+from standins.slicer_standins.fixtures import slicerEnv  # noqa: F401  (used by pytestmark)
+from standins.slicer_standins.sessions import ComponentSession
 
 pytestmark = pytest.mark.usefixtures("slicerEnv")
 

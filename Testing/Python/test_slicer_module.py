@@ -14,10 +14,12 @@ from pathlib import Path
 
 import pytest
 import slicer
+from conftest import REPO_ROOT
 from modelscope_server import ModelScopeServer
-from slicer_standins import pytorchutils, qt
-from slicer_standins.application import makeModuleParent
-from slicer_standins.fixtures import pumpUntil, slicerEnv  # noqa: F401  (used by pytestmark)
+
+from standins.slicer_standins import pytorchutils, qt
+from standins.slicer_standins.application import makeModuleParent
+from standins.slicer_standins.fixtures import pumpUntil, slicerEnv  # noqa: F401  (used by pytestmark)
 
 pytestmark = pytest.mark.usefixtures("slicerEnv")
 
@@ -293,7 +295,7 @@ def refuseTorch(name, *args, **kwargs):
     return realImport(name, *args, **kwargs)
 
 builtins.__import__ = refuseTorch
-sys.path[:0] = [{testing!r}]
+sys.path[:0] = [{standins!r}]
 import importlib.util
 realFindSpec = importlib.util.find_spec
 importlib.util.find_spec = lambda name, *a: None if name == "torch" else realFindSpec(name, *a)
@@ -318,7 +320,7 @@ def test_module_loads_and_self_test_explains_itself_without_torch(tmp_path):
     import subprocess
 
     script = SELF_TEST_WITHOUT_TORCH.format(
-        testing=str(Path(__file__).resolve().parent), cache=str(tmp_path / "cache"), temp=str(tmp_path / "temp")
+        standins=str(REPO_ROOT / "standins"), cache=str(tmp_path / "cache"), temp=str(tmp_path / "temp")
     )
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     output = completed.stdout + completed.stderr
@@ -400,9 +402,9 @@ def test_panel_chooses_a_server_and_tests_the_connection_with_its_token():
     """The "Where the network runs" section: the choice, address and token are kept in the settings and
     reach the logic; Test connection says what the server is, and that a wrong token is refused."""
     from CTSAM3DSlicerLib import weights
-    from standins import ThresholdNet
 
     from CTSAM3DLib.server.app import BackgroundServer, create_app
+    from standins.networks import ThresholdNet
 
     server = BackgroundServer(create_app(ThresholdNet(), device="cpu", tokens=["s3cret"])).start()
     try:
@@ -436,7 +438,7 @@ logging.basicConfig(level=logging.INFO)
 sys.meta_path[:] = [finder for finder in sys.meta_path if not finder.__module__.startswith("__editable__")]
 sys.path[:] = [entry for entry in sys.path if entry and Path(entry).resolve() != Path({repo!r})]
 assert importlib.util.find_spec("CTSAM3DLib") is None, "ctsam3d is installed in this process"
-sys.path.insert(0, {testing!r})
+sys.path.insert(0, {standins!r})
 import slicer
 import slicer_standins
 slicer_standins.installModules()
@@ -471,7 +473,7 @@ def test_module_loads_from_an_additional_module_path(tmp_path, layout):
         shutil.copytree(repo / "CTSAM3D", moduleFolder, ignore=ignore)
         shutil.copytree(repo / "CTSAM3DLib", moduleFolder / "CTSAM3DLib", ignore=ignore)
     script = LOADED_FROM_A_MODULE_PATH.format(
-        repo=str(repo), testing=str(Path(__file__).resolve().parent), moduleFolder=str(moduleFolder),
+        repo=str(repo), standins=str(REPO_ROOT / "standins"), moduleFolder=str(moduleFolder),
         cache=str(tmp_path / "cache"), temp=str(tmp_path / "temp"))
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                                cwd=tmp_path)

@@ -8,15 +8,15 @@ import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 import slicer
-from conftest import require
-from slicer_standins import effects, scenes
-from slicer_standins.clicks import timeClicksInTurns, timeEffectClicks
-from slicer_standins.fixtures import slicerEnv  # noqa: F401  (used by pytestmark)
+from conftest import REPO_ROOT, require
+
+from standins.slicer_standins import effects, scenes
+from standins.slicer_standins.clicks import timeClicksInTurns, timeEffectClicks
+from standins.slicer_standins.fixtures import slicerEnv  # noqa: F401  (used by pytestmark)
 
 pytestmark = pytest.mark.usefixtures("slicerEnv")
 
@@ -77,14 +77,14 @@ def test_a_click_in_slicer_costs_what_it_costs_in_plain_python(referenceNetwork,
 
 
 def _parent():
-    from slicer_standins.application import makeModuleParent
+    from standins.slicer_standins.application import makeModuleParent
 
     return makeModuleParent()
 
 
 QUIT_DURING_A_JOB = """
 import sys, time
-sys.path[:0] = [{testing!r}]
+sys.path[:0] = [{standins!r}]
 import slicer
 import slicer_standins
 slicer_standins.installModules()
@@ -104,7 +104,7 @@ print("QUITTING")
 
 def test_quitting_slicer_never_waits_for_a_running_job(tmp_path):
     script = QUIT_DURING_A_JOB.format(
-        testing=str(Path(__file__).resolve().parent), cache=str(tmp_path / "cache"), temp=str(tmp_path / "temp")
+        standins=str(REPO_ROOT / "standins"), cache=str(tmp_path / "cache"), temp=str(tmp_path / "temp")
     )
     started = time.monotonic()
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=100)

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from standins import TrainableStandIn
 
 from CTSAM3DLib import load_checkpoint
 from CTSAM3DLib.checkpoint import read_checkpoint
@@ -22,6 +21,7 @@ from CTSAM3DLib.session import InteractiveSession
 from CTSAM3DLib.simulated_annotator import index_to_lps, interior_point
 from CTSAM3DLib.training.config import config_from_dict
 from CTSAM3DLib.training.trainer import Trainer
+from standins.networks import TrainableStandIn
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import socket
 import pytest
 import torch
 import torch.multiprocessing as mp
-from standins import TrainableStandIn
 
 from CTSAM3DLib.datasets import find_cases
 from CTSAM3DLib.training.cache import build_cached_case
 from CTSAM3DLib.training.config import config_from_dict
 from CTSAM3DLib.training.trainer import Trainer
+from standins.networks import TrainableStandIn
 
 PER_PROCESS_BATCH = 2
 

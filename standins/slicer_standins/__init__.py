@@ -15,7 +15,7 @@ import slicer.util  # noqa: F401  (the real slicer.util, bound to the attributes
 
 from . import application, ctk, effects, qt
 
-MODULE_DIR = Path(__file__).resolve().parents[3] / "CTSAM3D"
+MODULE_DIR = Path(__file__).resolve().parents[2] / "CTSAM3D"
 
 
 def installModules() -> None:

@@ -1,15 +1,8 @@
 """pytest fixtures for the Slicer tests (imported by each test_slicer_*.py module)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from slicer_standins import installModules, newScene, qt, resetEffectFactory  # noqa: E402
+from . import installModules, newScene, qt, resetEffectFactory
 
 
 @pytest.fixture

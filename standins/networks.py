@@ -1,15 +1,40 @@
-"""Stand-in networks for tests of everything around the network.
+"""Stand-in networks for the tests and benchmarks of everything around the network.
 
 `InteractiveSession` talks to a network only through ``encode``/``decode`` (and ``cross_patch``),
-so these small objects let tests check geometry, undo and bookkeeping exactly, where the real
-network's output would be arbitrary.
+the interface of ``CTSAM3DLib.interface`` that ``CTSAM3DLib.model.CTSAM3D`` implements, so these small
+objects let tests check geometry, undo and bookkeeping exactly, where the real network's output would be
+arbitrary, and let benchmarks time a session's or a server's own work.
 """
 
+import threading
+import time
+import weakref
 from typing import List, Optional
 
 import torch
 
 from CTSAM3DLib.interface import CrossPatchNetwork, PromptableNetwork
+
+
+def voxel_grid(size: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """(size, size, size, 3) float32: each voxel's (z, y, x) index."""
+    axis = torch.arange(size, dtype=torch.float32, device=device)
+    return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1)
+
+
+def ball_around(grid: torch.Tensor, point_xyz: torch.Tensor, radius: float) -> torch.Tensor:
+    """The voxels of ``grid`` (see ``voxel_grid``) within ``radius`` of a click at ``point_xyz`` (x, y, z)."""
+    return ((grid - point_xyz.flip(-1).to(torch.float32)) ** 2).sum(-1) <= radius**2
+
+
+def paint_clicks(probability: torch.Tensor, points: torch.Tensor, labels: torch.Tensor, radius: float) -> None:
+    """Sets a ball of ``radius`` voxels around every click of ``probability`` (B,1,S,S,S) in place: 1 around a
+    positive click, 0 around a negative one, later clicks last; padding (label -1) is skipped."""
+    grid = voxel_grid(probability.shape[-1], probability.device)
+    for row in range(points.shape[0]):
+        for point, label in zip(points[row], labels[row]):
+            if int(label) >= 0:
+                probability[row, 0][ball_around(grid, point, radius)] = float(int(label) == 1)
 
 
 class ThresholdNet(PromptableNetwork):
@@ -25,13 +50,8 @@ class ThresholdNet(PromptableNetwork):
         self.encode_calls += 1
         return [image]
 
-    def decode(
-        self,
-        features: List[torch.Tensor],
-        points: torch.Tensor,
-        labels: torch.Tensor,
-        mask_prompt: Optional[torch.Tensor] = None,
-    ):
+    def decode(self, features: List[torch.Tensor], points: torch.Tensor, labels: torch.Tensor,
+               mask_prompt: Optional[torch.Tensor] = None):
         self.decode_calls += 1
         image = features[0]
         probability = (image > self.threshold).to(image.dtype)
@@ -79,13 +99,8 @@ class TrainableStandIn(torch.nn.Module):
     def encode(self, image: torch.Tensor) -> List[torch.Tensor]:
         return [self.image_encoder(image)]
 
-    def decode(
-        self,
-        features: List[torch.Tensor],
-        points: torch.Tensor,
-        labels: torch.Tensor,
-        mask_prompt: Optional[torch.Tensor] = None,
-    ):
+    def decode(self, features: List[torch.Tensor], points: torch.Tensor, labels: torch.Tensor,
+               mask_prompt: Optional[torch.Tensor] = None):
         maps = self._click_maps(points, labels).to(features[0].dtype)
         if mask_prompt is None:
             mask_prompt = torch.zeros_like(maps[:, :1])
@@ -113,22 +128,16 @@ class CrossPatchThresholdNet(ThresholdNet, CrossPatchNetwork):
     def decode(self, features, points, labels, mask_prompt=None):
         probability, quality = super().decode(features, points, labels, mask_prompt)
         self.decoded_batches.append(probability.shape[0])
-        size = probability.shape[-1]
-        grid = torch.stack(torch.meshgrid(*(torch.arange(size, dtype=torch.float32),) * 3, indexing="ij"), dim=-1)
+        grid = voxel_grid(probability.shape[-1])
         for row in range(points.shape[0]):
             for point, label in zip(points[row], labels[row]):
                 if int(label) == 0:
-                    centre_zyx = point.flip(-1).to(torch.float32)
-                    ball = ((grid - centre_zyx) ** 2).sum(-1) <= self.carve_radius**2
-                    probability[row, 0][ball] = 0
+                    probability[row, 0][ball_around(grid, point, self.carve_radius)] = 0
         return probability, quality
 
     def cross_patch(self, image, mask, neighbour_image):
         self.cross_patch_calls += 1
-        size = image.shape[-1]
-        coordinates = torch.stack(
-            torch.meshgrid(*(torch.arange(size, dtype=torch.float32),) * 3, indexing="ij"), dim=-1
-        )
+        coordinates = voxel_grid(image.shape[-1])
         heatmaps = torch.zeros_like(image)
         for row in range(image.shape[0]):
             bright = neighbour_image[row, 0] > self.threshold
@@ -155,12 +164,82 @@ class PromptFollowingNet(CrossPatchThresholdNet):
         self.prompts.append(None if mask_prompt is None else mask_prompt.clone())
         image = features[0]
         probability = torch.zeros_like(image) if mask_prompt is None else mask_prompt.clone().to(image.dtype)
-        size = image.shape[-1]
-        grid = torch.stack(torch.meshgrid(*(torch.arange(size, dtype=torch.float32),) * 3, indexing="ij"), dim=-1)
-        for row in range(points.shape[0]):
-            for point, label in zip(points[row], labels[row]):
-                if int(label) < 0:
-                    continue
-                ball = ((grid - point.flip(-1).to(torch.float32)) ** 2).sum(-1) <= self.radius**2
-                probability[row, 0][ball] = float(int(label) == 1)
+        paint_clicks(probability, points, labels, self.radius)
         return probability, torch.zeros(image.shape[0], 1, dtype=image.dtype)
+
+
+class RecordingNet(ThresholdNet):
+    """Remembers the prompts each decode received."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def decode(self, features, points, labels, mask_prompt=None):
+        self.calls.append((points.clone(), labels.clone(), None if mask_prompt is None else mask_prompt.clone()))
+        return super().decode(features, points, labels, mask_prompt)
+
+
+class SlowNet(CrossPatchThresholdNet):
+    """CrossPatchThresholdNet whose decoder takes at least ``decode_s`` seconds, as a real network's would: a
+    job long enough to queue behind. ``started`` is set when a decode begins."""
+
+    def __init__(self, decode_s: float) -> None:
+        super().__init__()
+        self.decode_s = decode_s
+        self.started = threading.Event()
+
+    def decode(self, features, points, labels, mask_prompt=None):
+        self.started.set()
+        time.sleep(self.decode_s)
+        return super().decode(features, points, labels, mask_prompt)
+
+
+class WatchedNet(CrossPatchThresholdNet):
+    """CrossPatchThresholdNet that keeps weak references to the features it hands out: they stay alive
+    exactly as long as some session holds them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features: List[weakref.ref] = []
+
+    def encode(self, image):
+        features = [image.clone()]
+        self.features += [weakref.ref(feature) for feature in features]
+        return features
+
+
+class BallNet(CrossPatchNetwork):
+    """A network that costs next to nothing: the encoder hands the patch on, the decoder answers a ball of
+    ``radius`` voxels around each positive click (cleared around negative ones), and cross-patch prompting
+    finds nothing."""
+
+    def __init__(self, radius: float = 10.0) -> None:
+        self.radius = radius
+
+    def encode(self, image: torch.Tensor) -> List[torch.Tensor]:
+        return [image]
+
+    def decode(self, features, points, labels, mask_prompt=None):
+        probability = torch.zeros_like(features[0])
+        paint_clicks(probability, points, labels, self.radius)
+        return probability, torch.zeros(points.shape[0], 1)
+
+    def cross_patch(self, image, mask, neighbour_image):
+        return torch.zeros_like(image)
+
+
+class InstantNetwork(PromptableNetwork):
+    """A network that costs nothing (the encoder returns its input, the decoder a fixed ball), so that a
+    session's time is the session's own work."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.ball = ball_around(voxel_grid(64, device), torch.tensor([32.0, 32.0, 32.0], device=device), 20.0)
+        self.ball = self.ball.float()[None, None]
+
+    def encode(self, image: torch.Tensor) -> List[torch.Tensor]:
+        return [image]
+
+    def decode(self, features, points, labels, mask_prompt=None):
+        batch = features[0].shape[0]
+        return self.ball.expand(batch, -1, -1, -1, -1), torch.ones(batch, 1, device=self.ball.device)
