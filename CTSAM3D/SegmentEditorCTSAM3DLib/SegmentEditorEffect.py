@@ -92,7 +92,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             "The result replaces the selected segment and follows the editor's masking and overwrite "
             "settings. <b>Z</b> / <b>Ctrl+Z</b> is the editor's undo of the segment; the prompts stay, so the "
             "next prompt change brings the undone result back with it (to take a click back, press U). "
-            "A long run shows its progress and can be cancelled (the segment stays as it was). "
+            "A long run shows its progress and the mask as it grows (drawn over the segment, which is written "
+            "once at the end, as one undo step), and can be cancelled (the segment stays as it was). "
             "Weights and device are set in the CT-SAM3D module.</html>"
         )
 
