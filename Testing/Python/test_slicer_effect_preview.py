@@ -30,7 +30,7 @@ class SlowCrossPatchNet(CrossPatchThresholdNet):
     the main thread (which looks every 20 ms) sees each level before the next is done; ``failAtDecode`` makes
     that decode call fail."""
 
-    def __init__(self, seconds: float = 0.3, failAtDecode: int = 0) -> None:
+    def __init__(self, seconds: float = 0.5, failAtDecode: int = 0) -> None:
         super().__init__()
         self.seconds = seconds
         self.failAtDecode = failAtDecode
