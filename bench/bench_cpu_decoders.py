@@ -13,7 +13,14 @@ Dice against float32 over the CTs:
   quantization (QDQ, per-channel weights);
 - openvino float32 / bfloat16: the decoder converted by OpenVINO from torch and compiled for its CPU
   plugin with that inference precision;
-- openvino int8: the same, quantized by NNCF (post-training, static activation ranges).
+- openvino int8: the same, quantized by NNCF (post-training, static activation ranges), with its default
+  preset, with the mixed preset (asymmetric activations), the mixed preset with full bias correction, and
+  the mixed preset with layers kept in float: the prompt's ``mlp_shared`` convolutions (3 input channels),
+  the first SPADE block and the output layers, or the first and last SPADE blocks;
+- float32 channels-last (torch): the authors' decoder with its weights and inputs in the channels-last 3D
+  layout (oneDNN's preferred one);
+- batches: the torch decoders given the central patches of all CTs as one batch (what cross-patch
+  prompting does with a level of neighbours), seconds per patch.
 Static quantization is calibrated on the other CTs' patches (the timed chest CT is held out).
 
 A candidate whose package is missing is reported as such (``pip install onnx onnxruntime onnxscript
@@ -23,6 +30,8 @@ openvino nncf``); none of them is a dependency of the project.
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import statistics
 import sys
 import tempfile
@@ -109,11 +118,24 @@ def openvino_model(net, example):
                                                                                for a in [*features, prompt]))
 
 
-def openvino_int8_model(model, calibration):
+KEPT_IN_FLOAT = {
+    "prompt and ends": [r".*mlp_shared.*", r".*spade1\..*", r".*upscale5.*", r"__module\.decoder/aten::_convolution.*"],
+    "first and last SPADE blocks": [r".*spade1\..*", r".*spade5\..*"],
+}
+"""NNCF ignored scopes (node-name patterns of the decoder converted by OpenVINO) of the int8 variants."""
+
+
+def openvino_int8_model(model, calibration, preset: str = "default", bias_correction: str = "fast",
+                        kept_in_float: str = ""):
     import nncf
 
+    options = {}
+    if preset == "mixed":
+        options["preset"] = nncf.QuantizationPreset.MIXED
+    if kept_in_float:
+        options["ignored_scope"] = nncf.IgnoredScope(patterns=KEPT_IN_FLOAT[kept_in_float])
     return nncf.quantize(model, nncf.Dataset([[*features, prompt] for features, prompt in calibration]),
-                         subset_size=len(calibration))
+                         subset_size=len(calibration), fast_bias_correction=bias_correction == "fast", **options)
 
 
 def openvino_decoder(model, precision: str) -> Decoder:
@@ -131,6 +153,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--data", type=Path, default=shared_data())
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output", type=Path)
+    parser.add_argument("--only", nargs="+", metavar="TEXT",
+                        help="run only the candidates whose name contains one of these (float32 always runs)")
     args = parser.parse_args(argv)
     net = load_network()
     cases = [name for name in CTS if (args.data / name / "ct.nii.gz").exists()]
@@ -148,7 +172,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     def torch_int8(features, prompt):
         return int8._int8_decoder([torch.from_numpy(f) for f in features], torch.from_numpy(prompt))[0].numpy()
 
-    candidates: Dict[str, Decoder] = {"float32 (authors' decoder)": torch_float32, "int8 (torch, today)": torch_int8}
+    channels_last = copy.deepcopy(net.mask_decoder).to(memory_format=torch.channels_last_3d)
+
+    def torch_float32_channels_last(features, prompt):
+        with torch.no_grad():
+            inputs = [torch.from_numpy(f).contiguous(memory_format=torch.channels_last_3d) for f in features]
+            prompt = torch.from_numpy(prompt).contiguous(memory_format=torch.channels_last_3d)
+            return channels_last(inputs, prompt)[0].contiguous().numpy()
+
+    candidates: Dict[str, Decoder] = {"float32 (authors' decoder)": torch_float32, "int8 (torch, today)": torch_int8,
+                                      "float32 channels-last (torch)": torch_float32_channels_last}
+    batched = {f"int8 (torch), {len(cases)} patches as one batch, per patch": torch_int8,
+               f"float32 (torch), {len(cases)} patches as one batch, per patch": torch_float32}
     missing: Dict[str, str] = {}
     calibration = [examples[case] for case in cases[1:]] or [examples[cases[0]]]
     builders = {
@@ -159,7 +194,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         "openvino bfloat16": lambda folder: openvino_decoder(openvino_model(net, examples[cases[0]]), "bf16"),
         "openvino int8 (NNCF)": lambda folder: openvino_decoder(
             openvino_int8_model(openvino_model(net, examples[cases[0]]), calibration), "f32"),
+        "openvino int8 (NNCF, mixed preset)": lambda folder: openvino_decoder(
+            openvino_int8_model(openvino_model(net, examples[cases[0]]), calibration, "mixed"), "f32"),
+        "openvino int8 (NNCF, mixed, full bias correction)": lambda folder: openvino_decoder(
+            openvino_int8_model(openvino_model(net, examples[cases[0]]), calibration, "mixed", "full"), "f32"),
+        **{f"openvino int8 (NNCF, mixed, {kept} in float)": functools.partial(
+            lambda folder, kept: openvino_decoder(
+                openvino_int8_model(openvino_model(net, examples[cases[0]]), calibration, "mixed", "fast", kept),
+                "f32"), kept=kept) for kept in KEPT_IN_FLOAT},
     }
+    if args.only:
+        def chosen(name: str) -> bool:
+            return name.startswith("float32 (authors'") or any(text in name for text in args.only)
+
+        candidates = {name: candidate for name, candidate in candidates.items() if chosen(name)}
+        batched = {name: candidate for name, candidate in batched.items() if chosen(name)}
+        builders = {name: build for name, build in builders.items() if chosen(name)}
     with tempfile.TemporaryDirectory() as folder:
         for name, build in builders.items():
             log(f"building {name}")
@@ -167,7 +217,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 candidates[name] = build(Path(folder))
             except Exception as error:  # a missing package or a converter's failure: say which
                 missing[name] = f"{type(error).__name__}: {error}".splitlines()[0][:160]
-        results = measure(candidates, examples, args.repeats)
+        results = measure(candidates, batched, examples, args.repeats)
     report = table(results, missing, args)
     print(report)
     if args.output:
@@ -175,30 +225,41 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-def measure(candidates: Dict[str, Decoder], examples, repeats: int) -> Dict[str, Dict[str, float]]:
+def measure(candidates: Dict[str, Decoder], batched: Dict[str, Decoder], examples,
+            repeats: int) -> Dict[str, Dict[str, float]]:
+    """Median seconds per patch on the first CT's patch (``batched``: on every CT's patch as one batch) and the
+    lowest Dice against float32 over the CTs; the candidates are timed in turns, round after round."""
     reference = {name: candidates["float32 (authors' decoder)"](*example) for name, example in examples.items()}
-    times: Dict[str, List[float]] = {name: [] for name in candidates}
-    timed_example = next(iter(examples.values()))
-    for candidate in candidates.values():
-        candidate(*timed_example)  # warm-up
+    batch = ([np.concatenate(level) for level in zip(*(features for features, _ in examples.values()))],
+             np.concatenate([prompt for _, prompt in examples.values()]))
+    timed = {**{name: (candidate, next(iter(examples.values())), 1) for name, candidate in candidates.items()},
+             **{name: (candidate, batch, len(examples)) for name, candidate in batched.items()}}
+    times: Dict[str, List[float]] = {name: [] for name in timed}
+    for candidate, inputs, _ in timed.values():
+        candidate(*inputs)  # warm-up
     for round_number in range(repeats):
         log(f"round {round_number + 1} of {repeats}")
-        for name, candidate in candidates.items():
+        for name, (candidate, inputs, patches) in timed.items():
             started = time.perf_counter()
-            candidate(*timed_example)
-            times[name].append(time.perf_counter() - started)
+            candidate(*inputs)
+            times[name].append((time.perf_counter() - started) / patches)
     results = {}
     for name, candidate in candidates.items():
         dices = [dice(candidate(*example) > 0.5, reference[case] > 0.5) for case, example in examples.items()]
+        results[name] = {"seconds": statistics.median(times[name]), "dice": min(dices)}
+    for name, candidate in batched.items():
+        probabilities = candidate(*batch)
+        dices = [dice(probabilities[row:row + 1] > 0.5, reference[case] > 0.5) for row, case in enumerate(examples)]
         results[name] = {"seconds": statistics.median(times[name]), "dice": min(dices)}
     return results
 
 
 def table(results, missing, args) -> str:
     base = results["float32 (authors' decoder)"]["seconds"]
-    lines = [f"`python -m bench.bench_cpu_decoders --repeats {args.repeats}` on "
+    only = f" --only {' '.join(repr(text) for text in args.only)}" if args.only else ""
+    lines = [f"`python -m bench.bench_cpu_decoders --repeats {args.repeats}{only}` on "
              f"{machine_description(torch.device('cpu'))}, torch {torch.__version__}", "",
-             "| candidate | refining decode (s) | speed-up over float32 | lowest mask Dice vs float32 |",
+             "| candidate | refining decode, per patch (s) | speed-up over float32 | lowest mask Dice vs float32 |",
              "| --- | --- | --- | --- |"]
     for name, found in results.items():
         lines.append(f"| {name} | {found['seconds']:.3f} | {base / found['seconds']:.2f}x | {found['dice']:.4f} |")

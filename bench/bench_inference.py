@@ -7,7 +7,8 @@ Measures, with warm-up and medians over repeats, per device and precision:
   of sampling patches (exact SimpleITK, or torch where the network runs);
 - through ``InteractiveSession.add_click``: a click that opens a patch and a refining click (patch
   sampling and the mask update included), with the Dice and largest probability difference against
-  float32, and one click that cross-patch prompting carries into 16 patches (``--cross-patch-cap``);
+  float32, and one click that cross-patch prompting carries into 16 patches (``--cross-patch-cap``), with
+  when its first preview (the clicked patch alone, ``PreviewCallback``) was ready;
 - in a fresh process: the session's start, its first click and a later click that opens a patch
   (the warm-up a user would feel), and the peak memory.
 Then the agreement with float32 on patches of every CT in ../shared/data. Runs on the CPU, and on the
@@ -236,14 +237,22 @@ def cross_patch_run(runtime: Runtime, image, repeats, cap: int = 16) -> Dict[str
     every neighbour, so the cap is what stops it): median seconds and the patches it opened."""
     precision = runtime.precision
     session = InteractiveSession(runtime, image, max_patches=cap)
-    times = []
+    times, first_previews = [], []
     for repeat in range(repeats + 1):
         log(f"  {cap}-patch click ({precision}), round {repeat + 1} of {repeats + 1}")
         session.reset()
-        seconds = timed(lambda: session.add_click(central_points(image)[0]), session.device)
+        previews: List[float] = []
+
+        def note_preview(update, previews=previews) -> None:
+            previews.append(time.perf_counter())
+
+        started = time.perf_counter()
+        seconds = timed(lambda: session.add_click(central_points(image)[0], preview=note_preview), session.device)
         if repeat:
             times.append(seconds)
-    return {"cross_patch": statistics.median(times), "cross_patch_patches": session.patch_count}
+            first_previews.append(previews[0] - started if previews else seconds)
+    return {"cross_patch": statistics.median(times), "cross_patch_patches": session.patch_count,
+            "cross_patch_first_preview": statistics.median(first_previews)}
 
 
 def fresh_process(device, precision, data_dir: Path) -> Dict[str, Optional[float]]:
@@ -359,15 +368,16 @@ def report(device, machine, overhead, network, base, sessions, accuracy, volume_
         "seconds:",
         "",
         "| path | new-patch click | refining click | of which paste | speed-up new / refine "
-        "| mask Dice vs fp32 | max abs dp | cross-patch click |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| mask Dice vs fp32 | max abs dp | cross-patch click | its first preview |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for row in sessions:
         lines.append(
             f"| {row['precision']} | {row['open']:.3f} | {row['refine']:.3f} | {row['paste']:.3f} | "
             f"{ratio(row['open'], session_base and session_base['open'])} / "
             f"{ratio(row['refine'], session_base and session_base['refine'])} | "
-            f"{row['dice']:.4f} | {row['diff']:.4f} | {row['cross_patch']:.3f} ({row['cross_patch_patches']} patches) |"
+            f"{row['dice']:.4f} | {row['diff']:.4f} | {row['cross_patch']:.3f} ({row['cross_patch_patches']} "
+            f"patches) | {row['cross_patch_first_preview']:.3f} |"
         )
     lines += [
         "",

@@ -188,3 +188,18 @@ def segmentationReferenceImage(segmentationNode, volumeNode):
         raise ValueError(f"segmentation '{segmentationNode.GetName()}' has an unreadable reference geometry")
     image.GetPointData().GetScalars().Fill(0)
     return image
+
+
+def updateToOrientedImage(update, volumeNode):
+    """A ``MaskUpdate`` (its box on the volume's voxel grid) as an unsigned-char vtkOrientedImageData in the
+    volume node's own frame (its IJK-to-RAS matrix, the box as extent), for a node under the volume's
+    parent transform."""
+    ijkToRAS = vtk.vtkMatrix4x4()
+    volumeNode.GetIJKToRASMatrix(ijkToRAS)
+    image = slicer.vtkOrientedImageData()
+    image.SetImageToWorldMatrix(ijkToRAS)
+    start, size = update.start, update.size
+    image.SetExtent(*(bound for axis in range(3) for bound in (start[axis], start[axis] + size[axis] - 1)))
+    image.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+    numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(update.mask.shape)[...] = update.mask
+    return image

@@ -9,6 +9,7 @@ tuples and the network cross between the two. The main thread waits for the work
 from __future__ import annotations
 
 import concurrent.futures
+import inspect
 import time
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -21,7 +22,7 @@ from CTSAM3DLib.interface import Segmenter
 from CTSAM3DLib.world import ras_to_lps
 
 from . import coordinates, dependencies, weights
-from .worker import InferenceWorker, waitProcessingEvents
+from .worker import InferenceWorker, LatestValue, waitProcessingEvents
 
 SessionFactory = Callable[..., Segmenter]
 """(runtime, image in world LPS, device, cross_patch=..., max_patches=..., initial_mask=..., box_lps=...) ->
@@ -248,12 +249,16 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         isCancelled: Optional[Callable[[], bool]] = None,
         initialMask: Optional[sitk.Image] = None,
         boxRAS: Optional[Sequence[float]] = None,
+        preview: Optional[Callable[[Any], None]] = None,
     ) -> concurrent.futures.Future:
         """Queue the clicks (world RAS, click order) on the worker; the future gives a ``Prediction``,
         or raises PredictionCancelledError once
         ``isCancelled()`` (polled between batches of patches) turns true. ``initialMask`` (from
         ``coordinates.segmentOnVolumeGrid``) is where the segmentation starts; ``boxRAS`` (world RAS
-        bounds: xmin, xmax, ymin, ymax, zmin, zmax) clips it. Call on the main thread."""
+        bounds: xmin, xmax, ymin, ymax, zmin, zmax) clips it. ``preview(update)`` is called ON THE WORKER
+        with the mask as a click that cross-patch prompting carries on grows (a ``MaskUpdate`` against the
+        mask before that click; ``CTSAM3DLib.session.PreviewCallback``), where the session shows it (an
+        ``InteractiveSession``; a ``RemoteSession`` does not). Call on the main thread."""
         if self.network is None and self.serverURL is None:
             raise RuntimeError("no CT-SAM3D network loaded: load it in the CT-SAM3D module or with loadModel")
         box = None if boxRAS is None else tuple(ras_to_lps(boxRAS[i::2]) for i in (0, 1))
@@ -277,6 +282,10 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
             self.progress = Progress("Segmenting", done, planned)
             checkCancelled()
 
+        def showPreview(update) -> None:
+            checkCancelled()
+            preview(update)
+
         def run():
             started = time.perf_counter()
             self.progress = Progress("Segmenting")
@@ -289,7 +298,10 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
             if session is None:
                 raise RuntimeError("the CT-SAM3D session was dropped (model or device changed); click again")
             checkCancelled()
-            update = session.set_clicks(clicks, progress=progress)
+            callbacks = {"progress": progress}
+            if preview is not None and "preview" in inspect.signature(session.set_clicks).parameters:
+                callbacks["preview"] = showPreview
+            update = session.set_clicks(clicks, **callbacks)
             self.lastClickSeconds = time.perf_counter() - started
             self.lastTiming = dict(getattr(session, "last_timing", {}) or {})
             return Prediction(update, lambda: session.mask, self._sessionNumber, image is not None)
@@ -315,12 +327,25 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         onTick: Optional[Callable[[], None]] = None,
         initialMask: Optional[sitk.Image] = None,
         boxRAS: Optional[Sequence[float]] = None,
+        onPreview: Optional[Callable[[Any], None]] = None,
     ) -> Prediction:
-        """Blocking form of startPrediction that keeps Slicer responsive while it waits."""
+        """Blocking form of startPrediction that keeps Slicer responsive while it waits. ``onPreview(update)``
+        is called ON THE MAIN THREAD, as it waits, with the newest preview the worker made since the last
+        call (a newer one supersedes an older one not yet shown); never after the prediction ended."""
+        latest = LatestValue()
+
+        def tick() -> None:
+            update = latest.take()
+            if update is not None and onPreview is not None:
+                onPreview(update)
+            if onTick is not None:
+                onTick()
+
         try:
             return waitProcessingEvents(
-                self.startPrediction(volumeNode, prompts, isCancelled, initialMask, boxRAS),
-                slicer.app.processEvents, onTick,
+                self.startPrediction(volumeNode, prompts, isCancelled, initialMask, boxRAS,
+                                     latest.put if onPreview is not None else None),
+                slicer.app.processEvents, tick,
             )
         finally:
             self.progress = None

@@ -1,5 +1,6 @@
 """Runs the prompts of one segment: the prediction on the worker thread while the main thread waits with
-events processed, then the result written into that segment.
+events processed and shows the mask as it grows (in a preview beside the segment), then the result written
+into that segment, once.
 
 A run is bound to the segment, source volume and options it started with. Events processed while it waits
 may select another segment or change prompts: the run then goes on for its own segment only (re-running
@@ -10,6 +11,7 @@ import threading
 from typing import Callable, NamedTuple, Optional, Tuple
 
 from CTSAM3DSlicerLib.logic import PredictionCancelledError
+from CTSAM3DSlicerLib.segmentpreview import SegmentPreview
 from CTSAM3DSlicerLib.segmentprompts import SegmentPrompts
 from CTSAM3DSlicerLib.segmentwriter import SegmentWriter
 
@@ -110,16 +112,17 @@ class PromptRunner:
         """One prediction, waited for with events processed; False when it did not complete."""
         logic = self._logic()
         self._setStatus(f"Segmenting from {len(request.prompts)} prompt(s)...")
+        segmentationNode, segmentId = request.segmentPrompts.segmentationNode, request.segmentPrompts.segmentId
+        preview = SegmentPreview(segmentationNode, segmentId, request.volumeNode)
         try:
             logic.ensureModel(onTick=self._showProgress)
             logic.setCrossPatch(self.scriptedEffect.parameter("CrossPatch") != "off",
                                 self.scriptedEffect.integerParameter("MaxPatches"))
             prediction = logic.predict(request.volumeNode, request.prompts, self.cancelled.is_set,
-                                       self._showProgress, request.initialMask, request.boxRAS)
+                                       self._showProgress, request.initialMask, request.boxRAS, preview.show)
             if self.cancelled.is_set():
                 raise PredictionCancelledError("the prediction was cancelled; the segment was left as it was")
-            self.writer.write(prediction, request.segmentPrompts.segmentationNode, request.segmentPrompts.segmentId,
-                              request.volumeNode, request.initialMask)
+            self.writer.write(prediction, segmentationNode, segmentId, request.volumeNode, request.initialMask)
         except PredictionCancelledError:
             self._setStatus("Cancelled: the segment was left as it was. Change a prompt to segment again.")
             return False
@@ -128,5 +131,7 @@ class PromptRunner:
             self._setStatus(f"Cannot segment: {error}")
             self._lastSubmitted = None
             return False
+        finally:
+            preview.remove()
         self._setStatus(f"Done in {logic.lastClickSeconds:.2f} s (model {logic.modelState()}).")
         return True

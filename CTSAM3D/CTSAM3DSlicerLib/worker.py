@@ -98,6 +98,25 @@ def _settle(future: concurrent.futures.Future, result: Any = None, error: Option
         pass
 
 
+class LatestValue:
+    """Hands values from the worker to the main thread when only the newest matters (a preview that a
+    later one supersedes): ``put`` on the worker replaces what was not taken yet, ``take`` on the main
+    thread gets it once (None when nothing new arrived)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value: Any = None
+
+    def put(self, value: Any) -> None:
+        with self._lock:
+            self._value = value
+
+    def take(self) -> Any:
+        with self._lock:
+            value, self._value = self._value, None
+        return value
+
+
 def shutdownAllWorkers() -> None:
     """Shut down every worker (connected to the application's lastWindowClosed and aboutToQuit)."""
     for worker in list(_workers):

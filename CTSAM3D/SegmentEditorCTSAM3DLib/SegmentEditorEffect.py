@@ -3,8 +3,9 @@
 The effect keeps the editor's hooks (options, activation, view events, keys). The prompts of a segment (two
 markups point lists and a box, saved with the scene) are CTSAM3DSlicerLib.segmentprompts.SegmentPrompts;
 every change of the selected segment's prompts arms a timer whose run (CTSAM3DSlicerLib.promptrunner) is bound
-to that segment, predicts on the worker thread while events are processed, and writes the result through the
-editor (CTSAM3DSlicerLib.segmentwriter), so masking, overwrite and undo apply as for any other effect.
+to that segment, predicts on the worker thread while events are processed (showing the mask as it grows in a
+preview, CTSAM3DSlicerLib.segmentpreview), and writes the result through the editor
+(CTSAM3DSlicerLib.segmentwriter), so masking, overwrite and undo apply as for any other effect.
 Absolute imports only (Slicer may load this file as a top-level module named after its folder).
 """
 
@@ -92,7 +93,8 @@ class SegmentEditorEffect(AbstractScriptedSegmentEditorEffect):
             "The result replaces the selected segment and follows the editor's masking and overwrite "
             "settings. <b>Z</b> / <b>Ctrl+Z</b> is the editor's undo of the segment; the prompts stay, so the "
             "next prompt change brings the undone result back with it (to take a click back, press U). "
-            "A long run shows its progress and can be cancelled (the segment stays as it was). "
+            "A long run shows its progress and the mask as it grows (drawn over the segment, which is written "
+            "once at the end, as one undo step), and can be cancelled (the segment stays as it was). "
             "Weights and device are set in the CT-SAM3D module.</html>"
         )
 
