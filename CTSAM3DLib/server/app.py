@@ -77,6 +77,7 @@ from .parsing import (
 )
 from .registry import QueueFullError, SessionRegistry, SessionsFullError, UnknownSessionError
 from .upload import receive_array, upload_overhead_bytes
+from .web import add_web_client
 
 log = logging.getLogger(__name__)
 
@@ -660,6 +661,7 @@ def create_app(
         (session, ["DELETE"], server.close_session),
     ]:
         app.add_api_route(path, endpoint, methods=methods)
+    add_web_client(app)
 
     refusals: Dict[type, Tuple[int, str]] = {
         UnknownSessionError: (404, protocol.KIND_UNKNOWN_SESSION),
