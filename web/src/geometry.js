@@ -1,16 +1,8 @@
 // World coordinates. NIfTI files and NiiVue speak RAS (+x towards the patient's right, +y anterior,
 // +z superior); CTSAM3DLib and the server speak LPS (+x left, +y posterior, +z superior), as DICOM and ITK
-// do. The two differ in the sign of x and y. Every name says which space it holds: pointRAS, point_lps.
-
-/** The LPS point of a RAS point (millimetres). */
-export function lpsOfRAS(pointRAS) {
-  return [-pointRAS[0], -pointRAS[1], pointRAS[2]]
-}
-
-/** The RAS point of an LPS point (millimetres). */
-export function rasOfLPS(point_lps) {
-  return [-point_lps[0], -point_lps[1], point_lps[2]]
-}
+// do. The two differ in the sign of x and y. The page converts once, the CT's voxel-to-RAS affine into the
+// server's LPS geometry; every point it sends is then made from a voxel index in LPS. Names say which space
+// they hold: affineRAS, point_lps.
 
 /**
  * The geometry the server takes (ITK's: origin, spacing, direction, all LPS) of an image whose voxel
@@ -44,9 +36,8 @@ export function indexOfLPS(geometry, point_lps) {
     [0, 1, 2].reduce((sum, row) => sum + direction[3 * row + column] * offset[row], 0) / spacing[column])
 }
 
-/** The axis-aligned LPS box (two opposite corners) around two RAS points. */
-export function lpsBoxOfRAS(cornerA_RAS, cornerB_RAS) {
-  const a = lpsOfRAS(cornerA_RAS)
-  const b = lpsOfRAS(cornerB_RAS)
-  return [a.map((v, axis) => Math.min(v, b[axis])), a.map((v, axis) => Math.max(v, b[axis]))]
+/** The axis-aligned LPS box (its two opposite corners) around LPS points. */
+export function lpsBoxAround(points_lps) {
+  return [[0, 1, 2].map((axis) => Math.min(...points_lps.map((point) => point[axis]))),
+    [0, 1, 2].map((axis) => Math.max(...points_lps.map((point) => point[axis])))]
 }

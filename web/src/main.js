@@ -1,7 +1,7 @@
 // The page: wires the viewer, the segments and their sessions, the files, and the messages together.
 import { Api, explain } from './api.js'
 import { download, labelmapOf, niftiLabelmap, unopenable } from './files.js'
-import { lpsBoxOfRAS, lpsGeometryOfAffine } from './geometry.js'
+import { lpsBoxAround, lpsGeometryOfAffine, lpsOfIndex } from './geometry.js'
 import { Segments } from './segments.js'
 import { Upload } from './session.js'
 import { arrayDigest } from './wire.js'
@@ -13,8 +13,8 @@ class Page {
   constructor() {
     this.api = new Api((problem) => this.askToken(problem))
     this.viewer = new Viewer($('viewer'), {
-      onPoint: (pointRAS, shift) => this.run('click', () => this.segments.click(pointRAS, shift === this.negative)),
-      onBox: (cornerA_RAS, cornerB_RAS) => this.run('box', () => this.segments.box(lpsBoxOfRAS(cornerA_RAS, cornerB_RAS))),
+      onPoint: (index, shift) => this.run('click', () => this.segments.click(this.lps(index), shift === this.negative)),
+      onBox: (corners) => this.run('box', () => this.segments.box(lpsBoxAround(corners.map((index) => this.lps(index))))),
     })
     this.segments = null
     this.negative = false
@@ -22,6 +22,11 @@ class Page {
     this.work = Promise.resolve()
     this.pending = 0
     this.lastError = ''
+  }
+
+  /** The LPS point of a continuous voxel index of the open CT. */
+  lps(index) {
+    return lpsOfIndex(this.segments.image.geometry, index)
   }
 
   async start() {
@@ -249,8 +254,9 @@ window.ctsam3d = {
       overlayVoxels: segment.overlay.img.reduce((sum, value) => sum + (value ? 1 : 0), 0),
     })),
   },
-  canvasPositionOfRAS: (pointRAS) => page.viewer.canvasPositionOfRAS(pointRAS),
-  showRAS: (pointRAS) => page.viewer.showRAS(pointRAS),
+  canvasPositionOfIndex: (index) => page.viewer.canvasPositionOfIndex(index),
+  showIndex: (index) => page.viewer.showIndex(index),
+  location: () => page.viewer.location,
 }
 
 page.start().catch((error) => page.fail(error))

@@ -1,6 +1,6 @@
 // Segments: each with its name, colour, visibility and opacity, its own session on the server and its own
 // overlay in the viewer.
-import { indexOfLPS, lpsOfRAS } from './geometry.js'
+import { indexOfLPS } from './geometry.js'
 import { RemoteSegmentation } from './session.js'
 
 const PALETTE = [[230, 80, 60], [60, 140, 240], [250, 190, 40], [170, 90, 230], [40, 200, 190], [240, 120, 200]]
@@ -76,10 +76,10 @@ export class Segments {
     this.viewer.showPrompts(prompts, geometry.spacing)
   }
 
-  /** A click of the viewer (RAS) as a prompt of the selected segment. */
-  async click(pointRAS, positive) {
+  /** A click at an LPS point as a prompt of the selected segment. */
+  async click(point_lps, positive) {
     const segment = this.current
-    await segment.session.click(lpsOfRAS(pointRAS), positive)
+    await segment.session.click(point_lps, positive)
     this.show(segment)
   }
 

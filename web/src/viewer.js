@@ -1,8 +1,10 @@
 // The viewer: NiiVue (WebGL2) showing the CT in axial, coronal and sagittal slices and a 3D rendering, one
 // overlay per segment, the prompts as markers. Mouse: a left click prompts (Shift: negative) in click mode,
 // a left drag draws a box in box mode; a right drag sets the window, a middle drag pans, the wheel scrolls
-// through slices. NiiVue's world space is RAS: points leave this module as pointRAS.
-import { DRAG_MODE, NVImage, Niivue, SHOW_RENDER, SLICE_TYPE } from '@niivue/niivue'
+// through slices. Points leave this module as continuous voxel indices (i, j, k) of the stored grid, never
+// as NiiVue's millimetres: for an oblique CT NiiVue's frac-to-mm conversion (frac2mmOrtho) is the nearest
+// axis-aligned approximation, not the scan's true geometry, which geometry.js applies instead.
+import { DRAG_MODE, MULTIPLANAR_TYPE, NVImage, Niivue, SHOW_RENDER, SLICE_TYPE } from '@niivue/niivue'
 
 export const PRESETS = {
   soft: { name: 'Soft tissue', window: 400, level: 40 },
@@ -32,7 +34,7 @@ function labelColourmap(rgb) {
 }
 
 export class Viewer {
-  /** `onPoint(pointRAS, negative)` hears a prompt click; `onBox(cornerA_RAS, cornerB_RAS)` a box drawn. */
+  /** `onPoint(index, negative)` hears a prompt click; `onBox(corners)` a box drawn (its 8 corners as indices). */
   constructor(canvas, { onPoint, onBox }) {
     this.canvas = canvas
     this.onPoint = onPoint
@@ -43,6 +45,7 @@ export class Viewer {
       show3Dcrosshair: true,
       isRadiologicalConvention: true,
       multiplanarShowRender: SHOW_RENDER.ALWAYS,
+      multiplanarLayout: MULTIPLANAR_TYPE.GRID,
       dragAndDropEnabled: false,
       loadingText: 'Open a CT (NIfTI or NRRD)',
     })
@@ -54,7 +57,12 @@ export class Viewer {
     this.base = null
     this.markers = null
     this.down = null
+    this.location = null
     this.nv.onDragRelease = (params) => this.dragged(params)
+    // What NiiVue itself reports under the crosshair: the CT's value there (shown in the status line).
+    this.nv.onLocationChange = (location) => {
+      this.location = { value: location.values.length ? location.values[0].value : null, text: location.string }
+    }
     canvas.addEventListener('pointerdown', (event) => {
       this.down = { x: event.offsetX, y: event.offsetY, button: event.button }
     })
@@ -202,26 +210,51 @@ export class Viewer {
     this.nv.opts.mouseEventConfig.leftButton.primary = mode === 'box' ? DRAG_MODE.roiSelection : DRAG_MODE.crosshair
   }
 
-  /** The RAS point under a canvas position (CSS pixels), or null outside the 2D slices. */
-  pointRASAt(x, y) {
+  /** The continuous stored voxel index (i, j, k) under a canvas position (CSS pixels), or null outside the
+   * 2D slices. */
+  indexAt(x, y) {
     const dpr = this.nv.uiData.dpr || 1
     const frac = this.nv.canvasPos2frac([x * dpr, y * dpr])
-    if (frac[0] < 0) return null
-    const mm = this.nv.frac2mm(frac)
-    return [mm[0], mm[1], mm[2]]
+    return frac[0] < 0 ? null : this.indexOfFrac(frac)
   }
 
-  /** The canvas position (CSS pixels) of a RAS point in the first 2D view showing it, or null. */
-  canvasPositionOfRAS(pointRAS) {
-    const position = this.nv.frac2canvasPos(this.nv.mm2frac(pointRAS))
+  /** NiiVue's frac (of its RAS-reoriented voxel grid: RAS axis r is stored axis |permRAS[r]| - 1, reversed
+   * where permRAS[r] < 0) as a continuous stored voxel index. */
+  indexOfFrac(frac) {
+    const perm = this.base.permRAS
+    const dims = this.dims
+    const index = [0, 0, 0]
+    for (let axis = 0; axis < 3; axis++) {
+      const stored = Math.abs(perm[axis]) - 1
+      const voxel = frac[axis] * dims[stored] - 0.5
+      index[stored] = perm[axis] > 0 ? voxel : dims[stored] - 1 - voxel
+    }
+    return index
+  }
+
+  fracOfIndex(index) {
+    const perm = this.base.permRAS
+    const dims = this.dims
+    const frac = [0, 0, 0]
+    for (let axis = 0; axis < 3; axis++) {
+      const stored = Math.abs(perm[axis]) - 1
+      const voxel = perm[axis] > 0 ? index[stored] : dims[stored] - 1 - index[stored]
+      frac[axis] = (voxel + 0.5) / dims[stored]
+    }
+    return frac
+  }
+
+  /** The canvas position (CSS pixels) of a stored voxel index in the first 2D view showing it, or null. */
+  canvasPositionOfIndex(index) {
+    const position = this.nv.frac2canvasPos(this.fracOfIndex(index))
     if (!position) return null
     const dpr = this.nv.uiData.dpr || 1
     return [position[0] / dpr, position[1] / dpr]
   }
 
-  /** Moves the crosshair, and so the slices shown, to a RAS point. */
-  showRAS(pointRAS) {
-    this.nv.scene.crosshairPos = this.nv.mm2frac(pointRAS)
+  /** Moves the crosshair, and so the slices shown, to a stored voxel index. */
+  showIndex(index) {
+    this.nv.scene.crosshairPos = this.fracOfIndex(index)
     this.nv.drawScene()
   }
 
@@ -230,23 +263,32 @@ export class Viewer {
     this.down = null
     if (!this.base || !down || down.button !== 0 || event.button !== 0 || this.mode !== 'click') return
     if (Math.hypot(event.offsetX - down.x, event.offsetY - down.y) > CLICK_SLOP_PX) return
-    const pointRAS = this.pointRASAt(event.offsetX, event.offsetY)
-    if (pointRAS) this.onPoint(pointRAS, event.shiftKey)
+    const index = this.indexAt(event.offsetX, event.offsetY)
+    if (index) this.onPoint(index, event.shiftKey)
   }
 
   /** A box drawn on a 2D view: as deep across the view as the mean of its width and height, centred on
-   * the slice it was drawn on. */
+   * the slice it was drawn on; handed on as its 8 corners (stored voxel indices). */
   dragged(params) {
     if (this.mode !== 'box' || !(params.axCorSag in DEPTH_AXIS)) return
     const depthAxis = DEPTH_AXIS[params.axCorSag]
-    const start = Array.from(params.mmStart.slice(0, 3))
-    const end = Array.from(params.mmEnd.slice(0, 3))
-    const sides = [0, 1, 2].filter((axis) => axis !== depthAxis).map((axis) => Math.abs(end[axis] - start[axis]))
-    if (Math.min(...sides) <= 0) return
-    const halfDepth = (sides[0] + sides[1]) / 4
+    const spacing = [1, 2, 3].map((axis) => this.base.pixDimsRAS[axis])
+    const start = Array.from(params.fracStart)
+    const end = Array.from(params.fracEnd)
+    const dimsRAS = [1, 2, 3].map((axis) => this.base.dimsRAS[axis])
+    const sides_mm = [0, 1, 2].filter((axis) => axis !== depthAxis)
+      .map((axis) => Math.abs(end[axis] - start[axis]) * dimsRAS[axis] * spacing[axis])
+    if (Math.min(...sides_mm) <= 0) return
+    const halfDepthFrac = (sides_mm[0] + sides_mm[1]) / 4 / spacing[depthAxis] / dimsRAS[depthAxis]
     const middle = (start[depthAxis] + end[depthAxis]) / 2
-    start[depthAxis] = middle - halfDepth
-    end[depthAxis] = middle + halfDepth
-    this.onBox(start, end)
+    start[depthAxis] = middle - halfDepthFrac
+    end[depthAxis] = middle + halfDepthFrac
+    const corners = []
+    for (const x of [start[0], end[0]]) {
+      for (const y of [start[1], end[1]]) {
+        for (const z of [start[2], end[2]]) corners.push(this.indexOfFrac([x, y, z]))
+      }
+    }
+    this.onBox(corners)
   }
 }
