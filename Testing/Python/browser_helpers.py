@@ -6,6 +6,7 @@ the overlays NiiVue draws, canvas positions of world points); tests act on it on
 the mouse, the keyboard and its controls.
 """
 
+import io
 import os
 import shutil
 import subprocess
@@ -86,8 +87,8 @@ class ClientPage:
         if max_patches is not None:
             self.page.fill("#max-patches", str(max_patches))
         self.page.set_input_files("#open", str(path))
-        self.page.wait_for_function("() => window.ctsam3d.state() !== null && window.ctsam3d.state().segments.length > 0",
-                                    timeout=120_000)
+        opened = "() => window.ctsam3d.state() !== null && window.ctsam3d.state().segments.length > 0"
+        self.page.wait_for_function(opened, timeout=120_000)
         return self.idle()
 
     def idle(self) -> Dict[str, Any]:
@@ -115,6 +116,13 @@ class ClientPage:
         if negative:
             self.page.keyboard.up("Shift")
         return self.idle()
+
+    def colour_at(self, x: float, y: float) -> List[int]:
+        """The RGB of the screen's pixel at (x, y): what the user sees there."""
+        from PIL import Image
+
+        png = self.page.screenshot(clip={"x": x, "y": y, "width": 1, "height": 1})
+        return list(Image.open(io.BytesIO(png)).convert("RGB").getpixel((0, 0)))
 
     def location_value(self) -> float:
         """The CT's value NiiVue itself reports under the crosshair (where the last click put it)."""

@@ -116,10 +116,11 @@ class Page {
     }, 500)
     $('busy-text').textContent = `${what}…`
     this.work = this.work.then(async () => {
+      // Cleared before, not after: what the action itself says (a session opened again) stays up.
+      this.say('')
+      this.lastError = ''
       try {
         await action()
-        this.say('')
-        this.lastError = ''
       } catch (error) {
         this.fail(error)
       } finally {

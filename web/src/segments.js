@@ -3,7 +3,7 @@
 import { indexOfLPS } from './geometry.js'
 import { RemoteSegmentation } from './session.js'
 
-const PALETTE = [[230, 80, 60], [60, 140, 240], [250, 190, 40], [170, 90, 230], [40, 200, 190], [240, 120, 200]]
+const PALETTE = [[60, 140, 240], [250, 190, 40], [170, 90, 230], [40, 200, 190], [240, 140, 60], [240, 120, 200]]
 
 export class Segment {
   constructor(name, colour, session, overlay) {

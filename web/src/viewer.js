@@ -22,7 +22,7 @@ export const LAYOUTS = {
 
 const MARKER_COLOURS = { positive: [40, 220, 80], negative: [240, 60, 60], box: [250, 210, 40] }
 const MARKER_LABEL = { positive: 1, negative: 2, box: 3 }
-const MARKER_RADIUS_MM = 3
+const MARKER_RADIUS_MM = 8
 const CLICK_SLOP_PX = 4
 const UINT8 = 2
 
@@ -43,6 +43,8 @@ export class Viewer {
     this.nv = new Niivue({
       backColor: [0.05, 0.05, 0.07, 1],
       show3Dcrosshair: true,
+      isSliceMM: true,
+      crosshairColor: [0.35, 0.75, 1.0, 0.6],
       isRadiologicalConvention: true,
       multiplanarShowRender: SHOW_RENDER.ALWAYS,
       multiplanarLayout: MULTIPLANAR_TYPE.GRID,
@@ -72,6 +74,8 @@ export class Viewer {
   async attach() {
     await this.nv.attachToCanvas(this.canvas)
     this.nv.setSliceType(SLICE_TYPE.MULTIPLANAR)
+    // Nearest-neighbour: voxels show as they are, and labels (markers, masks) never blend into other labels.
+    this.nv.setInterpolation(true)
   }
 
   /** Opens a CT file (NIfTI or NRRD), replacing what was shown; the NVImage. */
