@@ -22,8 +22,7 @@ export class ServerUnreachable extends Error {}
 
 /** What a user reads for a refusal or a lost connection: what happened and what to do. */
 export function explain(error) {
-  if (error instanceof ServerUnreachable) return error.message
-  if (!(error instanceof ServerRefusal)) return `unexpected error: ${error.message}`
+  if (!(error instanceof ServerRefusal)) return error.message
   const said = error.message
   switch (error.status) {
     case 401: return `The server refused the token (401): ${said}`

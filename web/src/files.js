@@ -1,6 +1,6 @@
 // Files: what the page can open, and the segments saved as a NIfTI labelmap in the CT's geometry.
 
-export const OPENABLE = ['.nii', '.nii.gz', '.nrrd', '.nhdr']
+export const OPENABLE = ['.nii', '.nii.gz', '.nrrd']
 
 /** Why a file cannot be opened as a CT here ('' when it can). */
 export function unopenable(file) {
@@ -10,7 +10,7 @@ export function unopenable(file) {
     return `${file.name}: DICOM series are not opened by this page yet; convert the series to NIfTI first ` +
       '(for example with dcm2niix, or in 3D Slicer), then open the .nii.gz'
   }
-  return `${file.name}: open a NIfTI (.nii, .nii.gz) or NRRD (.nrrd) CT`
+  return `${file.name}: open a NIfTI (.nii, .nii.gz) or NRRD (.nrrd, data attached) CT`
 }
 
 /** One labelmap (uint8, 0 background, segment n has label n + 1, later segments over earlier ones) of the

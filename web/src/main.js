@@ -59,7 +59,7 @@ class Page {
     $('reset').onclick = () => this.run('reset', () => this.segments.reset())
     $('add-segment').onclick = () => this.run('new segment', () => this.segments.add())
     $('start-from').onclick = () => this.run('start from this segment', () => {
-      const from = this.segments.current
+      const from = this.segments.target
       return this.segments.add(from.session.mask.slice(), `${from.name} (corrected)`)
     })
     $('save').onclick = () => this.run('save', () => this.save())
@@ -171,7 +171,7 @@ class Page {
     const { dims } = this.segments.image
     const labels = labelmapOf(this.segments.list.map((segment) => segment.session.mask), dims[0] * dims[1] * dims[2])
     const bytes = await niftiLabelmap(this.viewer.base, labels)
-    const stem = this.file.name.replace(/(\.nii\.gz|\.nii|\.nrrd|\.nhdr)$/i, '')
+    const stem = this.file.name.replace(/(\.nii\.gz|\.nii|\.nrrd)$/i, '')
     download(bytes, `${stem}-segments.nii.gz`)
   }
 
@@ -186,7 +186,8 @@ class Page {
       const timing = current.session.lastTiming
       $('status').textContent = `${current.name}: ${current.session.prompts.length} prompt(s), ` +
         `${current.session.patchesOpen} patch(es) open` +
-        (timing.total_s !== undefined ? `, last ${Number(timing.total_s).toFixed(2)} s on the server` : '')
+        (timing.total !== undefined ? `, last prompt ${Number(timing.total).toFixed(2)} s on the server ` +
+          `(${timing.patches_decoded} patch(es) decoded)` : '')
     }
     this.listSegments()
   }

@@ -37,12 +37,19 @@ export class Segments {
     return this.list[this.selected] || null
   }
 
+  /** The selected segment; an Error saying what to do when there is none. */
+  get target() {
+    if (!this.current) throw new Error('No segment: press "New segment" first.')
+    return this.current
+  }
+
   /** A new segment with its own session (from `initialMask`, a 0/1 Uint8Array, when given), selected. */
   async add(initialMask = null, name = null) {
     const colour = PALETTE[this.made % PALETTE.length]
     this.made += 1
     const session = new RemoteSegmentation(this.api, this.image, this.options(), initialMask, this.notice)
-    await session.open()
+    const opened = await session.open()
+    if (opened.warnings && opened.warnings.length) this.notice(`The server says: ${opened.warnings.join(' ')}`)
     const segment = new Segment(name || `Segment ${this.made}`, colour, session, this.viewer.addOverlay(colour))
     this.list.push(segment)
     this.selected = this.list.length - 1
@@ -78,30 +85,33 @@ export class Segments {
 
   /** A click at an LPS point as a prompt of the selected segment. */
   async click(point_lps, positive) {
-    const segment = this.current
+    const segment = this.target
     await segment.session.click(point_lps, positive)
     this.show(segment)
   }
 
   async box(corners_lps) {
-    const segment = this.current
+    const segment = this.target
     await segment.session.box(corners_lps)
     this.show(segment)
   }
 
   async undo() {
-    await this.current.session.undo()
-    this.show(this.current)
+    const segment = this.target
+    await segment.session.undo()
+    this.show(segment)
   }
 
   async redo() {
-    await this.current.session.redo()
-    this.show(this.current)
+    const segment = this.target
+    await segment.session.redo()
+    this.show(segment)
   }
 
   async reset() {
-    await this.current.session.reset()
-    this.show(this.current)
+    const segment = this.target
+    await segment.session.reset()
+    this.show(segment)
   }
 
   async closeAll() {

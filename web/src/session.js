@@ -70,7 +70,6 @@ export class RemoteSegmentation {
     const uploads = this.initial ? [this.image.upload, this.initial] : [this.image.upload]
     const answer = await this.afterUploads(uploads, () => this.api.call('POST', `${API}/sessions`, body))
     this.sessionId = answer.session
-    this.warnings = answer.warnings || []
     if (this.prompts.length) await this.synchronise(true)
     return answer
   }
