@@ -6,9 +6,12 @@ import argparse
 import contextlib
 import ipaddress
 import os
+import socket
 import stat
+import threading
 import time
 import warnings
+import webbrowser
 from pathlib import Path
 
 from ..cli import CommandError, HelpFormatter
@@ -30,7 +33,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "Every request but /health needs a bearer token from --token-file; without one the server\n"
         "listens on loopback only. /metrics gives Prometheus metrics. Needs the server extra:\n"
         '  pip install "ctsam3d[server]"',
-        epilog="example (a department GPU server; clients give --server http://gpu-host:8000):\n"
+        epilog="example (a department GPU server; clients give --server http://gpu-host:8000, browsers open\n"
+        "http://gpu-host:8000/):\n"
         "  ctsam3d serve --weights params.pth --host 0.0.0.0 --port 8000 --token-file tokens.txt",
         formatter_class=HelpFormatter,
     )
@@ -63,6 +67,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         f"{ConnectionLimits.body_timeout_s:g} s")
     parser.add_argument("--shutdown-timeout", type=float, default=ConnectionLimits.shutdown_timeout_s,
                         metavar="SECONDS", help="on SIGTERM or Ctrl-C, how long requests in flight may finish")
+    parser.add_argument("--open", action="store_true", help="open the web client in this machine's browser once the "
+                        "server listens (its address is printed either way)")
     parser.set_defaults(func=run)
 
 
@@ -75,6 +81,33 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def page_address(host: str, port: int) -> str:
+    """The web client's address: on a server listening on every interface, by this machine's name (what other
+    machines would type)."""
+    if host in ("0.0.0.0", "::", ""):
+        host = socket.gethostname()
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"http://{host}:{port}/"
+
+
+def open_when_listening(host: str, port: int, page: str, timeout_s: float = 120.0) -> None:
+    """Opens ``page`` in this machine's browser once ``host:port`` takes connections; says so when there is no
+    browser to open (a server without a screen)."""
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host.strip("[]")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((probe_host, port), timeout=1.0):
+                break
+        except OSError:
+            time.sleep(0.2)
+    else:
+        return
+    if not webbrowser.open(page):
+        print(f"no web browser found on this machine: open {page} in a browser", flush=True)
 
 
 def check_server_extra() -> None:
@@ -120,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
     from ..server.app import create_app
     from ..server.connections import uvicorn_config
     from ..server.logs import RateLimit, limit_log_rate
+    from ..server.web import BUILD_COMMAND, client_built
 
     started = time.perf_counter()
     network = load_checkpoint(args.weights, device=args.device)
@@ -138,6 +172,14 @@ def run(args: argparse.Namespace) -> int:
           f"max_patches at most {server.max_patches}")
     print(f"serving on http://{args.host}:{args.port} (device: {server.device}, precision: {server.precision}; "
           f"{access}); Ctrl-C stops", flush=True)
+    page = page_address(args.host, args.port)
+    if client_built():
+        print(f"web client: open {page} in a browser", flush=True)
+    else:
+        print(f"web client not built (its page says so): from the repository run {BUILD_COMMAND}", flush=True)
+    if args.open:
+        threading.Thread(target=open_when_listening, args=(args.host, args.port, page), name="ctsam3d-open-page",
+                         daemon=True).start()
     limits = ConnectionLimits(max_connections=args.max_connections, shutdown_timeout_s=args.shutdown_timeout)
     config = uvicorn_config(app, args.host, args.port, limits, log_level="info")
     limit_log_rate(RateLimit())  # after uvicorn's Config, which sets up its loggers

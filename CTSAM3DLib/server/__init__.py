@@ -15,6 +15,7 @@
 - ``connections``: uvicorn with header and body deadlines and a connection limit; ``logs``: rate-limited
   logging; ``browsers``: a tokenless server's checks against web pages; ``disconnects``: dropping the
   work of clients that hung up.
+- ``web``: the browser client at ``/`` (built from the repository's ``web/``), with its Content-Security-Policy.
 
 The wire format both ends share is ``CTSAM3DLib.protocol`` (numpy and the standard library only), so that
 the client, ``CTSAM3DLib.remote.RemoteSession``, needs nothing of this package and runs without torch.

@@ -44,6 +44,7 @@ from .metrics import RequestMetrics
 from .parsing import ApiError
 from .refusals import install_error_handlers
 from .request_bodies import AddBox, AddClick, OpenSession, Prompt, Reset, SetClicks, parse_body
+from .web import add_web_client
 
 __all__ = ["BackgroundServer", "create_app"]
 
@@ -261,6 +262,7 @@ def create_app(
         (session, ["DELETE"], close_session),
     ]:
         app.add_api_route(path, endpoint, methods=methods)
+    add_web_client(app)
     install_error_handlers(app)
     app.add_middleware(RequestMetrics, metrics=server.metrics, routes=lambda: app.router.routes)
     return app

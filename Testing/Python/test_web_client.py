@@ -1,0 +1,308 @@
+"""The web client (``ctsam3d serve`` at ``/``) end to end in headless Chromium, driven as a user drives it:
+against a real server on loopback with a stand-in network (a threshold, exact to check) on an oblique,
+flipped CT, and against ``ctsam3d serve`` with the real network. The page's overlays are compared with the
+masks the server holds, its clicks with the voxels clicked, its saved NIfTI with the CT's geometry."""
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from browser_helpers import (
+    ClientPage,
+    assert_page_holds,
+    bright_voxel,
+    build_web_client,
+    launch_chromium,
+    oblique_flipped_ct,
+    server_mask,
+    sync_browser,
+)
+from conftest import REPO_ROOT
+from server_helpers import free_port, request, wait_until
+
+from CTSAM3DLib import protocol
+from CTSAM3DLib.server import web
+
+TOKEN = "token-of-the-browser-tests-0123456789"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    build_web_client()
+    playwright = sync_browser()
+    chromium = launch_chromium(playwright)
+    yield chromium
+    chromium.close()
+    playwright.stop()
+
+
+@pytest.fixture(scope="module")
+def oblique(data_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("oblique")
+    return folder, oblique_flipped_ct(data_dir / "abdomen-ct-3mm" / "ct.nii.gz", folder)
+
+
+@pytest.fixture
+def client(browser):
+    opened = []
+
+    def open_page(url, token=None):
+        opened.append(ClientPage(browser, url, token))
+        return opened[-1]
+
+    yield open_page
+    for page in opened:
+        page.close()
+
+
+def geometry_of(image):
+    return {"origin": image.GetOrigin(), "spacing": image.GetSpacing(), "direction": image.GetDirection()}
+
+
+def assert_same_geometry(page_geometry, image):
+    for name, value in geometry_of(image).items():
+        np.testing.assert_allclose(page_geometry[name], value, atol=1e-4, err_msg=name)
+
+
+def continuous_index(image, point_lps):
+    return np.array(image.TransformPhysicalPointToContinuousIndex([float(v) for v in point_lps]))
+
+
+def test_the_page_is_sent_with_a_strict_policy_and_says_when_it_is_not_built(serve, tmp_path):
+    server = serve(tokens=[TOKEN])
+    status, page = request(server.url, "GET", "/")
+    assert status == 200 and b'<script type="module" src="/web/app.js">' in page
+    from fastapi import FastAPI
+
+    from CTSAM3DLib.server.app import BackgroundServer
+
+    bare = FastAPI()
+    web.add_web_client(bare, tmp_path)
+    with BackgroundServer(bare) as unbuilt:
+        status, page = request(unbuilt.url, "GET", "/")
+        assert status == 503 and web.BUILD_COMMAND.encode() in page
+        assert request(unbuilt.url, "GET", "/web/app.js")[0] == 404
+    assert request(server.url, "GET", "/web/../app.py")[0] == 404
+    assert request(server.url, "GET", "/web/index.html")[0] == 404
+
+
+@pytest.mark.parametrize("name", ["ct.nii.gz", "ct.nrrd"])
+def test_the_page_reads_an_oblique_flipped_ct_as_simpleitk_does(serve, client, oblique, name):
+    """Voxels (named by their SHA-256 on the wire) and LPS geometry, from NIfTI's and NRRD's RAS headers."""
+    folder, image = oblique
+    server = serve(tokens=[TOKEN])
+    page = client(server.url)
+    page.load(TOKEN)
+    state = page.open_ct(folder / name)
+    assert state["image"] == protocol.array_digest(sitk.GetArrayFromImage(image))
+    assert_same_geometry(state["geometry"], image)
+    assert state["dims"] == list(image.GetSize())
+    assert not page.problems, page.problems
+
+
+def test_clicks_boxes_undo_segments_and_save_on_an_oblique_ct(serve, client, oblique, tmp_path):
+    folder, image = oblique
+    server = serve(tokens=[TOKEN])
+    page = client(server.url)
+    response = page.load(TOKEN)
+    policy = response.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "connect-src 'self'" in policy and "unsafe" not in policy
+    state = page.open_ct(folder / "ct.nii.gz", max_patches=4)
+    shape = sitk.GetArrayViewFromImage(image).shape
+    first = bright_voxel(image, [55, 40, 14])
+
+    # A click lands on the voxel under the mouse: NiiVue shows that voxel's value there, and the page sends
+    # its LPS point; the mask shown is the server's.
+    state = page.click(first)
+    assert page.error() == "" and len(state["segments"][0]["prompts"]) == 1
+    assert page.location_value() == image[first]
+    # What the screen shows there: the click's marker (green, 8 mm), just off the crosshair's lines.
+    x, y = page.canvas_position(first)
+    red, green, blue = page.colour_at(x + 4, y + 4)
+    assert green > 150 and red < 120 and blue < 150, (red, green, blue)
+    clicked = state["segments"][0]["prompts"][0]
+    assert clicked["positive"] is True
+    np.testing.assert_allclose(continuous_index(image, clicked["point_lps"]), first, atol=0.5)
+    one = server_mask(server.url, state["segments"][0]["session"], shape, TOKEN)
+    assert one[first[2], first[1], first[0]] == 1 and np.count_nonzero(one) > 100
+    assert_page_holds(state, 0, one)
+
+    # Shift + click: negative (the stand-in carves a ball around it).
+    state = page.click(first, negative=True)
+    assert state["segments"][0]["prompts"][1]["positive"] is False
+    carved = server_mask(server.url, state["segments"][0]["session"], shape, TOKEN)
+    assert carved[first[2], first[1], first[0]] == 0 and np.count_nonzero(carved) < np.count_nonzero(one)
+    assert_page_holds(state, 0, carved)
+
+    # Undo, then redo (sent again: the server keeps no redo).
+    state = page.press("#undo")
+    assert len(state["segments"][0]["prompts"]) == 1
+    assert_page_holds(state, 0, server_mask(server.url, state["segments"][0]["session"], shape, TOKEN))
+    assert_page_holds(state, 0, one)
+    state = page.press("#redo")
+    assert [p["positive"] for p in state["segments"][0]["prompts"]] == [True, False]
+    assert_page_holds(state, 0, carved)
+
+    # A second segment, its own session: a box drawn on the axial view around another bright voxel.
+    state = page.press("#add-segment")
+    assert len(state["segments"]) == 2 and state["segments"][1]["session"] != state["segments"][0]["session"]
+    page.press('[data-layout="axial"]')
+    page.press("#mode-box")
+    second = bright_voxel(image, [30, 60, 14])
+    state = page.drag([second[0] - 8, second[1] - 8, second[2]], [second[0] + 8, second[1] + 8, second[2]])
+    assert page.error() == "", page.error()
+    boxed = state["segments"][1]["prompts"]
+    assert len(boxed) == 1 and "corners_lps" in boxed[0]
+    low, high = np.array(boxed[0]["corners_lps"])
+    assert np.all(low < high)
+    inside = np.zeros(shape, dtype=bool)
+    zz, yy, xx = np.indices(shape)
+    points = np.stack([xx, yy, zz], axis=-1).reshape(-1, 3)
+    world = np.array([image.TransformIndexToPhysicalPoint([int(v) for v in p]) for p in points])
+    inside = np.all((world >= low - 1e-6) & (world <= high + 1e-6), axis=1).reshape(shape)
+    two = server_mask(server.url, state["segments"][1]["session"], shape, TOKEN)
+    assert np.count_nonzero(two) > 0 and not np.any(two & ~inside), "the box's result leaves the box"
+    assert_page_holds(state, 1, two)
+    assert_page_holds(state, 0, carved)
+
+    # "Start from this segment": a third session whose starting mask is the second segment's.
+    page.press("#mode-click")
+    page.press('[data-layout="multi"]')
+    state = page.press("#start-from")
+    assert len(state["segments"]) == 3 and state["segments"][2]["prompts"] == []
+    assert_page_holds(state, 2, server_mask(server.url, state["segments"][2]["session"], shape, TOKEN))
+    assert_page_holds(state, 2, two)
+    state = page.click(second, negative=True)
+    three = server_mask(server.url, state["segments"][2]["session"], shape, TOKEN)
+    assert three[second[2], second[1], second[0]] == 0 and two[second[2], second[1], second[0]] == 1
+    assert_page_holds(state, 2, three)
+    assert_page_holds(state, 1, server_mask(server.url, state["segments"][1]["session"], shape, TOKEN))
+    assert_page_holds(state, 1, two)
+
+    # Save: one labelmap in the CT's geometry, later segments over earlier ones.
+    with page.page.expect_download() as download:
+        page.page.click("#save")
+    saved = tmp_path / download.value.suggested_filename
+    download.value.save_as(saved)
+    assert saved.name == "ct-segments.nii.gz"
+    labels = sitk.ReadImage(str(saved))
+    assert_same_geometry(geometry_of(labels), image)
+    expected = np.where(three == 1, 3, np.where(two == 1, 2, np.where(carved == 1, 1, 0)))
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), expected)
+    assert not page.problems, page.problems
+    screenshot = os.environ.get("CTSAM3D_WEB_SCREENSHOT")
+    if screenshot:
+        page.page.screenshot(path=screenshot)
+
+
+def test_an_expired_session_is_opened_again_and_its_prompts_replayed(serve, client, oblique):
+    folder, image = oblique
+    # The server's own expiry, run when the test says (its periodic sweep would race the page's steps).
+    server = serve(tokens=[TOKEN], idle_timeout_s=1.0, sweep_interval_s=3600.0)
+    registry = server.app.state.server.registry
+    page = client(server.url)
+    page.load(TOKEN)
+    state = page.open_ct(folder / "ct.nii.gz", max_patches=2)
+    shape = sitk.GetArrayViewFromImage(image).shape
+    voxel = bright_voxel(image, [55, 40, 14])
+    state = page.click(voxel)
+    expired = state["segments"][0]["session"]
+    time.sleep(1.5)
+    assert registry.expire() == 1 and len(registry) == 0
+    status, _ = request(server.url, "GET", f"{protocol.API}/sessions/{expired}/mask", token=TOKEN)
+    assert status == 404
+    state = page.click(voxel, negative=True)
+    assert page.error() == ""
+    assert "replayed 1 prompt" in page.page.evaluate("window.ctsam3d.message()")
+    resumed = state["segments"][0]["session"]
+    assert resumed != expired and len(state["segments"][0]["prompts"]) == 2
+    status, answer = request(server.url, "GET", f"{protocol.API}/sessions/{resumed}/mask", token=TOKEN)
+    assert status == 200 and answer["clicks"] == 2
+    assert_page_holds(state, 0, server_mask(server.url, resumed, shape, TOKEN))
+    assert not page.problems, page.problems
+
+
+def test_a_wrong_token_is_asked_again_and_kept_for_the_tab_only(serve, client, oblique):
+    folder, _ = oblique
+    server = serve(tokens=[TOKEN])
+    page = client(server.url)
+    page.load("not-the-token")
+    page.page.wait_for_function("() => document.querySelector('#token-problem').textContent.includes('refused')")
+    page.give_token(TOKEN)
+    state = page.open_ct(folder / "ct.nii.gz", max_patches=1)
+    assert state["segments"][0]["session"]
+    assert page.page.evaluate("sessionStorage.getItem('ctsam3d.token')") == TOKEN
+    assert page.page.evaluate("localStorage.length") == 0
+    other_tab = page.context.browser.new_context().new_page()
+    other_tab.goto(server.url + "/")
+    other_tab.wait_for_selector("#token-dialog[open]")
+    other_tab.context.close()
+    assert not page.problems, page.problems
+
+
+def test_server_errors_reach_the_user_as_messages(serve, client, oblique):
+    folder, _ = oblique
+    server = serve(tokens=[TOKEN], max_patches=2)
+    page = client(server.url)
+    page.load(TOKEN)
+    page.page.fill("#max-patches", "3")
+    page.page.set_input_files("#open", str(folder / "ct.nii.gz"))
+    page.idle()
+    assert "max_patches is at most 2" in page.error() and "400" in page.error()
+    assert "max_patches is at most 2" in page.page.inner_text("#message")
+
+
+@pytest.fixture
+def opener(tmp_path):
+    """A BROWSER command (Python's webbrowser honours it) that records the address it is asked to open."""
+    record = tmp_path / "opened.txt"
+    script = tmp_path / "browser.sh"
+    script.write_text(f'#!/bin/sh\necho "$1" > {record}\n')
+    script.chmod(0o755)
+    return f"{script} %s", record
+
+
+def test_serve_open_shows_the_page_with_the_real_network(random_weights, client, data_dir, tmp_path, opener):
+    """``ctsam3d serve --open`` with CT-SAM3D (random weights: the mask means nothing, the plumbing is real):
+    it prints the page's address and opens it; a click's overlay and the saved NIfTI match the server."""
+    command, record = opener
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text(TOKEN + "\n")
+    tokens.chmod(0o600)
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "CTSAM3DLib.cli", "serve", "--weights", str(random_weights), "--port", str(port),
+         "--device", "cpu", "--token-file", str(tokens), "--open"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "BROWSER": command})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: record.is_file() and record.read_text().strip(), timeout_s=180,
+                   what="ctsam3d serve --open opening the page")
+        assert record.read_text().strip() == url + "/"
+        ct = data_dir / "abdomen-ct-3mm" / "ct.nii.gz"
+        image = sitk.ReadImage(str(ct))
+        page = client(url)
+        page.load(TOKEN)
+        state = page.open_ct(ct, max_patches=1)
+        assert_same_geometry(state["geometry"], image)
+        state = page.click([60, 50, 15])
+        assert page.error() == "" and len(state["segments"][0]["prompts"]) == 1
+        mask = server_mask(url, state["segments"][0]["session"], sitk.GetArrayViewFromImage(image).shape, TOKEN)
+        assert_page_holds(state, 0, mask)
+        with page.page.expect_download() as download:
+            page.page.click("#save")
+        saved = tmp_path / "saved.nii.gz"
+        download.value.save_as(saved)
+        labels = sitk.ReadImage(str(saved))
+        assert_same_geometry(geometry_of(labels), image)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), mask)
+        assert not page.problems, page.problems
+    finally:
+        process.terminate()
+        out, err = process.communicate(timeout=60)
+    assert f"web client: open {url}/ in a browser" in out, out + err
