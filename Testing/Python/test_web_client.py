@@ -31,8 +31,13 @@ TOKEN = "token-of-the-browser-tests-0123456789"
 
 
 @pytest.fixture(scope="module")
-def browser():
+def built_client():
+    """The client built from ``web/`` once per module, before any test asks the server for its page."""
     build_web_client()
+
+
+@pytest.fixture(scope="module")
+def browser(built_client):
     playwright = sync_browser()
     chromium = launch_chromium(playwright)
     yield chromium
@@ -72,7 +77,7 @@ def continuous_index(image, point_lps):
     return np.array(image.TransformPhysicalPointToContinuousIndex([float(v) for v in point_lps]))
 
 
-def test_the_page_is_sent_with_a_strict_policy_and_says_when_it_is_not_built(serve, tmp_path):
+def test_the_page_is_sent_with_a_strict_policy_and_says_when_it_is_not_built(built_client, serve, tmp_path):
     server = serve(tokens=[TOKEN])
     status, page = request(server.url, "GET", "/")
     assert status == 200 and b'<script type="module" src="/web/app.js">' in page
