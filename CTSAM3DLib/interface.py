@@ -107,14 +107,6 @@ click decodes; ``patches_planned`` grows as cross-patch prompting finds neighbou
 raised from it abandons the click (how a GUI cancels), leaving the session as it was before it."""
 
 
-PreviewCallback = Callable[["MaskUpdate"], None]
-"""``preview(update)``: during a click that cross-patch prompting carries on, called before each further
-level of neighbours with the mask as it stands over what the click has changed so far (the box grows;
-``update`` has the meaning of a ``MaskUpdate`` against the mask before the click). The click's own
-result is still the call's return value, and the session's mask changes only then. An exception raised
-from it abandons the click, as from a ``ProgressCallback``."""
-
-
 @dataclass(frozen=True)
 class MaskUpdate:
     """What one session call changed: a box of source voxels and the whole mask inside it.
@@ -151,6 +143,14 @@ class MaskUpdate:
             volume[self.slices] = self.mask
 
 
+PreviewCallback = Callable[[MaskUpdate], None]
+"""``preview(update)``: during a click that cross-patch prompting carries on, called before each further
+level of neighbours with the mask as it stands over what the click has changed so far (the box grows;
+``update`` has the meaning of a ``MaskUpdate`` against the mask before the click). The click's own
+result is still the call's return value, and the session's mask changes only then. An exception raised
+from it abandons the click, as from a ``ProgressCallback``."""
+
+
 def kept_clicks(wanted: Sequence[Click], current: Sequence[Click]) -> int:
     """How many clicks at the start of ``current`` a ``set_clicks(wanted)`` keeps: those it shares with
     ``wanted``, in order; the rest are undone and ``wanted``'s remainder added."""
@@ -164,7 +164,8 @@ def kept_clicks(wanted: Sequence[Click], current: Sequence[Click]) -> int:
 class Segmenter(Protocol):
     """A click-driven segmentation of one CT, wherever its network runs: ``InteractiveSession`` here,
     ``RemoteSession`` on a ``ctsam3d serve`` server. Points are LPS millimetres; every call that changes
-    the mask returns what it changed."""
+    the mask returns what it changed; ``progress`` and ``preview`` (a ``ProgressCallback`` and a
+    ``PreviewCallback``) follow a prompt as it runs."""
 
     last_timing: Dict[str, float]
     """Seconds per step of the last call, and its patch counts."""

@@ -4,6 +4,7 @@ axes), with stand-in networks whose click spreads into up to ten patches. ``Pace
 of neighbours until the client has seen the preview before it, so a preview held back until the answer
 fails the test rather than depending on timing."""
 
+import asyncio
 import json
 import socket
 
@@ -12,7 +13,10 @@ import pytest
 from server_helpers import inside, request, wait_until
 
 from CTSAM3DLib import protocol
+from CTSAM3DLib.interface import MaskUpdate
 from CTSAM3DLib.remote import RemoteSession, ServerError
+from CTSAM3DLib.server.disconnects import ClientGoneError
+from CTSAM3DLib.server.previews import PreviewChannel
 from CTSAM3DLib.session import InteractiveSession
 from standins.networks import CrossPatchThresholdNet, PacedNet
 
@@ -176,3 +180,23 @@ def test_an_error_after_a_preview_reaches_the_client_and_leaves_the_session_as_b
     assert status == 200 and answer["clicks"] == 0, "the failed click was taken back, the session kept"
     assert_same_updates([remote.add_click(a, preview=shown)], [here.add_click(a)], "the click again")
     np.testing.assert_array_equal(remote.mask_array(), here.mask_array())
+
+
+def test_the_server_holds_at_most_one_unsent_preview_and_none_once_the_client_left():
+    """The worker never waits for a slow reader: each preview it offers replaces the one not sent yet; once
+    the client left, offering one raises (which abandons the click)."""
+
+    async def scenario():
+        channel = PreviewChannel()
+        updates = [MaskUpdate((n, 0, 0), np.ones((1, 1, n + 1), dtype=np.uint8)) for n in range(3)]
+        loop = asyncio.get_running_loop()
+        for update in updates:
+            await loop.run_in_executor(None, channel.put, update)  # on another thread, as the worker does
+        await asyncio.wait_for(channel.ready.wait(), 30)
+        assert channel.take() is updates[-1] and channel.take() is None
+        channel.leave()
+        with pytest.raises(ClientGoneError):
+            await loop.run_in_executor(None, channel.put, updates[0])
+        assert channel.take() is None
+
+    asyncio.run(scenario())
