@@ -174,6 +174,44 @@ def test_with_the_network_on_a_server_the_click_is_seen_growing_too(monkeypatch)
         server.stop()
 
 
+def test_cancel_while_it_grows_on_a_server_keeps_nothing_and_the_next_run_is_right(monkeypatch):
+    """Cancel at the first preview streamed from the server: the segment is left as it was; the forced next
+    run starts from the logic's prompts, whatever the server did with the cancelled click."""
+    from CTSAM3DLib.server.app import BackgroundServer, create_app
+
+    network = PacedNet()
+    server = BackgroundServer(create_app(network, device="cpu")).start()
+    try:
+        editor = RodEditor(None)
+        editor.logic.useServer(server.url)
+        before = _segmentWithSomethingElse(editor)
+        editor.recordPreviews(monkeypatch)
+
+        def cancelOnce():
+            # The server may go on with the click until it notices the closed connection: no level of it,
+            # nor of the next run, waits for a preview nobody will see.
+            for _ in range(10):
+                network.seen()
+            editor.effect.cancelButton.click()
+
+        editor.onPreview = cancelOnce
+        editor.clickTheRod()
+        assert len(editor.previews) == 1
+        assert "Cancelled: the segment was left as it was" in editor.effect.statusLabel.text
+        np.testing.assert_array_equal(editor.rodArray(), before)
+        assert editor.previewNodes() == [] and editor.harness.saveStateCount == 0
+        editor.onPreview = None
+        editor.effect.runner.forgetLastRun()
+        editor.effect.runPrompts()
+        editor.wait()
+        assert editor.effect.statusLabel.text.startswith("Done"), editor.effect.statusLabel.text
+        np.testing.assert_array_equal(editor.rodArray(), editor.logic._session.mask_array().astype(bool))
+        assert editor.rodArray().sum() > before.sum() and editor.harness.saveStateCount == 1
+        editor.harness.cleanup()
+    finally:
+        server.stop()
+
+
 def _segmentWithSomethingElse(editor) -> np.ndarray:
     """The rod segment holding a block away from the rod (what the user had before the click)."""
     before = np.zeros(ROD_SHAPE_KJI, dtype=np.uint8)
