@@ -3,8 +3,9 @@
 - ``PromptableNetwork`` / ``CrossPatchNetwork``: what a session needs of a network. The CT-SAM3D
   network (``CTSAM3DLib.model.CTSAM3D``), its prepared forms (``CTSAM3DLib.inference``), the trainer
   and the test stand-ins all have this shape.
-- ``Click``, ``MaskUpdate``, ``SessionInputError``, ``ProgressCallback``, ``checked_point``: what a
-  session takes and gives back, and the check every click passes, here or on a server's client.
+- ``Click``, ``MaskUpdate``, ``SessionInputError``, ``ProgressCallback``, ``PreviewCallback``,
+  ``checked_point``: what a session takes and gives back, and the check every click passes, here or on a
+  server's client.
 - ``Segmenter``: what a session offers its callers, whether the network runs here
   (``InteractiveSession``) or on a server (``RemoteSession``); ``kept_clicks``: the rule of
   ``set_clicks`` both follow.
@@ -142,6 +143,14 @@ class MaskUpdate:
             volume[self.slices] = self.mask
 
 
+PreviewCallback = Callable[[MaskUpdate], None]
+"""``preview(update)``: during a click that cross-patch prompting carries on, called before each further
+level of neighbours with the mask as it stands over what the click has changed so far (the box grows;
+``update`` has the meaning of a ``MaskUpdate`` against the mask before the click). The click's own
+result is still the call's return value, and the session's mask changes only then. An exception raised
+from it abandons the click, as from a ``ProgressCallback``."""
+
+
 def kept_clicks(wanted: Sequence[Click], current: Sequence[Click]) -> int:
     """How many clicks at the start of ``current`` a ``set_clicks(wanted)`` keeps: those it shares with
     ``wanted``, in order; the rest are undone and ``wanted``'s remainder added."""
@@ -155,7 +164,8 @@ def kept_clicks(wanted: Sequence[Click], current: Sequence[Click]) -> int:
 class Segmenter(Protocol):
     """A click-driven segmentation of one CT, wherever its network runs: ``InteractiveSession`` here,
     ``RemoteSession`` on a ``ctsam3d serve`` server. Points are LPS millimetres; every call that changes
-    the mask returns what it changed."""
+    the mask returns what it changed; ``progress`` and ``preview`` (a ``ProgressCallback`` and a
+    ``PreviewCallback``) follow a prompt as it runs."""
 
     last_timing: Dict[str, float]
     """Seconds per step of the last call, and its patch counts."""
@@ -174,14 +184,17 @@ class Segmenter(Protocol):
         """A copy of the whole mask, (z, y, x) uint8."""
 
     def add_click(self, point_lps: Sequence[float], positive: bool = True,
-                  progress: Optional[ProgressCallback] = None) -> MaskUpdate: ...
+                  progress: Optional[ProgressCallback] = None,
+                  preview: Optional[PreviewCallback] = None) -> MaskUpdate: ...
 
     def add_box(self, corner_a_lps: Sequence[float], corner_b_lps: Sequence[float],
-                progress: Optional[ProgressCallback] = None) -> MaskUpdate: ...
+                progress: Optional[ProgressCallback] = None,
+                preview: Optional[PreviewCallback] = None) -> MaskUpdate: ...
 
     def undo(self) -> MaskUpdate: ...
 
     def set_clicks(self, clicks: Sequence[Tuple[Sequence[float], bool]],
-                   progress: Optional[ProgressCallback] = None) -> MaskUpdate: ...
+                   progress: Optional[ProgressCallback] = None,
+                   preview: Optional[PreviewCallback] = None) -> MaskUpdate: ...
 
     def reset(self, initial_mask: Optional[sitk.Image] = None) -> None: ...

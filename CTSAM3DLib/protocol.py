@@ -11,6 +11,12 @@ Mask updates (``encode_update``) are ``MaskUpdate``s: {"start": [x, y, z], "shap
 
 Errors are one-line JSON objects {"error": message, "kind": one of the ``KIND_*`` names}.
 
+A prompt that asks for previews ("previews": true) is answered, once its first preview or its result is
+ready, with a stream of ``STREAM_MEDIA_TYPE``: one JSON object per line (a frame, ``frame_bytes``), zero
+or more {"preview": update}, then exactly one last frame, {"answer": the answer a prompt without previews
+gets} or {"status": the status it would have had, "error": ..., "kind": ...}. A prompt refused before
+anything was streamed is answered as without previews (its status and JSON error).
+
 Session options (``SESSION_OPTIONS``) are declared here once: the client encodes them with
 ``encode_session_options``, and the server builds its request model from the same declarations.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import math
 import re
 import zlib
@@ -42,6 +49,14 @@ SHAPE_HEADER = "X-Array-Shape"
 
 COMPRESSION_LEVEL = 1
 """zlib level 1: on a 139 MB float32 CT, 1.7 s for 47 MB, where level 6 takes 11.7 s for 42 MB."""
+
+STREAM_MEDIA_TYPE = "application/x-ndjson"
+"""The media type of a prompt's answer with previews: newline-delimited JSON frames."""
+
+FRAME_PREVIEW = "preview"
+FRAME_ANSWER = "answer"
+FRAME_ERROR = "error"
+"""The key that tells a streamed frame's kind (an error frame also carries "status" and "kind")."""
 
 KIND_BAD_REQUEST = "bad_request"
 """The request does not follow the protocol (bad JSON, wrong types, unknown dtype, wrong byte count)."""
@@ -247,6 +262,25 @@ def decode_update(payload: Mapping[str, Any], volume_shape: Sequence[int]) -> Ma
     if min(start) < 0 or any(s + n > size for s, n, size in zip(start[::-1], shape, volume_shape)):
         raise WireError(f"the mask update's box (start {start}, shape {shape}) leaves the image {tuple(volume_shape)}")
     return MaskUpdate(start, decode_array(data, np.dtype(np.uint8), shape).copy())
+
+
+def frame_bytes(frame: Mapping[str, Any]) -> bytes:
+    """One frame of a streamed answer: compact JSON on one line (JSON escapes every newline in a string)."""
+    return json.dumps(frame, separators=(",", ":"), allow_nan=False).encode("utf-8") + b"\n"
+
+
+def read_frame(line: bytes) -> Tuple[str, Dict[str, Any]]:
+    """A streamed frame's kind (``FRAME_PREVIEW``, ``FRAME_ANSWER`` or ``FRAME_ERROR``) and the frame itself."""
+    try:
+        frame = json.loads(line)
+    except ValueError as error:
+        raise WireError(f"a streamed frame is not JSON ({error})") from error
+    if isinstance(frame, dict):
+        for kind in (FRAME_PREVIEW, FRAME_ANSWER, FRAME_ERROR):
+            if kind in frame:
+                return kind, frame
+    raise WireError(f"a streamed frame is none of {FRAME_PREVIEW}, {FRAME_ANSWER}, {FRAME_ERROR}: "
+                    f"{line[:80]!r}")
 
 
 def read_tokens(path: Union[str, Path]) -> List[str]:

@@ -20,6 +20,7 @@ The client keeps its own copy of the whole mask and of its prompts, and treats t
 
 from __future__ import annotations
 
+import functools
 import http.client
 import http.cookiejar
 import json
@@ -39,6 +40,7 @@ from .inputs import as_box, box_centre
 from .interface import (
     Click,
     MaskUpdate,
+    PreviewCallback,
     ProgressCallback,
     SessionInputError,
     checked_corners,
@@ -82,6 +84,19 @@ class _RecoverableError(ServerError):
 _RECOVERABLE = (protocol.KIND_UNKNOWN_SESSION, protocol.KIND_CLICK_COUNT, protocol.KIND_UNKNOWN_IMAGE)
 
 
+def _whole_body(status: int, response: Any) -> Tuple[int, bytes]:
+    return status, response.read()
+
+
+def _json_answer(status: int, response: Any) -> Tuple[int, Any]:
+    """The answer's JSON (a body that is not JSON as an error naming its start)."""
+    data = response.read()
+    try:
+        return status, json.loads(data) if data else {}
+    except ValueError:
+        return status, {"error": data[:200].decode("utf-8", "replace")}
+
+
 class _Client:
     """HTTP to one server: retries of failed connections, JSON in and out, refusals as exceptions."""
 
@@ -97,10 +112,11 @@ class _Client:
         self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
 
     def exchange(self, method: str, path: str, body: Optional[bytes] = None,
-                 headers: Optional[Mapping[str, str]] = None, retries: Optional[int] = None) -> Tuple[int, bytes]:
-        """The status and body of the server's answer; ConnectionError when it cannot be reached (after
-        ``retries`` further tries) or does not answer within the timeout (not retried: the server is busy,
-        not gone)."""
+                 headers: Optional[Mapping[str, str]] = None, retries: Optional[int] = None,
+                 read: Callable[[int, Any], Tuple[int, Any]] = _whole_body) -> Tuple[int, Any]:
+        """The status and body of the server's answer (as ``read(status, response)`` gives them: by default the
+        body's bytes); ConnectionError when it cannot be reached (after ``retries`` further tries) or does not
+        answer within the timeout (not retried: the server is busy, not gone)."""
         attempts = 1 + (self.retries if retries is None else retries)
         problem: object = None
         for attempt in range(attempts):
@@ -110,10 +126,10 @@ class _Client:
                                              headers={**self.headers, **(headers or {})})
             try:
                 with self.opener.open(request, timeout=self.timeout) as response:
-                    return response.status, response.read()
+                    return read(response.status, response)
             except urllib.error.HTTPError as error:
                 with error:
-                    return error.code, error.read()
+                    return read(error.code, error)
             except (urllib.error.URLError, OSError, http.client.HTTPException) as error:
                 problem = getattr(error, "reason", error)
                 if isinstance(problem, (socket.timeout, TimeoutError)):
@@ -122,18 +138,21 @@ class _Client:
         raise ConnectionError(f"cannot reach the CT-SAM3D server at {self.url} ({problem}; tried {attempts} times)")
 
     def call(self, method: str, path: str, payload: Optional[Mapping[str, Any]] = None,
-             body: Optional[bytes] = None, headers: Optional[Mapping[str, str]] = None) -> Dict[str, Any]:
+             body: Optional[bytes] = None, headers: Optional[Mapping[str, str]] = None,
+             on_preview: Optional[Callable[[Mapping[str, Any]], None]] = None) -> Dict[str, Any]:
         """A request with a JSON ``payload`` (or a raw ``body``) whose answer is JSON; refusals raise:
         SessionInputError (the input), IndexError (nothing to undo), PermissionError (the token),
-        ``_RecoverableError`` (what a session recovers from), ServerError (anything else)."""
+        ``_RecoverableError`` (what a session recovers from), ServerError (anything else). With
+        ``on_preview`` the prompt asks for previews, and each is handed to it (encoded) as it arrives."""
         if payload is not None:
+            if on_preview is not None:
+                payload = {**payload, "previews": True}
             body = json.dumps(payload, allow_nan=False).encode("utf-8")
             headers = {"Content-Type": "application/json"}
-        status, data = self.exchange(method, path, body, headers)
-        try:
-            answer = json.loads(data) if data else {}
-        except ValueError:
-            answer = {"error": data[:200].decode("utf-8", "replace")}
+        if on_preview is not None:
+            headers = {**(headers or {}), "Accept": f"{protocol.STREAM_MEDIA_TYPE}, application/json"}
+        read = _json_answer if on_preview is None else functools.partial(self._streamed_answer, on_preview)
+        status, answer = self.exchange(method, path, body, headers, read=read)
         if 200 <= status < 300:
             return answer
         message = str(answer.get("error", f"HTTP {status}")) if isinstance(answer, dict) else f"HTTP {status}"
@@ -147,6 +166,28 @@ class _Client:
         error = _RecoverableError if kind in _RECOVERABLE else ServerError
         raise error(f"the CT-SAM3D server at {self.url} answered {method} {path} with {status}: {message}",
                     status, kind)
+
+    def _streamed_answer(self, on_preview: Callable[[Mapping[str, Any]], None], status: int,
+                         response: Any) -> Tuple[int, Any]:
+        """The answer of a prompt that asked for previews: each preview frame handed to ``on_preview`` as it
+        arrives, then the last frame's answer, or its error with the status it states. A refusal before the
+        stream, or a server that streams nothing (an older one), answers plain JSON."""
+        if not response.headers.get("Content-Type", "").startswith(protocol.STREAM_MEDIA_TYPE):
+            return _json_answer(status, response)
+        try:
+            for line in response:
+                kind, frame = protocol.read_frame(line)
+                if kind == protocol.FRAME_PREVIEW:
+                    on_preview(frame[kind])
+                elif kind == protocol.FRAME_ANSWER:
+                    return status, frame[kind]
+                elif isinstance(frame.get("status"), int):
+                    return frame["status"], frame
+                else:
+                    raise protocol.WireError(f"an error frame without its status: {line[:200]!r}")
+        except protocol.WireError as error:
+            raise ServerError(f"the CT-SAM3D server at {self.url} sent a malformed answer: {error}") from error
+        raise ServerError(f"the CT-SAM3D server at {self.url} ended its answer before its last frame")
 
     def has(self, digest: str) -> bool:
         status, data = self.exchange("HEAD", f"{protocol.API}/images/{digest}")
@@ -257,6 +298,8 @@ class RemoteSession:
         self.last_timing: Dict[str, float] = {}
         """The server's timing of the last click (as ``InteractiveSession.last_timing``)."""
         self._patch_count = 0
+        self._unsure = False
+        """Whether the server's session may differ from this client's prompts (a request broke off)."""
         self._open()
 
     # ----------------------------------------------------------------- state
@@ -286,22 +329,29 @@ class RemoteSession:
 
     # ----------------------------------------------------------------- prompts
     def add_click(self, point_lps: Sequence[float], positive: bool = True,
-                  progress: Optional[ProgressCallback] = None) -> MaskUpdate:
+                  progress: Optional[ProgressCallback] = None,
+                  preview: Optional[PreviewCallback] = None) -> MaskUpdate:
         """Adds a positive or negative click at a world point (LPS mm); returns what it changed. ``progress``
         hears (0, 1) before the request and (decoded, decoded) after it (the server does not report the
-        patches as it goes); an exception from it before the request cancels the click."""
+        patches as it goes); an exception from it before the request cancels the click. ``preview`` is
+        shown the server's previews as they arrive, the same ``MaskUpdate``s as ``InteractiveSession``'s
+        (a slow reader may miss some: the server sends the newest); an exception from it abandons the click
+        (the server, told by the closed connection, abandons it too or finishes it: the next call brings the
+        server back to this client's prompts)."""
         click = Click(checked_point(point_lps), bool(positive))
         update, _ = self._prompt("click", {"point_lps": list(click.point_lps), "positive": click.positive},
-                                 progress)
+                                 progress, preview)
         self._prompts.append(_Prompt(click))
         return update
 
     def add_box(self, corner_a_lps: Sequence[float], corner_b_lps: Sequence[float],
-                progress: Optional[ProgressCallback] = None) -> MaskUpdate:
-        """Prompts with a box (two opposite LPS corners), as ``InteractiveSession.add_box``."""
+                progress: Optional[ProgressCallback] = None,
+                preview: Optional[PreviewCallback] = None) -> MaskUpdate:
+        """Prompts with a box (two opposite LPS corners), as ``InteractiveSession.add_box``; ``progress`` and
+        ``preview`` as ``add_click``."""
         corners = checked_corners((corner_a_lps, corner_b_lps), "a box")
         click = Click(box_centre(as_box(*corners)), True)
-        update, _ = self._prompt("box", {"corners_lps": [list(c) for c in corners]}, progress)
+        update, _ = self._prompt("box", {"corners_lps": [list(c) for c in corners]}, progress, preview)
         self._prompts.append(_Prompt(click, corners))
         return update
 
@@ -312,17 +362,23 @@ class RemoteSession:
         return self._apply(answer)
 
     def set_clicks(self, clicks: Sequence[Tuple[Sequence[float], bool]],
-                   progress: Optional[ProgressCallback] = None) -> MaskUpdate:
+                   progress: Optional[ProgressCallback] = None,
+                   preview: Optional[PreviewCallback] = None) -> MaskUpdate:
         """Makes the click list equal ``clicks`` ((point_lps, positive) pairs), as
-        ``InteractiveSession.set_clicks``: prompts they share with the current ones at the start stay."""
+        ``InteractiveSession.set_clicks``: prompts they share with the current ones at the start stay.
+        ``progress`` and ``preview`` as ``add_click``; if either stops it, the clicks the server had added
+        in earlier requests stay applied."""
         wanted = [Click(checked_point(point), bool(positive)) for point, positive in clicks]
         if progress is not None:
             progress(0, 1)
         payload = {"clicks": [[list(c.point_lps), c.positive] for c in wanted]}
-        updates = [self._apply(answer) for answer in self._in_steps(lambda: self._on_session("PUT", "clicks", payload),
-                                                                    len(wanted))]
-        kept = kept_clicks(wanted, [prompt.click for prompt in self._prompts])
-        self._prompts = self._prompts[:kept] + [_Prompt(click) for click in wanted[kept:]]
+        kept = kept_clicks(wanted, self.clicks)
+        updates = []
+        for answer in self._in_steps(lambda: self._on_session("PUT", "clicks", payload, preview), len(wanted)):
+            updates.append(self._apply(answer))
+            reached = min(max(int(answer.get("clicks", len(wanted))), 0), len(wanted))
+            shared = min(kept, reached)
+            self._prompts = self._prompts[:shared] + [_Prompt(click) for click in wanted[shared:reached]]
         return self._finish(self._enclosing(updates), progress)
 
     def reset(self, initial_mask: Optional[sitk.Image] = None) -> None:
@@ -360,11 +416,11 @@ class RemoteSession:
         self.close()
 
     # ----------------------------------------------------------------- internals
-    def _prompt(self, action: str, payload: Dict[str, Any],
-                progress: Optional[ProgressCallback]) -> Tuple[MaskUpdate, Dict[str, Any]]:
+    def _prompt(self, action: str, payload: Dict[str, Any], progress: Optional[ProgressCallback],
+                preview: Optional[PreviewCallback]) -> Tuple[MaskUpdate, Dict[str, Any]]:
         if progress is not None:
             progress(0, 1)
-        answer = self._on_session("POST", action, {**payload, "expected_clicks": len(self._prompts)})
+        answer = self._on_session("POST", action, {**payload, "expected_clicks": len(self._prompts)}, preview)
         return self._finish(self._apply(answer), progress), answer
 
     def _finish(self, update: MaskUpdate, progress: Optional[ProgressCallback]) -> MaskUpdate:
@@ -381,25 +437,45 @@ class RemoteSession:
         self._patch_count = int(answer.get("patches_open", 0))
         return update
 
-    def _on_session(self, method: str, action: str, payload: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    def _on_session(self, method: str, action: str, payload: Optional[Mapping[str, Any]] = None,
+                    preview: Optional[PreviewCallback] = None) -> Dict[str, Any]:
         """A request on the session, after re-opening it when the server lost it, or bringing it back to this
-        client's prompts when it diverged (``expected_clicks`` did not match)."""
+        client's prompts when it diverged (``expected_clicks`` did not match) or may have (an earlier request
+        broke off before its answer: ``_unsure``). ``preview`` is shown the request's previews."""
         if self._closed:
             raise RuntimeError("this RemoteSession was closed")
+        on_preview = None if preview is None else (
+            lambda encoded: preview(protocol.decode_update(encoded, self._mask.shape)))
         recovery: Optional[str] = None
         for attempt in range(RECOVERIES + 1):
             try:
-                if recovery == protocol.KIND_CLICK_COUNT:
-                    self._synchronise(fresh=False)
-                elif recovery == protocol.KIND_UNKNOWN_SESSION:
+                if recovery == protocol.KIND_UNKNOWN_SESSION:
                     self._open()
-                return self._client.call(method, f"{protocol.API}/sessions/{self._session_id}/{action}", payload)
+                elif recovery == protocol.KIND_CLICK_COUNT or self._unsure:
+                    self._synchronise(fresh=False)
+                return self._answer_of(method, action, payload, on_preview)
             except _RecoverableError as refusal:
                 recoverable = (protocol.KIND_UNKNOWN_SESSION, protocol.KIND_CLICK_COUNT)
                 if refusal.kind not in recoverable or attempt == RECOVERIES:
                     raise
                 recovery = refusal.kind
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _answer_of(self, method: str, action: str, payload: Optional[Mapping[str, Any]],
+                   on_preview: Optional[Callable[[Mapping[str, Any]], None]]) -> Dict[str, Any]:
+        """The server's answer to a request on the session. When it breaks off without one (the connection,
+        or the caller's preview, stopped it), the server may have done the work or not: ``_unsure`` makes the
+        next request bring the server back to this client's prompts first."""
+        try:
+            return self._client.call(method, f"{protocol.API}/sessions/{self._session_id}/{action}", payload,
+                                     on_preview=on_preview)
+        except (ServerError, SessionInputError, IndexError, PermissionError) as refusal:
+            if getattr(refusal, "status", 0) is None:
+                self._unsure = True
+            raise
+        except BaseException:
+            self._unsure = True
+            raise
 
     def _open(self) -> None:
         """Opens a session on the server (uploading what it lacks) and replays this client's prompts."""
@@ -415,6 +491,7 @@ class RemoteSession:
                 warnings.warn(f"server: {message}", stacklevel=3)
         if self._prompts:
             self._synchronise(fresh=True)
+        self._unsure = False
 
     def _after_uploads(self, uploads: Sequence[_Upload], request: Callable[[], T]) -> T:
         """``request()`` once the server holds ``uploads``; once more if it dropped one of them meanwhile (its
@@ -453,6 +530,7 @@ class RemoteSession:
         answer = self._client.call("GET", f"{session}/mask")
         self._mask = protocol.decode_update(answer["update"], self._mask.shape).mask
         self._patch_count = int(answer.get("patches_open", 0))
+        self._unsure = False
 
     def _in_steps(self, put_clicks: Callable[[], Dict[str, Any]], count: int) -> Iterator[Dict[str, Any]]:
         """The answers of ``PUT .../clicks`` sent until the session holds all ``count`` clicks: a server adds

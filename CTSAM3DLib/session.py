@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
@@ -43,6 +43,7 @@ from .interface import (
     Click,
     CrossPatchNetwork,
     MaskUpdate,
+    PreviewCallback,
     ProgressCallback,
     PromptableNetwork,
     SessionInputError,
@@ -58,12 +59,6 @@ from .runtime import SAMPLING, Runtime
 __all__ = ["SAMPLING", "Click", "InteractiveSession", "MaskUpdate", "PreviewCallback", "ProgressCallback",
            "Runtime", "SessionInputError", "as_box", "readable_image", "validate_image"]
 
-PreviewCallback = Callable[[MaskUpdate], None]
-"""``preview(update)``: during a click that cross-patch prompting carries on, called before each further
-level of neighbours with the mask as it stands over what the click has changed so far (the box grows;
-``update`` has the meaning of a ``MaskUpdate`` against the mask before the click). The click's own
-result is still the call's return value, and the session's mask changes only then. An exception raised
-from it abandons the click, as from a ``ProgressCallback``."""
 
 @dataclass
 class _HistoryEntry:

@@ -243,3 +243,35 @@ class InstantNetwork(PromptableNetwork):
     def decode(self, features, points, labels, mask_prompt=None):
         batch = features[0].shape[0]
         return self.ball.expand(batch, -1, -1, -1, -1), torch.ones(batch, 1, device=self.ball.device)
+
+
+class PacedNet(CrossPatchThresholdNet):
+    """CrossPatchThresholdNet whose each level of cross-patch prompting first waits until the caller has seen
+    as many previews as levels have begun (``seen()`` counts one): a session previews the mask before each
+    level, so a test of previews shown while a click goes on does not depend on a machine's timing. A
+    preview that never arrives (held back until the answer) fails the level after ``patience_s``, saying so.
+    ``fail_at_level`` makes that level fail once its preview was seen (0: none does)."""
+
+    def __init__(self, patience_s: float = 60.0, fail_at_level: int = 0) -> None:
+        super().__init__()
+        self.patience_s = patience_s
+        self.fail_at_level = fail_at_level
+        self.levels = 0
+        self._seen = 0
+        self._changed = threading.Condition()
+
+    def seen(self) -> None:
+        with self._changed:
+            self._seen += 1
+            self._changed.notify_all()
+
+    def cross_patch(self, image, mask, neighbour_image):
+        with self._changed:
+            self.levels += 1
+            level = self.levels
+            if not self._changed.wait_for(lambda: self._seen >= level, self.patience_s):
+                raise RuntimeError(f"level {level} of cross-patch prompting waited {self.patience_s:g} s for the "
+                                   "preview before it to be seen")
+        if level == self.fail_at_level:
+            raise RuntimeError(f"the network failed at level {level}")
+        return super().cross_patch(image, mask, neighbour_image)

@@ -9,7 +9,6 @@ tuples and the network cross between the two. The main thread waits for the work
 from __future__ import annotations
 
 import concurrent.futures
-import inspect
 import time
 from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -257,8 +256,8 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
         ``coordinates.segmentOnVolumeGrid``) is where the segmentation starts; ``boxRAS`` (world RAS
         bounds: xmin, xmax, ymin, ymax, zmin, zmax) clips it. ``preview(update)`` is called ON THE WORKER
         with the mask as a click that cross-patch prompting carries on grows (a ``MaskUpdate`` against the
-        mask before that click; ``CTSAM3DLib.session.PreviewCallback``), where the session shows it (an
-        ``InteractiveSession``; a ``RemoteSession`` does not). Call on the main thread."""
+        mask before that click; ``CTSAM3DLib.interface.PreviewCallback``), whether the network runs here or
+        on a server (which streams its previews). Call on the main thread."""
         if self.network is None and self.serverURL is None:
             raise RuntimeError("no CT-SAM3D network loaded: load it in the CT-SAM3D module or with loadModel")
         box = None if boxRAS is None else tuple(ras_to_lps(boxRAS[i::2]) for i in (0, 1))
@@ -298,10 +297,7 @@ class CTSAM3DLogic(ScriptedLoadableModuleLogic):
             if session is None:
                 raise RuntimeError("the CT-SAM3D session was dropped (model or device changed); click again")
             checkCancelled()
-            callbacks = {"progress": progress}
-            if preview is not None and "preview" in inspect.signature(session.set_clicks).parameters:
-                callbacks["preview"] = showPreview
-            update = session.set_clicks(clicks, **callbacks)
+            update = session.set_clicks(clicks, progress=progress, preview=None if preview is None else showPreview)
             self.lastClickSeconds = time.perf_counter() - started
             self.lastTiming = dict(getattr(session, "last_timing", {}) or {})
             return Prediction(update, lambda: session.mask, self._sessionNumber, image is not None)

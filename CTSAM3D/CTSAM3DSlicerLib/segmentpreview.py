@@ -1,7 +1,7 @@
 """Shows a prediction while it grows, without touching the segment it is for.
 
 A click that cross-patch prompting carries into many patches takes seconds on a CPU; the session previews
-the mask after each breadth-first level (``CTSAM3DLib.session.PreviewCallback``). The preview is drawn in a
+the mask after each breadth-first level (``CTSAM3DLib.interface.PreviewCallback``). The preview is drawn in a
 temporary segmentation node over the edited segment, as Slicer's auto-complete effects draw theirs
 (Modules/Loadable/Segmentations/EditorEffects/Python/SegmentEditorEffects/
 AbstractScriptedSegmentEditorAutoCompleteEffect.py @v5.8.1: a separate vtkMRMLSegmentationNode, removed when

@@ -17,6 +17,9 @@ Routes (JSON unless said; see ``CTSAM3DLib.protocol`` for the encodings and erro
   {"update", "timing", "clicks", "patches_open"} (a box also its "click"). ``expected_clicks`` (optional)
   must equal the session's click count, else 409 with the count: a retried request is then never
   applied twice. Reset answers an empty update: the mask is then the initial mask, which the client has.
+  A click, box or clicks request with "previews": true is answered with a stream of the previews of the
+  mask as cross-patch prompting grows it, then that answer (``protocol.STREAM_MEDIA_TYPE``; see
+  ``previews``).
 - ``DELETE /v1/sessions/{id}`` -> 204.
 
 Every route but /health needs ``Authorization: Bearer TOKEN`` when the server has tokens; a session is
@@ -34,7 +37,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import Response
 
 from .. import __version__, protocol
-from ..interface import Click, MaskUpdate, checked_point, kept_clicks
+from ..interface import Click, MaskUpdate, PreviewCallback, checked_point, kept_clicks
 from ..session import InteractiveSession
 from . import bounds
 from .background import BackgroundServer
@@ -118,23 +121,23 @@ async def open_session(request: Request, server: Server, owner: Caller, body: Op
 
 
 async def click(session_id: str, request: Request, server: Server, owner: Caller, body: AddClickBody) -> Response:
-    def work(session: InteractiveSession) -> Outcome:
+    def work(session: InteractiveSession, preview: Optional[PreviewCallback] = None) -> Outcome:
         check_count(session, body.expected_clicks)
         check_room(len(session.clicks) + 1)
-        return Outcome.of(session, session.add_click(body.point_lps, body.positive))
+        return Outcome.of(session, session.add_click(body.point_lps, body.positive, preview=preview))
 
-    return await server.answer(request, session_id, owner, "click", work)
+    return await server.answer(request, session_id, owner, "click", work, body.previews)
 
 
 async def box(session_id: str, request: Request, server: Server, owner: Caller, body: AddBoxBody) -> Response:
-    def work(session: InteractiveSession) -> Outcome:
+    def work(session: InteractiveSession, preview: Optional[PreviewCallback] = None) -> Outcome:
         check_count(session, body.expected_clicks)
         check_room(len(session.clicks) + 1)
-        update = session.add_box(*body.corners_lps)
+        update = session.add_box(*body.corners_lps, preview=preview)
         point_lps, positive = session.clicks[-1]
         return Outcome.of(session, update, click=[list(point_lps), positive])
 
-    return await server.answer(request, session_id, owner, "box", work)
+    return await server.answer(request, session_id, owner, "box", work, body.previews)
 
 
 async def undo(session_id: str, request: Request, server: Server, owner: Caller, body: PromptBody) -> Response:
@@ -151,15 +154,15 @@ async def undo(session_id: str, request: Request, server: Server, owner: Caller,
 async def set_clicks(session_id: str, request: Request, server: Server, owner: Caller, body: SetClicksBody) -> Response:
     clicks = [(list(point), positive) for point, positive in body.clicks]
 
-    def work(session: InteractiveSession) -> Outcome:
+    def work(session: InteractiveSession, preview: Optional[PreviewCallback] = None) -> Outcome:
         # A bounded step towards the clicks asked for; the answer's click count tells the client where
         # the session stands, and it sends the request again for the rest.
         check_room(len(clicks))
         wanted = [Click(checked_point(point), positive) for point, positive in clicks]
         step = clicks[:kept_clicks(wanted, session.clicks) + bounds.CLICKS_ADDED_PER_REQUEST]
-        return Outcome.of(session, session.set_clicks(step))
+        return Outcome.of(session, session.set_clicks(step, preview=preview))
 
-    return await server.answer(request, session_id, owner, "set_clicks", work)
+    return await server.answer(request, session_id, owner, "set_clicks", work, body.previews)
 
 
 async def reset(session_id: str, request: Request, server: Server, owner: Caller, body: ResetBody) -> Response:

@@ -18,25 +18,25 @@ async def unless_client_leaves(request: Request, job: Future) -> Any:
     """The result of a job on the worker; when the client hangs up first the job is cancelled (if it has not
     started: a running one finishes) and ClientGoneError raised, so that work nobody waits for is dropped."""
     outcome = asyncio.wrap_future(job)
-    gone = asyncio.ensure_future(_disconnection(request))
+    gone = asyncio.ensure_future(wait_for_disconnect(request))
     try:
         await asyncio.wait({outcome, gone}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
     if not outcome.done():
         job.cancel()
-        outcome.add_done_callback(_ignore_outcome)
+        outcome.add_done_callback(ignore_outcome)
         raise ClientGoneError()
     return outcome.result()
 
 
-async def _disconnection(request: Request) -> None:
+async def wait_for_disconnect(request: Request) -> None:
     """Returns once the client has hung up (its body has been read already)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
 
 
-def _ignore_outcome(outcome: asyncio.Future) -> None:
+def ignore_outcome(outcome: asyncio.Future) -> None:
     """Retrieves an abandoned job's outcome, so that asyncio does not log it as never retrieved."""
     if not outcome.cancelled():
         outcome.exception()

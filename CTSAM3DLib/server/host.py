@@ -34,6 +34,7 @@ from .disconnects import ClientGoneError, unless_client_leaves
 from .images import ImageCache, SessionImages
 from .metrics import CONTENT_TYPE, Gauge, Metrics, resident_memory_bytes
 from .parsing import ApiError, Geometry, bad_request, check_declared_length, parse_digest
+from .previews import PreviewChannel, PreviewResponse, PreviewStream
 from .registry import SessionRegistry
 from .request_bodies import GeometryFields, OpenSession, SessionOptions
 from .upload import receive_array, upload_overhead_bytes
@@ -185,19 +186,25 @@ class Host:
         return value
 
     async def answer(self, request: Request, session_id: str, owner: Optional[int], kind: str,
-                     work: Callable[[InteractiveSession], Outcome]) -> JSONResponse:
+                     work: Callable[..., Outcome], previews: bool = False) -> Response:
         """Runs ``work(session)`` on the worker, behind the session's earlier requests, and answers its outcome
-        (encoded off the worker); the session's refusals become 400 "input" answers."""
+        (encoded off the worker); the session's refusals become 400 "input" answers. With ``previews`` the
+        work is ``work(session, preview=...)``, and what it previews is streamed before the answer (see
+        ``previews``)."""
         what = f"the work of this {kind}"
+        channel = PreviewChannel() if previews else None
+        task = work if channel is None else functools.partial(work, preview=channel.put)
 
         def guarded(hosted: Hosted) -> Outcome:
             clicks, discarded = hosted.session.clicks, False
             try:
                 with self.budget.reserve(self._work_bytes(hosted, kind), what):
-                    return work(hosted.session)
+                    return task(hosted.session)
             except SessionInputError as error:
                 raise ApiError(400, protocol.KIND_INPUT, str(error)) from error
-            except (ApiError, OverBudgetError):
+            except (ApiError, OverBudgetError, ClientGoneError):
+                # A click abandoned for a departed client left the session as before it (a set_clicks: with
+                # the clicks before it), which the client finds out from the click count next time.
                 raise
             except Exception:
                 if hosted.session.clicks != clicks:
@@ -214,6 +221,9 @@ class Host:
         # Refused at once when the work would not fit now; reserved for real when it runs.
         job = self.registry.run(session_id, owner, kind, guarded,
                                 admit=lambda hosted: self.budget.check(self._work_bytes(hosted, kind), what))
+        if channel is not None:
+            stream = PreviewStream(request, job, channel, Outcome.to_json)
+            return PreviewResponse(await stream.first_frame(), stream)
         outcome = await unless_client_leaves(request, job)
         return JSONResponse(await run_in_threadpool(outcome.to_json))
 

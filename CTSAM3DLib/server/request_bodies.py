@@ -202,23 +202,30 @@ class Prompt(BaseModel):
     expected_clicks: Annotated[Optional[StrictInt], _described("expected_clicks", "whole")] = None
 
 
-class AddClick(Prompt):
+class Growing(Prompt):
+    """A prompt that may open patches: "previews" true streams the mask as it grows (see ``previews``)."""
+
+    previews: Annotated[StrictBool, _described("previews", "boolean")] = False
+
+
+class AddClick(Growing):
     """POST .../click."""
 
     point_lps: Annotated[Point, _described("point_lps", "numbers", 3)]
     positive: Annotated[StrictBool, _described("positive", "boolean")] = True
 
 
-class AddBox(Prompt):
+class AddBox(Growing):
     """POST .../box."""
 
     corners_lps: Annotated[Corners, _described("corners_lps", "corners")]
 
 
 class SetClicks(BaseModel):
-    """PUT .../clicks: the whole click list, [[x, y, z], positive] pairs."""
+    """PUT .../clicks: the whole click list, [[x, y, z], positive] pairs, and "previews" as ``Growing``."""
 
     clicks: Annotated[List[Click], _described("clicks", "clicks")]
+    previews: Annotated[StrictBool, _described("previews", "boolean")] = False
 
 
 class Reset(BaseModel):

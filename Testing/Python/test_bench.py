@@ -19,6 +19,7 @@ TINY_ROUNDS = {
                         "| stand-in |"),
     "bench_server_attacks.py": (["--clicks", "1", "--decode-ms", "5", "--budget-mb", "512"],
                                 "| 800 slowloris connections |"),
+    "bench_server_previews.py": (["--rounds", "1", "--decode-s", "0.01"], "| multi-patch, previews | 10 |"),
     "bench_slicer_effect.py": (["--repeats", "1", "--skip-polled"], "effect in Slicer's event loop"),
     "bench_training.py": (["--batch", "1", "--steps", "1", "--mode", "plain", "--device", "cpu"], "s/step"),
     "gpu_check.py": (["--device", "cpu", "--quick"], "| refining click (add_click), median |"),

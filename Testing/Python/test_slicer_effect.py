@@ -414,12 +414,12 @@ def test_missing_weights_are_reported_not_raised():
 class SlowSession(ComponentSession):
     calls = 0
 
-    def set_clicks(self, clicks, progress=None):
+    def set_clicks(self, clicks, progress=None, preview=None):
         import time
 
         SlowSession.calls += 1
         time.sleep(0.2)
-        return super().set_clicks(clicks, progress)
+        return super().set_clicks(clicks, progress, preview)
 
 
 def test_changes_during_a_prediction_are_coalesced_into_one_rerun():
@@ -542,14 +542,14 @@ def test_clear_messages_when_the_editor_lacks_what_is_needed(editor, monkeypatch
 class ProgressSession(ComponentSession):
     """Reports 4 patches, one every 0.1 s, through the session's progress callback."""
 
-    def set_clicks(self, clicks, progress=None):
+    def set_clicks(self, clicks, progress=None, preview=None):
         import time
 
         for done in range(4):
             if progress is not None:
                 progress(done, 4)
             time.sleep(0.1)
-        return super().set_clicks(clicks, progress)
+        return super().set_clicks(clicks, progress, preview)
 
 
 def test_progress_is_shown_and_cancel_leaves_the_segment_as_it_was():

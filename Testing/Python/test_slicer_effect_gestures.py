@@ -229,9 +229,9 @@ def test_closing_slicer_during_a_run_stops_waiting_for_it():
     application's aboutToQuit would come only after that loop returned."""
 
     class VerySlowSession(SlowSession):
-        def set_clicks(self, clicks, progress=None):
+        def set_clicks(self, clicks, progress=None, preview=None):
             time.sleep(5.0)
-            return super().set_clicks(clicks, progress)
+            return super().set_clicks(clicks, progress, preview)
 
     editor = Editor(sessionFactory=VerySlowSession)
     editor.click(editor.centre(scenes.BLOB_A), wait=False)

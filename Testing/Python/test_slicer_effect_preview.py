@@ -1,7 +1,8 @@
 """A click that cross-patch prompting carries into several patches, seen growing in the Segment Editor effect:
 each breadth-first level is drawn (on the main thread) in a temporary preview segmentation while the worker
 goes on; the segment itself is written once at the end, as one undo step; a cancelled or failed run removes
-the preview and leaves the segment exactly as it was. REAL MRML (slicer-core), the real InteractiveSession,
+the preview and leaves the segment exactly as it was; with the network on a server (remote mode) the same
+previews stream from it. REAL MRML (slicer-core), the real InteractiveSession (and a real loopback server),
 a rod that spans five patches on a flipped volume."""
 
 import threading
@@ -13,7 +14,7 @@ import slicer
 from test_slicer_effect import Editor
 
 from CTSAM3DLib.world import ras_to_lps
-from standins.networks import CrossPatchThresholdNet
+from standins.networks import CrossPatchThresholdNet, PacedNet
 from standins.slicer_standins import qt
 from standins.slicer_standins.fixtures import slicerEnv  # noqa: F401  (used by pytestmark)
 
@@ -134,6 +135,81 @@ def test_a_click_carried_into_neighbours_is_seen_growing_and_written_once(monkey
     editor.harness.undo()
     assert not editor.rodArray().any()
     editor.harness.cleanup()
+
+
+def test_with_the_network_on_a_server_the_click_is_seen_growing_too(monkeypatch):
+    """Remote mode: the server streams its previews to the logic's RemoteSession, and the main thread draws each
+    one while the server still works (the paced network waits for it before the next level): the previews a
+    local session makes, then its result, written once."""
+    from CTSAM3DSlicerLib.coordinates import volumeToImage
+
+    from CTSAM3DLib.server.app import BackgroundServer, create_app
+    from CTSAM3DLib.session import InteractiveSession
+
+    network = PacedNet()
+    server = BackgroundServer(create_app(network, device="cpu")).start()
+    try:
+        editor = RodEditor(None)
+        editor.logic.useServer(server.url)
+        editor.recordPreviews(monkeypatch)
+        editor.onPreview = network.seen
+        editor.clickTheRod()
+        assert editor.effect.statusLabel.text.startswith("Done"), editor.effect.statusLabel.text
+        assert type(editor.logic._session).__name__ == "RemoteSession"
+        here = InteractiveSession(CrossPatchThresholdNet(), volumeToImage(editor.rod), device="cpu",
+                                  max_patches=editor.logic.maxPatches)
+        localPreviews = []
+        here.add_click(ras_to_lps(editor.clickRAS), preview=localPreviews.append)
+        assert len(editor.previews) == len(localPreviews) == 2
+        onMainThread, _, shown, segmentThen, undoStatesThen = zip(*editor.previews)
+        assert all(onMainThread) and not any(segment.any() for segment in segmentThen) and undoStatesThen == (0, 0)
+        for drawn, update in zip(shown, localPreviews):
+            expected = np.zeros(ROD_SHAPE_KJI, dtype=np.uint8)
+            update.apply_to(expected)
+            np.testing.assert_array_equal(drawn, expected.astype(bool))
+        np.testing.assert_array_equal(editor.rodArray(), here.mask_array().astype(bool))
+        assert editor.previewNodes() == [] and editor.harness.saveStateCount == 1
+        editor.harness.cleanup()
+    finally:
+        server.stop()
+
+
+def test_cancel_while_it_grows_on_a_server_keeps_nothing_and_the_next_run_is_right(monkeypatch):
+    """Cancel at the first preview streamed from the server: the segment is left as it was; the forced next
+    run starts from the logic's prompts, whatever the server did with the cancelled click."""
+    from CTSAM3DLib.server.app import BackgroundServer, create_app
+
+    network = PacedNet()
+    server = BackgroundServer(create_app(network, device="cpu")).start()
+    try:
+        editor = RodEditor(None)
+        editor.logic.useServer(server.url)
+        before = _segmentWithSomethingElse(editor)
+        editor.recordPreviews(monkeypatch)
+
+        def cancelOnce():
+            # The server may go on with the click until it notices the closed connection: no level of it,
+            # nor of the next run, waits for a preview nobody will see.
+            for _ in range(10):
+                network.seen()
+            editor.effect.cancelButton.click()
+
+        editor.onPreview = cancelOnce
+        editor.clickTheRod()
+        assert len(editor.previews) == 1
+        assert "Cancelled: the segment was left as it was" in editor.effect.statusLabel.text
+        np.testing.assert_array_equal(editor.rodArray(), before)
+        assert editor.previewNodes() == [] and editor.harness.saveStateCount == 0
+        editor.onPreview = None
+        editor.effect.runner.forgetLastRun()
+        editor.effect.runPrompts()
+        editor.wait()
+        assert editor.effect.statusLabel.text.startswith("Done"), editor.effect.statusLabel.text
+        np.testing.assert_array_equal(editor.rodArray(), editor.logic._session.mask_array().astype(bool))
+        assert editor.rodArray().sum() > before.sum() and editor.harness.saveStateCount == 1
+        editor.harness.cleanup()
+    finally:
+        server.stop()
 
 
 def _segmentWithSomethingElse(editor) -> np.ndarray:

@@ -206,10 +206,10 @@ class SlowSpySession(ComponentSession):
 
     threads = []
 
-    def set_clicks(self, clicks, progress=None):
+    def set_clicks(self, clicks, progress=None, preview=None):
         SlowSpySession.threads.append(threading.current_thread())
         time.sleep(0.3)
-        return super().set_clicks(clicks, progress)
+        return super().set_clicks(clicks, progress, preview)
 
 
 def test_network_runs_on_the_worker_thread_while_events_keep_flowing(monkeypatch):

@@ -37,9 +37,10 @@ class ComponentSession:
     def reset(self) -> None:
         self._clicks = []
 
-    def set_clicks(self, clicks, progress=None) -> sitk.Image:
+    def set_clicks(self, clicks, progress=None, preview=None) -> sitk.Image:
         """As InteractiveSession.set_clicks: ``progress(done, planned)`` before and after the one
-        patch, and an exception it raises leaves the session as it was."""
+        patch, and an exception it raises leaves the session as it was; ``preview`` is never called, as
+        InteractiveSession never calls it for a click that stays in one patch."""
         wanted = [(tuple(float(v) for v in point), bool(positive)) for point, positive in clicks]
         for point, _ in wanted:
             self._label_at(point)
