@@ -249,6 +249,68 @@ def test_a_wrong_token_is_asked_again_and_kept_for_the_tab_only(serve, client, o
     assert not page.problems, page.problems
 
 
+def test_a_server_without_tokens_never_asks_for_one(serve, client, oblique):
+    """``ctsam3d serve`` on loopback without a token file: the page opens, segments and keeps nothing."""
+    folder, image = oblique
+    server = serve()
+    page = client(server.url)
+    page.load()
+    state = page.open_ct(folder / "ct.nii.gz", max_patches=1)
+    state = page.click(bright_voxel(image, [55, 40, 14]))
+    assert page.error() == "" and len(state["segments"][0]["prompts"]) == 1
+    assert page.page.evaluate("document.querySelector('#token-dialog').open") is False
+    assert page.page.evaluate("sessionStorage.length + localStorage.length") == 0
+    shape = sitk.GetArrayViewFromImage(image).shape
+    assert_page_holds(state, 0, server_mask(server.url, state["segments"][0]["session"], shape, None))
+    assert not page.problems, page.problems
+
+
+def test_a_lost_connection_is_said_and_nothing_is_lost(serve, client, oblique):
+    """The network goes (every request fails, as when a cable is pulled or the server stops): the page says it
+    is trying again, then that the server cannot be reached, and keeps its prompts and masks; once the network
+    is back the click works. A click whose answer is lost after the server applied it counts once: the page's
+    retry meets the server's click count (409) and brings the session back to the page's prompts first."""
+    folder, image = oblique
+    server = serve(tokens=[TOKEN])
+    page = client(server.url)
+    page.load(TOKEN)
+    state = page.open_ct(folder / "ct.nii.gz", max_patches=2)
+    shape = sitk.GetArrayViewFromImage(image).shape
+    state = page.click(bright_voxel(image, [55, 40, 14]))
+    before = state["segments"][0]
+
+    second = bright_voxel(image, [30, 60, 14])
+    page.page.route("**/v1/**", lambda route: route.abort("internetdisconnected"))
+    x, y = page.canvas_position(second)
+    page.page.mouse.click(x, y)
+    page.page.wait_for_function(
+        "() => document.querySelector('#busy-text').textContent.includes('connection to the server was lost')")
+    state = page.idle()
+    assert "Cannot reach the CT-SAM3D server" in page.error() and "Nothing on this page was lost" in page.error()
+    assert page.error() in page.page.inner_text("#message")
+    assert state["segments"][0]["prompts"] == before["prompts"] and state["segments"][0]["mask"] == before["mask"]
+    page.page.unroute("**/v1/**")
+
+    applied = []
+
+    def lose_the_answer(route):
+        if applied:
+            route.continue_()
+            return
+        applied.append(route.fetch().status)  # the server applies the click; its answer never arrives
+        route.abort("connectionreset")
+
+    page.page.route("**/click", lose_the_answer)
+    state = page.click(second, negative=True)
+    assert applied == [200] and page.error() == ""
+    assert [prompt["positive"] for prompt in state["segments"][0]["prompts"]] == [True, False]
+    status, answer = request(server.url, "GET", f"{protocol.API}/sessions/{state['segments'][0]['session']}/mask",
+                             token=TOKEN)
+    assert status == 200 and answer["clicks"] == 2
+    assert_page_holds(state, 0, server_mask(server.url, state["segments"][0]["session"], shape, TOKEN))
+    assert all("Cannot reach the CT-SAM3D server" in problem for problem in page.problems), page.problems
+
+
 def test_server_errors_reach_the_user_as_messages(serve, client, oblique):
     folder, _ = oblique
     server = serve(tokens=[TOKEN], max_patches=2)

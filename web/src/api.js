@@ -38,9 +38,11 @@ export function explain(error) {
 const sleep = (seconds) => new Promise((resolve) => setTimeout(resolve, seconds * 1000))
 
 export class Api {
-  /** `askToken()` resolves to a token typed by the user (called when the server refuses the one kept). */
-  constructor(askToken) {
+  /** `askToken()` resolves to a token typed by the user (called when the server refuses the one kept);
+   * `onRetry(text)` hears, while the connection is lost, what the page is doing about it ('' once it is back). */
+  constructor(askToken, onRetry = () => {}) {
     this.askToken = askToken
+    this.onRetry = onRetry
   }
 
   get token() {
@@ -67,15 +69,21 @@ export class Api {
     if (this.token) sent.Authorization = `Bearer ${this.token}`
     let problem
     for (let attempt = 0; attempt <= RETRIES; attempt++) {
-      if (attempt) await sleep(Math.min(BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S))
+      if (attempt) {
+        this.onRetry(`the connection to the server was lost (${problem.message}): trying again, ${attempt} of ${RETRIES}…`)
+        await sleep(Math.min(BACKOFF_S * 2 ** (attempt - 1), MAX_BACKOFF_S))
+      }
       try {
-        return await fetch(path, { method, body, headers: sent, cache: 'no-store', credentials: 'same-origin' })
+        const response = await fetch(path, { method, body, headers: sent, cache: 'no-store', credentials: 'same-origin' })
+        if (attempt) this.onRetry('')
+        return response
       } catch (error) {
         problem = error
       }
     }
     throw new ServerUnreachable(`Cannot reach the CT-SAM3D server at ${location.origin} (${problem.message}; ` +
-      `tried ${RETRIES + 1} times). Is it still running?`)
+      `tried ${RETRIES + 1} times). Is it still running? Nothing on this page was lost: once the server is ` +
+      'back, do again what failed.')
   }
 
   /** A request whose answer is JSON: the answer, or a ServerRefusal; a refused token is asked again once. */

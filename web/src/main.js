@@ -11,7 +11,11 @@ const $ = (id) => document.getElementById(id)
 
 class Page {
   constructor() {
-    this.api = new Api((problem) => this.askToken(problem))
+    this.api = new Api((problem) => this.askToken(problem), (text) => {
+      this.connection = text
+      if (text) $('busy-text').textContent = text
+    })
+    this.connection = ''
     this.viewer = new Viewer($('viewer'), {
       onPoint: (index, shift) => this.run('click', () => this.segments.click(this.lps(index), shift === this.negative)),
       onBox: (corners) => this.run('box', () => this.segments.box(lpsBoxAround(corners.map((index) => this.lps(index))))),
@@ -112,7 +116,8 @@ class Page {
     this.refresh()
     const started = performance.now()
     const timer = setInterval(() => {
-      $('busy-text').textContent = `${what}: ${((performance.now() - started) / 1000).toFixed(0)} s (a click may open several patches)`
+      $('busy-text').textContent = this.connection ||
+        `${what}: ${((performance.now() - started) / 1000).toFixed(0)} s (a click may open several patches)`
     }, 500)
     $('busy-text').textContent = `${what}…`
     this.work = this.work.then(async () => {
@@ -125,6 +130,7 @@ class Page {
         this.fail(error)
       } finally {
         clearInterval(timer)
+        this.connection = ''
         this.pending -= 1
         this.refresh()
       }
