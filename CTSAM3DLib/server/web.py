@@ -19,8 +19,15 @@ CLIENT_DIR = Path(__file__).with_name("web_client")
 
 PAGE = "index.html"
 
-ASSETS = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8"}
-"""The files besides the page, and their types: nothing else under ``web_client`` is served."""
+ASSETS = {"app.js": "text/javascript; charset=utf-8", "app.css": "text/css; charset=utf-8",
+          "worker.jpeg.js": "text/javascript; charset=utf-8", "dcm2niix.jpeg.wasm": "application/wasm"}
+"""The files besides the page, and their types: nothing else under ``web_client`` is served. ``worker.jpeg.js``
+and ``dcm2niix.jpeg.wasm`` are dcm2niix compiled to WebAssembly (with its JPEG-LS and JPEG 2000 decoders),
+which turns a DICOM series into NIfTI in the browser."""
+
+WASM_WORKER = "worker.jpeg.js"
+"""The one script allowed to compile WebAssembly (``'wasm-unsafe-eval'``: compiling a module, never
+``eval`` of text); the page itself is not."""
 
 BUILD_COMMAND = "npm --prefix web ci && npm --prefix web run build"
 
@@ -45,6 +52,13 @@ SECURITY_HEADERS: Dict[str, str] = {
     "Cross-Origin-Opener-Policy": "same-origin",
     # A rebuilt client is picked up at the next load (the files are revalidated by their ETag).
     "Cache-Control": "no-cache",
+}
+
+WORKER_SECURITY_HEADERS: Dict[str, str] = {
+    **SECURITY_HEADERS,
+    # A worker is governed by the policy of its own response.
+    "Content-Security-Policy": CONTENT_SECURITY_POLICY.replace("script-src 'self'",
+                                                               "script-src 'self' 'wasm-unsafe-eval'"),
 }
 
 NOT_BUILT_PAGE = f"""<!doctype html>
@@ -74,7 +88,8 @@ def add_web_client(app: Any, directory: Path = CLIENT_DIR) -> None:
         path = directory / name
         if name not in ASSETS or not path.is_file():
             return Response(status_code=404, headers=SECURITY_HEADERS)
-        return FileResponse(path, media_type=ASSETS[name], headers=SECURITY_HEADERS)
+        headers = WORKER_SECURITY_HEADERS if name == WASM_WORKER else SECURITY_HEADERS
+        return FileResponse(path, media_type=ASSETS[name], headers=headers)
 
     app.add_api_route("/", page, methods=["GET"], include_in_schema=False)
     app.add_api_route("/web/{name}", asset, methods=["GET"], include_in_schema=False)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 
 import numpy as np
 import pytest
@@ -22,9 +23,11 @@ from browser_helpers import (
     sync_browser,
 )
 from conftest import REPO_ROOT
+from dicom_series import write_volume_series
 from server_helpers import free_port, request, wait_until
 
 from CTSAM3DLib import protocol
+from CTSAM3DLib.image_files import read_image
 from CTSAM3DLib.server import web
 
 TOKEN = "token-of-the-browser-tests-0123456789"
@@ -91,6 +94,14 @@ def test_the_page_is_sent_with_a_strict_policy_and_says_when_it_is_not_built(bui
         status, page = request(unbuilt.url, "GET", "/")
         assert status == 503 and web.BUILD_COMMAND.encode() in page
         assert request(unbuilt.url, "GET", "/web/app.js")[0] == 404
+    # Only dcm2niix's worker may compile WebAssembly; the page and its script may not.
+    policies = {}
+    for name in ("", "web/app.js", "web/worker.jpeg.js"):
+        with urllib.request.urlopen(f"{server.url}/{name}") as response:
+            policies[name] = response.headers["Content-Security-Policy"]
+    assert "'wasm-unsafe-eval'" in policies["web/worker.jpeg.js"]
+    assert policies[""] == policies["web/app.js"] == web.CONTENT_SECURITY_POLICY and "unsafe" not in policies[""]
+    assert policies["web/worker.jpeg.js"].replace(" 'wasm-unsafe-eval'", "") == policies[""]
     assert request(server.url, "GET", "/web/../app.py")[0] == 404
     assert request(server.url, "GET", "/web/index.html")[0] == 404
 
@@ -107,6 +118,71 @@ def test_the_page_reads_an_oblique_flipped_ct_as_simpleitk_does(serve, client, o
     assert_same_geometry(state["geometry"], image)
     assert state["dims"] == list(image.GetSize())
     assert not page.problems, page.problems
+
+
+def test_the_page_opens_a_dicom_series_folder_where_simpleitk_puts_it(serve, client, oblique, tmp_path):
+    """An oblique, left-handed CT written as a DICOM series (a file per slice, its own position and orientation),
+    opened as a folder: dcm2niix (WebAssembly, in the page's worker) turns it into NIfTI in the browser. Every
+    voxel the page sends lies on a voxel of SimpleITK's reading of the same series (this project's reader),
+    with its value; a click there segments the right place, and the segments are saved in that geometry."""
+    _, image = oblique
+    folder = write_volume_series(image, tmp_path / "oblique-series")
+    series = read_image(folder)
+    server = serve(tokens=[TOKEN])
+    page = client(server.url)
+    page.load(TOKEN)
+    page.page.set_input_files("#open-dicom", str(folder))
+    page.page.wait_for_function("() => window.ctsam3d.state() !== null && window.ctsam3d.state().segments.length > 0",
+                                timeout=120_000)
+    state = page.idle()
+    assert page.error() == "", page.error()
+    # The page's grid is the series' grid, its axes perhaps in another order or direction: every voxel centre
+    # of the one (the corners suffice: both maps are affine) is a voxel centre of the other.
+    dims = state["dims"]
+    assert sorted(dims) == sorted(series.GetSize())
+    page_grid = sitk.Image([int(n) for n in dims], sitk.sitkUInt8)
+    page_grid.SetOrigin(state["geometry"]["origin"])
+    page_grid.SetSpacing(state["geometry"]["spacing"])
+    page_grid.SetDirection(state["geometry"]["direction"])
+    for corner in np.ndindex(2, 2, 2):
+        index = [c * (n - 1) for c, n in zip(corner, dims)]
+        on_series = continuous_index(series, page_grid.TransformIndexToPhysicalPoint(index))
+        np.testing.assert_allclose(on_series, np.round(on_series), atol=1e-3)
+    seen = sitk.Resample(series, page_grid, sitk.Transform(), sitk.sitkNearestNeighbor, -3000.0, sitk.sitkInt16)
+    values = sitk.GetArrayFromImage(seen)
+    assert values.min() > -3000, "a voxel of the page lies outside the series"
+    assert state["image"] in (protocol.array_digest(values), protocol.array_digest(values.astype(np.float32)))
+
+    voxel = bright_voxel(seen, [50, 45, 14])
+    state = page.click(voxel)
+    assert page.error() == "" and len(state["segments"][0]["prompts"]) == 1
+    clicked = state["segments"][0]["prompts"][0]["point_lps"]
+    np.testing.assert_allclose(continuous_index(seen, clicked), voxel, atol=0.5)
+    mask = server_mask(server.url, state["segments"][0]["session"], values.shape, TOKEN)
+    assert mask[voxel[2], voxel[1], voxel[0]] == 1
+    assert_page_holds(state, 0, mask)
+    with page.page.expect_download() as download:
+        page.page.click("#save")
+    assert download.value.suggested_filename == "oblique-series-segments.nii.gz"
+    saved = tmp_path / "saved.nii.gz"
+    download.value.save_as(saved)
+    labels = sitk.ReadImage(str(saved))
+    assert_same_geometry(geometry_of(labels), seen)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), mask)
+    assert not page.problems, page.problems
+
+
+def test_a_folder_without_a_dicom_series_is_refused_clearly(serve, client, tmp_path):
+    server = serve(tokens=[TOKEN])
+    page = client(server.url)
+    page.load(TOKEN)
+    empty = tmp_path / "not-dicom"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no images here\n")
+    page.page.set_input_files("#open-dicom", str(empty))
+    page.idle()
+    assert page.error() == "That folder (1 files) could not be opened as a DICOM series: no DICOM image in it."
+    assert page.page.evaluate("window.ctsam3d.state()") is None
 
 
 def test_clicks_boxes_undo_segments_and_save_on_an_oblique_ct(serve, client, oblique, tmp_path):

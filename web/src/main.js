@@ -1,6 +1,6 @@
 // The page: wires the viewer, the segments and their sessions, the files, and the messages together.
 import { Api, explain } from './api.js'
-import { download, labelmapOf, niftiLabelmap, unopenable } from './files.js'
+import { download, labelmapOf, niftiLabelmap, niftiOfDicomSeries, unopenable } from './files.js'
 import { lpsBoxAround, lpsGeometryOfAffine, lpsOfIndex } from './geometry.js'
 import { Segments } from './segments.js'
 import { Upload } from './session.js'
@@ -22,7 +22,7 @@ class Page {
     })
     this.segments = null
     this.negative = false
-    this.file = null
+    this.stem = ''
     this.work = Promise.resolve()
     this.pending = 0
     this.lastError = ''
@@ -55,6 +55,7 @@ class Page {
 
   bind() {
     $('open').addEventListener('change', () => this.openFile($('open').files[0]))
+    $('open-dicom').addEventListener('change', () => this.openDicomSeries([...$('open-dicom').files]))
     $('mode-click').onclick = () => this.setMode('click')
     $('mode-box').onclick = () => this.setMode('box')
     $('negative').onclick = () => this.setNegative(!this.negative)
@@ -157,28 +158,39 @@ class Page {
       this.say(problem, true)
       return
     }
+    await this.run('open', () => this.show(file, file.name.replace(/(\.nii\.gz|\.nii|\.nrrd)$/i, '')))
+  }
+
+  async openDicomSeries(files) {
+    if (!files.length) return
+    const folder = (files[0].webkitRelativePath || files[0].name).split('/')[0]
     await this.run('open', async () => {
-      if (this.segments) await this.segments.closeAll()
-      this.segments = null
-      const base = await this.viewer.open(file)
-      const dims = this.viewer.dims
-      const geometry = lpsGeometryOfAffine(this.viewer.affineRAS)
-      $('busy-text').textContent = 'uploading the CT (once: the server keeps it)…'
-      const image = { upload: new Upload(this.viewer.voxels(), dims), geometry, dims }
-      this.file = file
-      this.segments = new Segments(this.api, image, this.viewer, () => this.options(), (text) => this.say(text))
-      await this.segments.add()
-      $('image-info').textContent = `${file.name}: ${dims.join(' × ')} voxels, ` +
-        `${geometry.spacing.map((s) => s.toFixed(2)).join(' × ')} mm (${base.hdr.datatypeCode === 16 ? 'float32' : image.upload.dtype})`
+      $('busy-text').textContent = `converting the DICOM series in ${folder} (${files.length} files)…`
+      await this.show(await niftiOfDicomSeries(files), folder)
     })
+  }
+
+  /** Shows a CT file (NIfTI or NRRD) and opens its first segment; `stem` names what is saved. */
+  async show(file, stem) {
+    if (this.segments) await this.segments.closeAll()
+    this.segments = null
+    const base = await this.viewer.open(file)
+    const dims = this.viewer.dims
+    const geometry = lpsGeometryOfAffine(this.viewer.affineRAS)
+    $('busy-text').textContent = 'uploading the CT (once: the server keeps it)…'
+    const image = { upload: new Upload(this.viewer.voxels(), dims), geometry, dims }
+    this.stem = stem
+    this.segments = new Segments(this.api, image, this.viewer, () => this.options(), (text) => this.say(text))
+    await this.segments.add()
+    $('image-info').textContent = `${stem}: ${dims.join(' × ')} voxels, ` +
+      `${geometry.spacing.map((s) => s.toFixed(2)).join(' × ')} mm (${base.hdr.datatypeCode === 16 ? 'float32' : image.upload.dtype})`
   }
 
   async save() {
     const { dims } = this.segments.image
     const labels = labelmapOf(this.segments.list.map((segment) => segment.session.mask), dims[0] * dims[1] * dims[2])
     const bytes = await niftiLabelmap(this.viewer.base, labels)
-    const stem = this.file.name.replace(/(\.nii\.gz|\.nii|\.nrrd)$/i, '')
-    download(bytes, `${stem}-segments.nii.gz`)
+    download(bytes, `${this.stem}-segments.nii.gz`)
   }
 
   refresh() {
