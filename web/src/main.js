@@ -158,7 +158,7 @@ class Page {
       this.say(problem, true)
       return
     }
-    await this.run('open', () => this.show(file, file.name.replace(/(\.nii\.gz|\.nii|\.nrrd)$/i, '')))
+    await this.run('open', () => this.show(file, file.name))
   }
 
   async openDicomSeries(files) {
@@ -170,8 +170,9 @@ class Page {
     })
   }
 
-  /** Shows a CT file (NIfTI or NRRD) and opens its first segment; `stem` names what is saved. */
-  async show(file, stem) {
+  /** Shows a CT file (NIfTI or NRRD) and opens its first segment; `name` (the file's, or the DICOM folder's)
+   * is shown and names what is saved. */
+  async show(file, name) {
     if (this.segments) await this.segments.closeAll()
     this.segments = null
     const base = await this.viewer.open(file)
@@ -179,10 +180,10 @@ class Page {
     const geometry = lpsGeometryOfAffine(this.viewer.affineRAS)
     $('busy-text').textContent = 'uploading the CT (once: the server keeps it)…'
     const image = { upload: new Upload(this.viewer.voxels(), dims), geometry, dims }
-    this.stem = stem
+    this.stem = name.replace(/(\.nii\.gz|\.nii|\.nrrd)$/i, '')
     this.segments = new Segments(this.api, image, this.viewer, () => this.options(), (text) => this.say(text))
     await this.segments.add()
-    $('image-info').textContent = `${stem}: ${dims.join(' × ')} voxels, ` +
+    $('image-info').textContent = `${name}: ${dims.join(' × ')} voxels, ` +
       `${geometry.spacing.map((s) => s.toFixed(2)).join(' × ')} mm (${base.hdr.datatypeCode === 16 ? 'float32' : image.upload.dtype})`
   }
 
