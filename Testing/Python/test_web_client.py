@@ -169,7 +169,50 @@ def test_the_page_opens_a_dicom_series_folder_where_simpleitk_puts_it(serve, cli
     labels = sitk.ReadImage(str(saved))
     assert_same_geometry(geometry_of(labels), seen)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(labels), mask)
+
+    # DICOM SEG: read back with pydicom; every frame references a slice of the series by its UID, lies where
+    # that slice lies, and holds the server's mask there (taken onto the series' own grid: the same voxels).
+    with page.page.expect_download() as download:
+        page.page.click("#save-seg")
+    assert download.value.suggested_filename == "oblique-series-segments.seg.dcm"
+    download.value.save_as(tmp_path / "segments.seg.dcm")
+    assert_seg_holds(tmp_path / "segments.seg.dcm", folder, image,
+                     sitk.Resample(sitk_mask(mask, page_grid), image, sitk.Transform(), sitk.sitkNearestNeighbor))
     assert not page.problems, page.problems
+
+
+def sitk_mask(mask: np.ndarray, grid: sitk.Image) -> sitk.Image:
+    """A (z, y, x) mask as an image on ``grid``'s geometry."""
+    image = sitk.GetImageFromArray(mask)
+    image.CopyInformation(grid)
+    return image
+
+
+def assert_seg_holds(path, folder, volume: sitk.Image, mask_on_volume: sitk.Image) -> None:
+    """The DICOM SEG at ``path`` segments the series in ``folder`` (written from ``volume``, a file per slice)
+    exactly as ``mask_on_volume``: a frame for each slice it touches, none for the others."""
+    import pydicom
+
+    seg = pydicom.dcmread(str(path))
+    assert seg.Modality == "SEG" and seg.SegmentationType == "BINARY"
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"  # Segmentation Storage
+    slices = {dataset.SOPInstanceUID: dataset for dataset in map(pydicom.dcmread, sorted(map(str, folder.iterdir())))}
+    number_of = {uid: int(dataset.InstanceNumber) - 1 for uid, dataset in slices.items()}
+    first = next(iter(slices.values()))
+    referenced = seg.ReferencedSeriesSequence[0]
+    assert referenced.SeriesInstanceUID == first.SeriesInstanceUID and seg.StudyInstanceUID == first.StudyInstanceUID
+    frames = seg.pixel_array.reshape(-1, seg.Rows, seg.Columns)
+    expected = sitk.GetArrayFromImage(mask_on_volume)
+    seen = set()
+    for frame, group in zip(frames, seg.PerFrameFunctionalGroupsSequence):
+        uid = group.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID
+        k = number_of[uid]
+        np.testing.assert_allclose([float(v) for v in group.PlanePositionSequence[0].ImagePositionPatient],
+                                   [float(v) for v in slices[uid].ImagePositionPatient], atol=1e-3)
+        np.testing.assert_array_equal(frame, expected[k], err_msg=f"the SEG's frame of slice {k}")
+        seen.add(k)
+    assert seen == {k for k in range(expected.shape[0]) if expected[k].any()}
+    assert [segment.SegmentLabel for segment in seg.SegmentSequence] == ["Segment 1"]
 
 
 def test_a_folder_without_a_dicom_series_is_refused_clearly(serve, client, tmp_path):

@@ -1,5 +1,6 @@
 // The page: wires the viewer, the segments and their sessions, the files, and the messages together.
 import { Api, explain } from './api.js'
+import { dicomSegmentation } from './dicomseg.js'
 import { download, labelmapOf, niftiLabelmap, niftiOfDicomSeries, unopenable } from './files.js'
 import { lpsBoxAround, lpsGeometryOfAffine, lpsOfIndex } from './geometry.js'
 import { Segments } from './segments.js'
@@ -23,6 +24,7 @@ class Page {
     this.segments = null
     this.negative = false
     this.stem = ''
+    this.dicomFiles = null
     this.work = Promise.resolve()
     this.pending = 0
     this.lastError = ''
@@ -68,6 +70,7 @@ class Page {
       return this.segments.add(from.session.mask.slice(), `${from.name} (corrected)`)
     })
     $('save').onclick = () => this.run('save', () => this.save())
+    $('save-seg').onclick = () => this.run('save as DICOM SEG', () => this.saveDicomSegmentation())
     $('zoom-in').onclick = () => this.viewer.zoom(1.25)
     $('zoom-out').onclick = () => this.viewer.zoom(0.8)
     for (const button of document.querySelectorAll('[data-preset]')) button.onclick = () => this.viewer.setPreset(button.dataset.preset)
@@ -166,13 +169,13 @@ class Page {
     const folder = (files[0].webkitRelativePath || files[0].name).split('/')[0]
     await this.run('open', async () => {
       $('busy-text').textContent = `converting the DICOM series in ${folder} (${files.length} files)…`
-      await this.show(await niftiOfDicomSeries(files), folder)
+      await this.show(await niftiOfDicomSeries(files), folder, files)
     })
   }
 
   /** Shows a CT file (NIfTI or NRRD) and opens its first segment; `name` (the file's, or the DICOM folder's)
-   * is shown and names what is saved. */
-  async show(file, name) {
+   * is shown and names what is saved; `dicomFiles`: the series it was converted from, for a DICOM SEG. */
+  async show(file, name, dicomFiles = null) {
     if (this.segments) await this.segments.closeAll()
     this.segments = null
     const base = await this.viewer.open(file)
@@ -181,6 +184,7 @@ class Page {
     $('busy-text').textContent = 'uploading the CT (once: the server keeps it)…'
     const image = { upload: new Upload(this.viewer.voxels(), dims), geometry, dims }
     this.stem = name.replace(/(\.nii\.gz|\.nii|\.nrrd)$/i, '')
+    this.dicomFiles = dicomFiles
     this.segments = new Segments(this.api, image, this.viewer, () => this.options(), (text) => this.say(text))
     await this.segments.add()
     $('image-info').textContent = `${name}: ${dims.join(' × ')} voxels, ` +
@@ -194,11 +198,19 @@ class Page {
     download(bytes, `${this.stem}-segments.nii.gz`)
   }
 
+  async saveDicomSegmentation() {
+    const { geometry, dims } = this.segments.image
+    const segments = this.segments.list.map((segment) => ({ name: segment.name, mask: segment.session.mask }))
+    $('busy-text').textContent = `writing the DICOM SEG over the ${this.dicomFiles.length} files of the series…`
+    download(await dicomSegmentation(this.dicomFiles, geometry, dims, segments), `${this.stem}-segments.seg.dcm`)
+  }
+
   refresh() {
     const segments = this.segments
     const current = segments && segments.current
     $('busy').hidden = this.pending === 0
     for (const id of ['undo', 'redo', 'reset', 'start-from', 'save', 'add-segment']) $(id).disabled = !segments
+    $('save-seg').disabled = !segments || !this.dicomFiles
     if (current) {
       $('undo').disabled = !current.session.canUndo
       $('redo').disabled = !current.session.canRedo
