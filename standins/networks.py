@@ -195,6 +195,29 @@ class SlowNet(CrossPatchThresholdNet):
         return super().decode(features, points, labels, mask_prompt)
 
 
+class GatedNet(CrossPatchThresholdNet):
+    """CrossPatchThresholdNet whose decoder waits while the test holds its gate (``hold()``, ``release()``):
+    a job that stays running exactly as long as a test needs, whatever the machine's speed. A gate held
+    past ``patience_s`` fails the decode, saying so."""
+
+    def __init__(self, patience_s: float = 60.0) -> None:
+        super().__init__()
+        self.patience_s = patience_s
+        self._open = threading.Event()
+        self._open.set()
+
+    def hold(self) -> None:
+        self._open.clear()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def decode(self, features, points, labels, mask_prompt=None):
+        if not self._open.wait(self.patience_s):
+            raise RuntimeError(f"the decoder's gate was held for more than {self.patience_s:g} s")
+        return super().decode(features, points, labels, mask_prompt)
+
+
 class WatchedNet(CrossPatchThresholdNet):
     """CrossPatchThresholdNet that keeps weak references to the features it hands out: they stay alive
     exactly as long as some session holds them."""

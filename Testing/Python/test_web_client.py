@@ -6,6 +6,7 @@ masks the server holds, its clicks with the voxels clicked, its saved NIfTI with
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
@@ -29,6 +30,7 @@ from server_helpers import free_port, request, wait_until
 from CTSAM3DLib import protocol
 from CTSAM3DLib.image_files import read_image
 from CTSAM3DLib.server import web
+from standins.networks import GatedNet
 
 TOKEN = "token-of-the-browser-tests-0123456789"
 
@@ -440,6 +442,59 @@ def test_server_errors_reach_the_user_as_messages(serve, client, oblique):
     page.idle()
     assert "max_patches is at most 2" in page.error() and "400" in page.error()
     assert "max_patches is at most 2" in page.page.inner_text("#message")
+
+
+def test_a_ct_too_large_for_the_server_and_a_full_server_are_said_plainly(serve, client, oblique):
+    """413 (the CT is larger than the server takes) and 503 (the server holds its maximum of sessions, with
+    its Retry-After): messages that say what happened and what to do; nothing is half-open afterwards."""
+    folder, image = oblique
+    small = serve(tokens=[TOKEN], max_image_bytes=100_000)
+    page = client(small.url)
+    page.load(TOKEN)
+    page.page.set_input_files("#open", str(folder / "ct.nii.gz"))
+    page.idle()
+    assert page.error().startswith("Too large for this server (413): the array is 0.6 MiB"), page.error()
+
+    full = serve(tokens=[TOKEN], max_sessions=1)
+    page = client(full.url)
+    page.load(TOKEN)
+    state = page.open_ct(folder / "ct.nii.gz", max_patches=1)
+    state = page.press("#add-segment")
+    assert page.error().startswith("The server is busy (503): this server holds its maximum of 1 sessions")
+    assert len(state["segments"]) == 1 and state["segments"][0]["session"]
+
+
+def test_a_full_queue_is_said_plainly(serve, client, oblique):
+    """429: another client of the same session filled its queue (one click running, held there by the
+    stand-in's gate, one waiting) when the page clicks."""
+    folder, image = oblique
+    network = GatedNet()
+    server = serve(network, tokens=[TOKEN], max_queued_per_session=1)
+    page = client(server.url)
+    page.load(TOKEN)
+    state = page.open_ct(folder / "ct.nii.gz", max_patches=1)
+    voxel = bright_voxel(image, [55, 40, 14])
+    path = f"{protocol.API}/sessions/{state['segments'][0]['session']}/click"
+    body = {"point_lps": list(image.TransformIndexToPhysicalPoint(voxel))}
+    others = [threading.Thread(target=request, args=(server.url, "POST", path, body), kwargs={"token": TOKEN})
+              for _ in range(2)]
+    network.hold()
+    try:
+        for other in others:
+            other.start()
+        wait_until(lambda: request(server.url, "GET", "/health", token=TOKEN)[1]["queue"] == 1,
+                   what="the other client's clicks to queue")
+        page.click(voxel)
+        # The page's click goes out once its view has handled the mouse: wait for its answer, gate still held.
+        page.page.wait_for_function("() => window.ctsam3d.error() !== ''", timeout=60_000)
+        state = page.idle()
+    finally:
+        network.release()
+    for other in others:
+        other.join(60)
+    assert page.error().startswith("The server's queue for this segment is full (429)"), page.error()
+    assert "Wait for the clicks under way, then try again." in page.error()
+    assert state["segments"][0]["prompts"] == []
 
 
 @pytest.fixture
