@@ -180,6 +180,7 @@ def test_the_page_opens_a_dicom_series_folder_where_simpleitk_puts_it(serve, cli
     download.value.save_as(tmp_path / "segments.seg.dcm")
     assert_seg_holds(tmp_path / "segments.seg.dcm", folder, image,
                      sitk.Resample(sitk_mask(mask, page_grid), image, sitk.Transform(), sitk.sitkNearestNeighbor))
+    assert page.page.evaluate("localStorage.length") == 0, "dcmjs's log level was kept beyond the tab"
     assert not page.problems, page.problems
 
 

@@ -12,6 +12,9 @@ const CATEGORY = { CodeValue: '85756007', CodingSchemeDesignator: 'SCT', CodeMea
 const TYPE = { CodeValue: '113343008', CodingSchemeDesignator: 'SCT', CodeMeaning: 'Organ' }
 
 const validation = log.getLogger('validation.dcmjs')
+// dcmjs sets its log level when it loads, and its logger (loglevel) stores that in localStorage; the page
+// keeps nothing beyond the tab.
+localStorage.removeItem('loglevel')
 
 /** The series' image instances among `files` (other files of the folder are passed over), naturalized. */
 async function readInstances(files) {
@@ -21,13 +24,13 @@ async function readInstances(files) {
     const level = validation.getLevel()
     // dcmjs's validation logs an error for the pixel data of every implicit-VR file (VR "ox"), which it then
     // reads right, as OW; what goes wrong throws.
-    validation.setLevel('silent')
+    validation.setLevel('silent', false)
     try {
       parsed = data.DicomMessage.readFile(await file.arrayBuffer())
     } catch {
       continue // not DICOM: dcm2niix passed it over as well
     } finally {
-      validation.setLevel(level)
+      validation.setLevel(level, false)
     }
     const dataset = data.DicomMetaDictionary.naturalizeDataset(parsed.dict)
     dataset._meta = data.DicomMetaDictionary.namifyDataset(parsed.meta)
