@@ -197,16 +197,9 @@ def test_cancel_while_it_grows_on_a_server_keeps_nothing_and_the_next_run_is_rig
         editor.onPreview = cancelOnce
         editor.clickTheRod()
         assert len(editor.previews) == 1
-        assert "Cancelled: the segment was left as it was" in editor.effect.statusLabel.text
-        np.testing.assert_array_equal(editor.rodArray(), before)
-        assert editor.previewNodes() == [] and editor.harness.saveStateCount == 0
-        editor.onPreview = None
-        editor.effect.runner.forgetLastRun()
-        editor.effect.runPrompts()
-        editor.wait()
+        _assertCancelKeptNothingAndTheNextRunIsRight(editor, before)
         assert editor.effect.statusLabel.text.startswith("Done"), editor.effect.statusLabel.text
-        np.testing.assert_array_equal(editor.rodArray(), editor.logic._session.mask_array().astype(bool))
-        assert editor.rodArray().sum() > before.sum() and editor.harness.saveStateCount == 1
+        assert editor.rodArray().sum() > before.sum()
         editor.harness.cleanup()
     finally:
         server.stop()
@@ -220,6 +213,21 @@ def _segmentWithSomethingElse(editor) -> np.ndarray:
     return before.astype(bool)
 
 
+def _assertCancelKeptNothingAndTheNextRunIsRight(editor, before: np.ndarray) -> None:
+    """After a cancel at a preview: the segment exactly as it was, no preview left, no undo state. The prompt
+    stays; the next run (here: forced) segments from it, starting from the segment as it was, as one undo
+    state."""
+    assert "Cancelled: the segment was left as it was" in editor.effect.statusLabel.text
+    np.testing.assert_array_equal(editor.rodArray(), before)
+    assert editor.previewNodes() == [] and editor.harness.saveStateCount == 0
+    editor.onPreview = None
+    editor.effect.runner.forgetLastRun()
+    editor.effect.runPrompts()
+    editor.wait()
+    np.testing.assert_array_equal(editor.rodArray(), editor.logic._session.mask_array().astype(bool))
+    assert editor.harness.saveStateCount == 1
+
+
 def test_cancel_while_it_grows_keeps_nothing_of_what_was_seen(monkeypatch):
     editor = RodEditor(SlowCrossPatchNet())
     before = _segmentWithSomethingElse(editor)
@@ -227,17 +235,8 @@ def test_cancel_while_it_grows_keeps_nothing_of_what_was_seen(monkeypatch):
     editor.onPreview = editor.effect.cancelButton.click
     editor.clickTheRod()
     assert len(editor.previews) == 1 and editor.previews[0][2].sum() > before.sum()
-    assert "Cancelled: the segment was left as it was" in editor.effect.statusLabel.text
-    np.testing.assert_array_equal(editor.rodArray(), before)
-    assert editor.previewNodes() == [] and editor.harness.saveStateCount == 0
-    # The prompt stays; the next run (here: forced) segments from it, starting from the segment as it was.
-    editor.onPreview = None
-    editor.effect.runner.forgetLastRun()
-    editor.effect.runPrompts()
-    editor.wait()
+    _assertCancelKeptNothingAndTheNextRunIsRight(editor, before)
     assert editor.rodArray().any() and len(editor.previews) == 3
-    np.testing.assert_array_equal(editor.rodArray(), editor.logic._session.mask_array().astype(bool))
-    assert editor.harness.saveStateCount == 1
     editor.harness.cleanup()
 
 
