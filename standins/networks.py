@@ -197,12 +197,13 @@ class SlowNet(CrossPatchThresholdNet):
 
 class GatedNet(CrossPatchThresholdNet):
     """CrossPatchThresholdNet whose decoder waits while the test holds its gate (``hold()``, ``release()``):
-    a job that stays running exactly as long as a test needs, whatever the machine's speed. A gate held
-    past ``patience_s`` fails the decode, saying so."""
+    a job that stays running exactly as long as a test needs, whatever the machine's speed; ``entered`` is set
+    once a decode has begun. A gate held past ``patience_s`` fails the decode, saying so."""
 
-    def __init__(self, patience_s: float = 60.0) -> None:
+    def __init__(self, patience_s: float = 300.0) -> None:
         super().__init__()
         self.patience_s = patience_s
+        self.entered = threading.Event()
         self._open = threading.Event()
         self._open.set()
 
@@ -213,6 +214,7 @@ class GatedNet(CrossPatchThresholdNet):
         self._open.set()
 
     def decode(self, features, points, labels, mask_prompt=None):
+        self.entered.set()
         if not self._open.wait(self.patience_s):
             raise RuntimeError(f"the decoder's gate was held for more than {self.patience_s:g} s")
         return super().decode(features, points, labels, mask_prompt)

@@ -481,10 +481,12 @@ def test_a_full_queue_is_said_plainly(serve, client, oblique):
               for _ in range(2)]
     network.hold()
     try:
-        for other in others:
-            other.start()
-        wait_until(lambda: request(server.url, "GET", "/health", token=TOKEN)[1]["queue"] == 1,
-                   what="the other client's clicks to queue")
+        # One click running (held at the gate), then one waiting: a loaded machine may take its time over each.
+        others[0].start()
+        assert network.entered.wait(120), "the other client's first click never reached the network"
+        others[1].start()
+        wait_until(lambda: request(server.url, "GET", "/health", token=TOKEN)[1]["queue"] == 1, timeout_s=120,
+                   what="the other client's second click to queue")
         page.click(voxel)
         # The page's click goes out once its view has handled the mouse: wait for its answer, gate still held.
         page.page.wait_for_function("() => window.ctsam3d.error() !== ''", timeout=60_000)
