@@ -19,22 +19,24 @@ localStorage.removeItem('loglevel')
 /** The series' image instances among `files` (other files of the folder are passed over), naturalized. */
 async function readInstances(files) {
   const instances = []
-  for (const file of files) {
-    let parsed
-    const level = validation.getLevel()
-    // dcmjs's validation logs an error for the pixel data of every implicit-VR file (VR "ox"), which it then
-    // reads right, as OW; what goes wrong throws.
-    validation.setLevel('silent', false)
-    try {
-      parsed = data.DicomMessage.readFile(await file.arrayBuffer())
-    } catch {
-      continue // not DICOM: dcm2niix passed it over as well
-    } finally {
-      validation.setLevel(level, false)
+  const level = validation.getLevel()
+  // dcmjs's validation logs an error for the pixel data of every implicit-VR file (VR "ox"), which it then
+  // reads right, as OW; what goes wrong throws.
+  validation.setLevel('silent', false)
+  try {
+    for (const file of files) {
+      let parsed
+      try {
+        parsed = data.DicomMessage.readFile(await file.arrayBuffer())
+      } catch {
+        continue // not DICOM: dcm2niix passed it over as well
+      }
+      const dataset = data.DicomMetaDictionary.naturalizeDataset(parsed.dict)
+      dataset._meta = data.DicomMetaDictionary.namifyDataset(parsed.meta)
+      if (dataset.Rows && dataset.ImagePositionPatient && dataset.ImageOrientationPatient) instances.push(dataset)
     }
-    const dataset = data.DicomMetaDictionary.naturalizeDataset(parsed.dict)
-    dataset._meta = data.DicomMetaDictionary.namifyDataset(parsed.meta)
-    if (dataset.Rows && dataset.ImagePositionPatient && dataset.ImageOrientationPatient) instances.push(dataset)
+  } finally {
+    validation.setLevel(level, false)
   }
   if (!instances.length) throw new Error('The folder no longer holds the DICOM series the CT was opened from.')
   return instances

@@ -4,6 +4,12 @@ import { Dcm2niix } from '@niivue/dcm2niix'
 
 export const OPENABLE = ['.nii', '.nii.gz', '.nrrd']
 
+/** A CT file's name without its extension (one of OPENABLE), to name what is saved from it. */
+export function stemOf(name) {
+  const suffix = OPENABLE.find((extension) => name.toLowerCase().endsWith(extension))
+  return suffix ? name.slice(0, -suffix.length) : name
+}
+
 /** Why a file cannot be opened as a CT here ('' when it can). */
 export function unopenable(file) {
   const name = file.name.toLowerCase()

@@ -1,7 +1,7 @@
 // The page: wires the viewer, the segments and their sessions, the files, and the messages together.
 import { Api, explain } from './api.js'
 import { dicomSegmentation } from './dicomseg.js'
-import { download, labelmapOf, niftiLabelmap, niftiOfDicomSeries, unopenable } from './files.js'
+import { download, labelmapOf, niftiLabelmap, niftiOfDicomSeries, stemOf, unopenable } from './files.js'
 import { lpsBoxAround, lpsGeometryOfAffine, lpsOfIndex } from './geometry.js'
 import { Segments } from './segments.js'
 import { Upload } from './session.js'
@@ -183,7 +183,7 @@ class Page {
     const geometry = lpsGeometryOfAffine(this.viewer.affineRAS)
     $('busy-text').textContent = 'uploading the CT (once: the server keeps it)…'
     const image = { upload: new Upload(this.viewer.voxels(), dims), geometry, dims }
-    this.stem = name.replace(/(\.nii\.gz|\.nii|\.nrrd)$/i, '')
+    this.stem = stemOf(name)
     this.dicomFiles = dicomFiles
     this.segments = new Segments(this.api, image, this.viewer, () => this.options(), (text) => this.say(text))
     await this.segments.add()
