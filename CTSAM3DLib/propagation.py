@@ -13,9 +13,9 @@ trained on whatever the regression's scale and blur, and the prompts are ordinar
 be shown, saved and undone. Peaks below ``PEAK_THRESHOLD`` mean the structure does not continue.
 
 The policy, level by level from the patches a click changed (``plan_level``): a patch's children at
-neighbours its mask no longer reaches are dropped; reached neighbours are prompted again (an open
-child) or opened when ``PropagationLimits.may_open`` allows it. The session runs the networks and
-keeps the undo history; this module decides where.
+neighbours its mask no longer reaches are dropped; reached neighbours, faces before edges before
+corners, are prompted again (an open child) or opened when ``PropagationLimits.may_open`` allows it. The session
+runs the networks and keeps the undo history; this module decides where.
 """
 
 from __future__ import annotations
@@ -46,8 +46,15 @@ MAX_PEAKS = 3
 
 
 def touched_offsets(mask: torch.Tensor) -> List[Offset]:
-    """The neighbours whose contact region the mask reaches: for (dx, dy, dz), the voxels with
-    x = last (dx = 1), x = 0 (dx = -1) or any x (dx = 0), and likewise for y and z.
+    """The neighbours whose contact region the mask reaches: faces first, then edges, then corners (each in
+    ``NEIGHBOUR_OFFSETS`` order). The contact region of (dx, dy, dz): the voxels with x = last (dx = 1),
+    x = 0 (dx = -1) or any x (dx = 0), and likewise for y and z.
+
+    Faces first because when ``max_patches`` cuts a level short, the patches a structure continues into
+    through a face are the ones worth opening, and because that choice must not hang on single voxels: a
+    corner, which one voxel of the mask reaches (and any rounding can flip), comes last. Not the largest
+    contact first: contacts of nearly equal size (a mask that fills its patch touches all twelve edges
+    with about 64 voxels each) would let a voxel rounded the other way choose other patches.
 
     mask: (S, S, S) bool, (z, y, x) order. The 26 answers are reduced on the mask's device and read
     back at once (one wait for a GPU, not 26).
@@ -57,8 +64,8 @@ def touched_offsets(mask: torch.Tensor) -> List[Offset]:
         # Along this axis: first slice, any slice, last slice, as steps -1, 0, 1.
         reached = torch.stack([reached.select(axis, 0), reached.any(dim=axis), reached.select(axis, -1)], dim=axis)
     reached = reached.cpu()
-    return [offset for offset in NEIGHBOUR_OFFSETS
-            if bool(reached[offset[2] + 1, offset[1] + 1, offset[0] + 1])]
+    touched = [offset for offset in NEIGHBOUR_OFFSETS if bool(reached[offset[2] + 1, offset[1] + 1, offset[0] + 1])]
+    return sorted(touched, key=lambda offset: sum(map(abs, offset)))
 
 
 def heatmap_peaks(heatmap: torch.Tensor, threshold: float = PEAK_THRESHOLD, max_peaks: int = MAX_PEAKS) -> torch.Tensor:
@@ -129,8 +136,8 @@ class PropagationLimits:
 
 
 def reached_offsets(patch: Patch) -> List[Offset]:
-    """The neighbours a patch's segmentation carries into; on an initial mask, only what clicks
-    changed is carried on."""
+    """The neighbours a patch's segmentation carries into, faces first (``touched_offsets``); on an
+    initial mask, only what clicks changed is carried on."""
     inside = patch.probability[0, 0] > MASK_THRESHOLD
     if patch.initial is not None:
         inside = inside != (patch.initial[0, 0] > MASK_THRESHOLD)
@@ -149,11 +156,11 @@ def plan_level(
     jobs: List[NeighbourJob] = []
     for pid in frontier:
         patch = patches[pid]
-        reached = set(reached_offsets(patch))
+        reached = reached_offsets(patch)
         children = {child.offset: cid for cid, child in patches.items() if child.parent == pid}
-        for offset in sorted(set(children) - reached):
+        for offset in sorted(set(children) - set(reached)):
             drop(children[offset])
-        for offset in sorted(reached):
+        for offset in reached:
             if offset in children:
                 jobs.append(NeighbourJob(pid, offset, children[offset], patches[children[offset]].geometry))
             else:

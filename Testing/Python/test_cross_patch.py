@@ -81,9 +81,23 @@ def test_touched_offsets_agree_with_a_test_of_each_contact_region():
     position = {-1: 0, 0: slice(None), 1: -1}
     for _ in range(20):
         mask = torch.rand(16, 16, 16, generator=generator) > 0.9995
-        expected = [offset for offset in NEIGHBOUR_OFFSETS
-                    if bool(mask[position[offset[2]], position[offset[1]], position[offset[0]]].any())]
-        assert touched_offsets(mask) == expected
+        reached = [offset for offset in NEIGHBOUR_OFFSETS
+                   if bool(mask[position[offset[2]], position[offset[1]], position[offset[0]]].any())]
+        assert touched_offsets(mask) == sorted(reached, key=lambda offset: sum(map(abs, offset)))
+
+
+def test_faces_come_first_and_corners_last():
+    """What a cap on the patches opens first: where the structure runs on through a face, not the first
+    offsets in order; a corner that one voxel reaches comes after every face and edge, and the order does not
+    hang on how many voxels touch (a single voxel on a face outranks a full edge)."""
+    mask = torch.zeros(64, 64, 64, dtype=torch.bool)
+    mask[63, 63, 10:51] = True  # 41 voxels along the edge y = 63, z = 63 (and on its two faces)
+    mask[30, 30, 63] = True  # one voxel on the +x face
+    assert touched_offsets(mask) == [(0, 0, 1), (0, 1, 0), (1, 0, 0), (0, 1, 1)]
+    mask[0, 0, :] = True  # the edge y = 0, z = 0, all along x, with its ends in two corners
+    order = touched_offsets(mask)
+    assert order[:6] == [(-1, 0, 0), (0, -1, 0), (0, 0, -1), (0, 0, 1), (0, 1, 0), (1, 0, 0)]
+    assert order[-2:] == [(-1, -1, -1), (1, -1, -1)]
 
 
 def test_peaks_of_a_batch_are_each_heatmaps_own():
