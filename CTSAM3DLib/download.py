@@ -75,19 +75,24 @@ class DownloadResult(NamedTuple):
     """True when the SHA-256 equals the one the host's listing gives."""
 
 
-def default_weights_path() -> Path:
-    """Where the weights are kept for this user (shared by ``ctsam3d`` and the 3D Slicer module): the
-    folder ``CTSAM3D_CACHE`` names, else the platform's cache folder, ``ctsam3d/params.pth`` in it."""
+def cache_folder() -> Path:
+    """This user's CT-SAM3D folder for downloaded and derived files (shared by ``ctsam3d`` and the 3D Slicer
+    module): the folder ``CTSAM3D_CACHE`` names, else ``ctsam3d`` in the platform's cache folder."""
     override = os.environ.get("CTSAM3D_CACHE")
     if override:
-        return Path(override).expanduser() / "params.pth"
+        return Path(override).expanduser()
     if sys.platform == "win32":
         base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
     elif sys.platform == "darwin":
         base = Path.home() / "Library" / "Caches"
     else:
         base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "ctsam3d" / "params.pth"
+    return base / "ctsam3d"
+
+
+def default_weights_path() -> Path:
+    """Where the weights are kept for this user: ``params.pth`` in ``cache_folder()``."""
+    return cache_folder() / "params.pth"
 
 
 def _api(endpoint: str, model_id: str) -> str:

@@ -7,10 +7,16 @@
   where the CPU has it); the encoder and cross-patch U-Net in float32. About 3.5x faster decoding
   than float32 on AVX512-VNNI; masks agree with float32 at Dice >= 0.99
   (``Testing/Python/test_inference.py``, ``BENCHMARKS.md``).
+- ``"openvino-int8"`` (x86 CPU, the optional ``openvino`` package): the decoder in int8 through OpenVINO's
+  CPU runtime (``CTSAM3DLib.model.openvino_decoder``: static ranges from synthetic calibration, int8
+  convolutions fused with their neighbours); built once per weights and kept on disk
+  (``CTSAM3DLib.openvino_cache``); the encoder and cross-patch U-Net as for int8. About 1.3x faster
+  decoding than int8 on AVX512-VNNI; masks agree with float32 at Dice >= 0.99
+  (``Testing/Python/test_inference.py``, ``test_openvino_decoder.py``, ``BENCHMARKS.md``).
 - ``"bfloat16"``: autocast to bfloat16 (CPU with native bfloat16, CUDA).
 - ``"float16"``: autocast to float16 (CUDA; Apple MPS where this torch supports MPS autocast).
-- ``"auto"``: int8, else bfloat16, else float32 on a CPU (each only where a probe shows it works
-  here); float32 on CUDA (measured faster than float16 on an H200: cuDNN's 3D float16 kernels gain
+- ``"auto"``: openvino-int8, else int8, else bfloat16, else float32 on a CPU (each only where a probe
+  shows it works here); float32 on CUDA (measured faster than float16 on an H200: cuDNN's 3D float16 kernels gain
   nothing there at equal accuracy, see BENCHMARKS.md); float32 on MPS (float16 there is unmeasured).
 
 On CUDA, a single patch's encode and decode replay CUDA graphs (``CTSAM3DLib.cuda_graph``), captured
@@ -29,7 +35,7 @@ import contextlib
 import functools
 import os
 import warnings
-from typing import Any, ContextManager, List, Optional, Tuple
+from typing import Any, Callable, ContextManager, List, Optional, Tuple
 
 import torch
 
@@ -39,10 +45,14 @@ from .interface import PromptableNetwork
 from .model import CTSAM3D
 from .model.fast_decoder import Int8SpadeDecoder
 from .model.int8_conv import int8_convolution_available
+from .model.openvino_decoder import openvino_available
 
-PRECISIONS = ("auto", "float32", "int8", "bfloat16", "float16")
+PRECISIONS = ("auto", "float32", "int8", "openvino-int8", "bfloat16", "float16")
 
 _AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+CpuDecoder = Callable[[List[torch.Tensor], torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
+"""An int8 decoder: features, prompt (B,3,64^3) -> probability (B,1,64^3), quality (B,1)."""
 
 
 @functools.lru_cache(maxsize=1)
@@ -75,6 +85,8 @@ def available_precisions(device: torch.device) -> List[str]:
     if device.type == "cpu":
         if int8_convolution_available():
             found.append("int8")
+            if openvino_available():
+                found.append("openvino-int8")
         if autocast_available(device, torch.bfloat16):
             found.append("bfloat16")
     elif device.type == "cuda":
@@ -90,8 +102,9 @@ def choose_precision(device: torch.device) -> str:
     """What "auto" means on ``device`` (see the module docstring)."""
     available = available_precisions(device)
     if device.type == "cpu":
-        if "int8" in available:
-            return "int8"
+        for optimised in ("openvino-int8", "int8"):
+            if optimised in available:
+                return optimised
         if "bfloat16" in available and cpu_bfloat16_native():
             return "bfloat16"
     return "float32"
@@ -174,7 +187,8 @@ class PreparedNetwork:
     CUDA graphs.
 
     It reuses the network's own parameters: the int8 decoder keeps only their 8-bit codes (and a
-    bfloat16 copy of its upscaling matrices), made once here; nothing is read from disk. Weights
+    bfloat16 copy of its upscaling matrices), made once here; the OpenVINO decoder is read from its
+    cache, or built from them and kept there (``CTSAM3DLib.openvino_cache``). Weights
     loaded into the network later are not seen: prepare it again (``Runtime.current`` notices). Outputs
     are float32 whatever the precision. It warms up here (``warm_up``, and the capture of the graphs),
     so that no one-off work is paid by a user's first click.
@@ -184,10 +198,14 @@ class PreparedNetwork:
         self.network = net
         self.device = device
         self.precision = precision
-        self._int8_decoder = None
+        self._cpu_decoder: Optional[CpuDecoder] = None
         if precision == "int8":
             upscale_dtype = torch.bfloat16 if cpu_bfloat16_native() else torch.float32
-            self._int8_decoder = Int8SpadeDecoder(net.mask_decoder, upscale_dtype)
+            self._cpu_decoder = Int8SpadeDecoder(net.mask_decoder, upscale_dtype)
+        elif precision == "openvino-int8":
+            from .openvino_cache import openvino_decoder
+
+            self._cpu_decoder = openvino_decoder(net, torch.get_num_threads(), cpu_bfloat16_native())
         self._graphed_encode: Optional[StaticCall] = None
         self._graphed_decode: Optional[StaticCall] = None
         if cuda_graphs:
@@ -217,9 +235,9 @@ class PreparedNetwork:
         """As ``CTSAM3D.decode``: -> probability (B,1,64^3) float32, quality (B,1) float32."""
         if self._graphed_decode is not None and labels.shape[0] == 1 and labels.shape[1] <= MAX_CLICKS:
             return self._graphed_decode(*features, *fixed_shape_prompt(points, labels, mask_prompt))
-        if self._int8_decoder is not None:
+        if self._cpu_decoder is not None:
             prompt = self.network.decoder_prompt(points, labels, mask_prompt, torch.float32)
-            return self._int8_decoder(features, prompt)
+            return self._cpu_decoder(features, prompt)
         return self._decode_eager(*features, points, labels, mask_prompt)
 
     @torch.no_grad()
@@ -260,7 +278,7 @@ class PreparedNetwork:
         return probability.float(), quality.float()
 
     def _autocast(self) -> ContextManager:
-        """Autocast for the precision; none for int8, whose encoder and cross-patch U-Net run in
+        """Autocast for the precision; none for the int8 ones, whose encoder and cross-patch U-Net run in
         float32 (bfloat16 saved at most 20 ms per patch there, for a larger error). Its cache of cast
         weights is off: a CUDA graph cannot record it."""
         dtype = _AUTOCAST_DTYPES.get(self.precision)

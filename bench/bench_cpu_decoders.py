@@ -13,18 +13,23 @@ Dice against float32 over the CTs:
   quantization (QDQ, per-channel weights);
 - openvino float32 / bfloat16: the decoder converted by OpenVINO from torch and compiled for its CPU
   plugin with that inference precision;
-- openvino int8: the same, quantized by NNCF (post-training, static activation ranges), with its default
-  preset, with the mixed preset (asymmetric activations), the mixed preset with full bias correction, and
-  the mixed preset with layers kept in float: the prompt's ``mlp_shared`` convolutions (3 input channels),
-  the first SPADE block and the output layers, or the first and last SPADE blocks;
+- openvino int8 (CTSAM3DLib): the project's "openvino-int8" decoder (``CTSAM3DLib.model.openvino_decoder``:
+  FakeQuantize on every convolution, calibrated on synthetic phantoms, none of these CTs);
+- openvino int8 (NNCF): the decoder converted by OpenVINO, quantized by NNCF (post-training, static
+  activation ranges), with its default preset, with the mixed preset (asymmetric activations), the mixed
+  preset with full bias correction, and the mixed preset with layers kept in float: the prompt's
+  ``mlp_shared`` convolutions (3 input channels), the first SPADE block and the output layers, or the
+  first and last SPADE blocks;
 - float32 channels-last (torch): the authors' decoder with its weights and inputs in the channels-last 3D
   layout (oneDNN's preferred one);
 - batches: the torch decoders given the central patches of all CTs as one batch (what cross-patch
   prompting does with a level of neighbours), seconds per patch.
-Static quantization is calibrated on the other CTs' patches (the timed chest CT is held out).
+Static quantization by NNCF and ONNX Runtime is calibrated on the other CTs' patches (the timed chest CT is
+held out).
 
 A candidate whose package is missing is reported as such (``pip install onnx onnxruntime onnxscript
-openvino nncf``); none of them is a dependency of the project.
+openvino nncf``); only openvino is an (optional) dependency of the project. NNCF sends usage statistics to
+Intel unless you opted out (``opt_in_out --opt_out``); this script imports openvino with them off.
 """
 
 from __future__ import annotations
@@ -111,11 +116,12 @@ def onnxruntime_decoder(path: Path) -> Decoder:
 
 
 def openvino_model(net, example):
-    import openvino
+    """The decoder in float32 as OpenVINO's PyTorch front end traces it (``convert_model`` would start
+    OpenVINO's usage statistics)."""
+    from CTSAM3DLib.model.openvino_decoder import traced_decoder
 
     features, prompt = example
-    return openvino.convert_model(DecoderOnly(net).eval(), example_input=tuple(torch.from_numpy(a)
-                                                                               for a in [*features, prompt]))
+    return traced_decoder(net.mask_decoder, [*features, prompt])
 
 
 KEPT_IN_FLOAT = {
@@ -139,13 +145,27 @@ def openvino_int8_model(model, calibration, preset: str = "default", bias_correc
 
 
 def openvino_decoder(model, precision: str) -> Decoder:
-    import openvino
+    from CTSAM3DLib.model.openvino_decoder import import_openvino
+
+    openvino = import_openvino()
 
     compiled = openvino.Core().compile_model(model, "CPU", {
         "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_PRECISION_HINT": precision})
     request = compiled.create_infer_request()
     return lambda features, prompt: request.infer([*features, prompt])[compiled.output(0)].copy()
+
+
+def project_openvino_decoder(net, folder: Path) -> Decoder:
+    from CTSAM3DLib.inference import cpu_bfloat16_native
+    from CTSAM3DLib.openvino_cache import openvino_decoder as build
+
+    decoder = build(net, torch.get_num_threads(), cpu_bfloat16_native(), folder)
+
+    def run(features, prompt):
+        return decoder([torch.from_numpy(f) for f in features], torch.from_numpy(prompt))[0].numpy()
+
+    return run
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -170,7 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return net.mask_decoder([torch.from_numpy(f) for f in features], torch.from_numpy(prompt))[0].numpy()
 
     def torch_int8(features, prompt):
-        return int8._int8_decoder([torch.from_numpy(f) for f in features], torch.from_numpy(prompt))[0].numpy()
+        return int8._cpu_decoder([torch.from_numpy(f) for f in features], torch.from_numpy(prompt))[0].numpy()
 
     channels_last = copy.deepcopy(net.mask_decoder).to(memory_format=torch.channels_last_3d)
 
@@ -192,6 +212,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             quantize_onnx(export_onnx(net, examples[cases[0]], folder), calibration, folder)),
         "openvino float32": lambda folder: openvino_decoder(openvino_model(net, examples[cases[0]]), "f32"),
         "openvino bfloat16": lambda folder: openvino_decoder(openvino_model(net, examples[cases[0]]), "bf16"),
+        "openvino int8 (CTSAM3DLib, today's openvino-int8)": lambda folder: project_openvino_decoder(net, folder),
         "openvino int8 (NNCF)": lambda folder: openvino_decoder(
             openvino_int8_model(openvino_model(net, examples[cases[0]]), calibration), "f32"),
         "openvino int8 (NNCF, mixed preset)": lambda folder: openvino_decoder(

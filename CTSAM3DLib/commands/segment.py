@@ -194,7 +194,12 @@ def _local_session(args: argparse.Namespace, image: Any, options: Dict[str, Any]
     started = time.perf_counter()
     net = load_checkpoint(args.weights, device=args.device)
     print(f"loaded {args.weights} in {time.perf_counter() - started:.2f} s")
-    session = InteractiveSession(Runtime(net, args.device, args.precision), image, **options)
+    # The first use of new weights at openvino-int8 builds their decoder (about 20 s): say why it waits.
+    print("preparing the network...", flush=True)
+    started = time.perf_counter()
+    runtime = Runtime(net, args.device, args.precision)
+    print(f"prepared it in {time.perf_counter() - started:.2f} s")
+    session = InteractiveSession(runtime, image, **options)
     chosen = " (auto)" if args.precision == "auto" else ""
     print(f"device: {session.device}, precision: {session.precision}{chosen}")
     return session

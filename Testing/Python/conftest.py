@@ -28,6 +28,21 @@ def require(path: Path) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_folder(tmp_path_factory):
+    """``CTSAM3D_CACHE`` for the whole run, inherited by the processes the tests start: what the code keeps
+    in the user's cache folder (weights, OpenVINO decoders built once per weights) stays out of the real one
+    and starts empty, as on a fresh machine."""
+    folder = tmp_path_factory.mktemp("ctsam3d-cache")
+    previous = os.environ.get("CTSAM3D_CACHE")
+    os.environ["CTSAM3D_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["CTSAM3D_CACHE"]
+    else:
+        os.environ["CTSAM3D_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     return require(DATA_DIR)

@@ -12,7 +12,8 @@ from conftest import DATA_DIR, REPO_ROOT
 BENCH = REPO_ROOT / "bench"
 
 TINY_ROUNDS = {
-    "bench_cpu_decoders.py": (["--repeats", "1"], "| int8 (torch, today) |"),
+    "bench_cpu_decoders.py": (["--repeats", "1", "--only", "int8 (torch, today)", "CTSAM3DLib"],
+                              "| openvino int8 (CTSAM3DLib, today's openvino-int8) |"),
     "bench_inference.py": (["--repeats", "1", "--precisions", "int8", "--skip-accuracy", "--devices", "cpu",
                             "--cross-patch-cap", "2"], "| int8"),
     "bench_server.py": (["--network", "stand-in", "--users", "1", "--clicks", "2", "--sessions", "2"],
@@ -20,6 +21,7 @@ TINY_ROUNDS = {
     "bench_server_attacks.py": (["--clicks", "1", "--decode-ms", "5", "--budget-mb", "512"],
                                 "| 800 slowloris connections |"),
     "bench_server_previews.py": (["--rounds", "1", "--decode-s", "0.01"], "| multi-patch, previews | 10 |"),
+    "bench_session_accuracy.py": (["--precisions", "openvino-int8", "--caps", "1"], "| body-ct-3mm | 1 |"),
     "bench_slicer_effect.py": (["--repeats", "1", "--skip-polled"], "effect in Slicer's event loop"),
     "bench_training.py": (["--batch", "1", "--steps", "1", "--mode", "plain", "--device", "cpu"], "s/step"),
     "gpu_check.py": (["--device", "cpu", "--quick"], "| refining click (add_click), median |"),

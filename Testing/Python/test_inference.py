@@ -111,10 +111,10 @@ def test_a_stand_in_is_used_as_it_is():
     assert prepare_network(stand_in, CPU, "auto") is stand_in
 
 
-@pytest.mark.skipif("int8" not in OPTIMISED, reason="this torch build has no oneDNN int8 convolution on this CPU")
-def test_int8_path_runs_the_encoder_and_cross_patch_unet_in_float32(net):
+@pytest.mark.parametrize("precision", [precision for precision in OPTIMISED if precision.endswith("int8")])
+def test_int8_paths_run_the_encoder_and_cross_patch_unet_in_float32(net, precision):
     """Only the decoder is quantised: the other two networks give the float32 numbers exactly."""
-    prepared = prepare_network(net, CPU, "int8")
+    prepared = prepare_network(net, CPU, precision)
     generator = torch.Generator().manual_seed(2)
     image, neighbour = (torch.rand(1, 1, 64, 64, 64, generator=generator) for _ in range(2))
     mask = (torch.rand(1, 1, 64, 64, 64, generator=generator) > 0.5).float()
