@@ -7,9 +7,9 @@ per output channel; activations asymmetric per tensor, over the range they took 
 
 The calibration inputs are synthetic: phantoms of ellipsoids at typical CT densities (fat, soft
 tissue, contrast, bone) in air or fat, with noise, a positive click in one ellipsoid and a negative one
-in another, half with the ellipsoid as the previous mask. Nothing of a user's data is needed, and the
+near a corner, half with that ellipsoid as the previous mask. Nothing of a user's data is needed, and the
 same weights always give the same model. Held-out real CTs agree with float32 at Dice >= 0.99
-(``Testing/Python/test_openvino_decoder.py``; ``BENCHMARKS.md``).
+(``Testing/Python/test_inference.py``; ``BENCHMARKS.md``).
 
 OpenVINO sends usage statistics to Intel (Google Analytics) unless the user opted out: on import (an
 "import" event from ``openvino.tools.ovc``), from its converter (``openvino.convert_model``) and from its
@@ -104,8 +104,8 @@ def phantom(seed: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def calibration_inputs(net: Any, count: int = CALIBRATION_PHANTOMS) -> List[List[np.ndarray]]:
-    """Decoder inputs from ``count`` phantoms: a positive click and a negative one at the patch's corner
-    region; every other phantom also has its clicked ellipsoid as the previous mask."""
+    """Decoder inputs from ``count`` phantoms: a positive click and a negative one near the patch's first
+    corner; every other phantom also has its clicked ellipsoid as the previous mask."""
     inputs = []
     for seed in range(count):
         image, positive, mask = phantom(seed)

@@ -61,6 +61,18 @@ def reference_layout_path() -> Path:
     return require(REFERENCE_LAYOUT)
 
 
+@pytest.fixture(scope="module")
+def reference_net():
+    """The full-size CT-SAM3D network with the deterministic reference weights (the numbers of the authors'
+    fixture), one per test module."""
+    from CTSAM3DLib.model import build_model
+    from CTSAM3DLib.reference_weights import deterministic_state_dict
+
+    net = build_model("tiny")
+    net.load_state_dict(deterministic_state_dict(net), strict=True)
+    return net
+
+
 @pytest.fixture(scope="session")
 def random_weights(tmp_path_factory) -> Path:
     """A full-size CT-SAM3D checkpoint with seeded random weights (the reference rule is tested elsewhere)."""

@@ -6,17 +6,9 @@ import torch
 
 from CTSAM3DLib.model import VARIANTS, build_model
 from CTSAM3DLib.model.prompt import click_maps
-from CTSAM3DLib.reference_weights import deterministic_state_dict
 
 PROBABILITY_TOLERANCE = 1e-4
 FEATURE_TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def reference_net():
-    net = build_model("tiny")
-    net.load_state_dict(deterministic_state_dict(net), strict=True)
-    return net
 
 
 @pytest.fixture(scope="module")

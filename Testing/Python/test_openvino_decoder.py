@@ -14,16 +14,15 @@ import threading
 from pathlib import Path
 
 import numpy as np
-import openvino
 import pytest
 import torch
 
 from CTSAM3DLib import inference, openvino_cache
 from CTSAM3DLib.inference import available_precisions, choose_precision, prepare_network
 from CTSAM3DLib.model import build_model
-from CTSAM3DLib.model.openvino_decoder import calibration_inputs, phantom
-from CTSAM3DLib.reference_weights import deterministic_state_dict
+from CTSAM3DLib.model.openvino_decoder import calibration_inputs, import_openvino, phantom
 
+openvino = import_openvino()  # quietly (see test_building_and_running_the_decoder_sends_nothing_anywhere)
 CPU = torch.device("cpu")
 REPO_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif("int8" not in available_precisions(CPU),
@@ -31,17 +30,10 @@ pytestmark = pytest.mark.skipif("int8" not in available_precisions(CPU),
 
 
 @pytest.fixture(scope="module")
-def net():
-    network = build_model("tiny")
-    network.load_state_dict(deterministic_state_dict(network), strict=True)
-    return network
-
-
-@pytest.fixture(scope="module")
-def built(net, tmp_path_factory):
-    """A cache folder holding the decoder of ``net`` (built once for the module)."""
+def built(reference_net, tmp_path_factory):
+    """A cache folder holding the decoder of ``reference_net`` (built once for the module)."""
     folder = tmp_path_factory.mktemp("built")
-    openvino_cache.openvino_decoder(net, 2, False, folder / "openvino")
+    openvino_cache.openvino_decoder(reference_net, 2, False, folder / "openvino")
     return folder
 
 
@@ -80,10 +72,10 @@ def test_auto_picks_openvino_where_it_imports_and_int8_where_it_does_not(monkeyp
         prepare_network(build_model("tiny"), CPU, "openvino-int8")
 
 
-def test_the_decoder_is_built_once_then_read_from_the_cache(net, cache, monkeypatch):
-    first = prepare_network(net, CPU, "openvino-int8")
+def test_the_decoder_is_built_once_then_read_from_the_cache(reference_net, cache, monkeypatch):
+    first = prepare_network(reference_net, CPU, "openvino-int8")
     kept = list(cache.iterdir())
-    assert [path.name for path in kept] == [openvino_cache.decoder_key(net.mask_decoder)]
+    assert [path.name for path in kept] == [openvino_cache.decoder_key(reference_net.mask_decoder)]
     assert sorted(path.name for path in kept[0].iterdir()) == ["decoder.bin", "decoder.xml"]
     assert kept[0].joinpath("decoder.bin").stat().st_size < 40e6, "weights kept as int8 codes, not float32"
 
@@ -91,53 +83,53 @@ def test_the_decoder_is_built_once_then_read_from_the_cache(net, cache, monkeypa
         raise AssertionError("the cached decoder must be read, not built again")
 
     monkeypatch.setattr(openvino_cache, "quantized_decoder_model", no_build)
-    second = prepare_network(net, CPU, "openvino-int8")
+    second = prepare_network(reference_net, CPU, "openvino-int8")
     image, _, _ = phantom(11)
-    expected, expected_quality = decode_twice(first._cpu_decoder, net, image)
-    probability, quality = decode_twice(second._cpu_decoder, net, image)
+    expected, expected_quality = decode_twice(first._cpu_decoder, reference_net, image)
+    probability, quality = decode_twice(second._cpu_decoder, reference_net, image)
     assert torch.equal(probability, expected) and torch.equal(quality, expected_quality)
 
 
-def test_other_weights_get_another_model(net, cached):
-    other = copy.deepcopy(net)
+def test_other_weights_get_another_model(reference_net, cached):
+    other = copy.deepcopy(reference_net)
     with torch.no_grad():
         other.mask_decoder.spade5.conv_1.weight.mul_(0.5)
-    assert openvino_cache.decoder_key(other.mask_decoder) != openvino_cache.decoder_key(net.mask_decoder)
+    assert openvino_cache.decoder_key(other.mask_decoder) != openvino_cache.decoder_key(reference_net.mask_decoder)
     image, _, _ = phantom(12)
-    ours, _ = decode_twice(prepare_network(net, CPU, "openvino-int8")._cpu_decoder, net, image)
+    ours, _ = decode_twice(prepare_network(reference_net, CPU, "openvino-int8")._cpu_decoder, reference_net, image)
     theirs, _ = decode_twice(prepare_network(other, CPU, "openvino-int8")._cpu_decoder, other, image)
     assert len(list(cached.iterdir())) == 2 and not torch.equal(ours, theirs)
 
 
-def test_an_unreadable_cached_model_is_built_again_with_a_warning(net, cached):
-    place = cached / openvino_cache.decoder_key(net.mask_decoder)
+def test_an_unreadable_cached_model_is_built_again_with_a_warning(reference_net, cached):
+    place = cached / openvino_cache.decoder_key(reference_net.mask_decoder)
     (place / "decoder.xml").write_text("<net>truncated")
     with pytest.warns(UserWarning, match="cannot be read.*building it again"):
-        prepared = prepare_network(net, CPU, "openvino-int8")
+        prepared = prepare_network(reference_net, CPU, "openvino-int8")
     assert openvino.Core().read_model(str(place / "decoder.xml")) is not None, "the cache was repaired"
-    probability, _ = decode_twice(prepared._cpu_decoder, net, phantom(13)[0])
+    probability, _ = decode_twice(prepared._cpu_decoder, reference_net, phantom(13)[0])
     assert probability.shape == (1, 1, 64, 64, 64)
 
 
-def test_a_file_in_the_caches_place_costs_a_warning_not_the_session(net, tmp_path, monkeypatch):
+def test_a_file_in_the_caches_place_costs_a_warning_not_the_session(reference_net, tmp_path, monkeypatch):
     """As with a read-only folder, in a form that root (as in CI) cannot write through either."""
     blocker = tmp_path / "cache"
     blocker.write_text("not a folder")
     monkeypatch.setenv("CTSAM3D_CACHE", str(blocker))
     with pytest.warns(UserWarning, match="cannot be kept"):
-        prepared = prepare_network(net, CPU, "openvino-int8")
-    assert decode_twice(prepared._cpu_decoder, net, phantom(15)[0])[0].shape == (1, 1, 64, 64, 64)
+        prepared = prepare_network(reference_net, CPU, "openvino-int8")
+    assert decode_twice(prepared._cpu_decoder, reference_net, phantom(15)[0])[0].shape == (1, 1, 64, 64, 64)
     assert blocker.read_text() == "not a folder"
 
 
-def test_threads_decoding_at_once_each_get_their_own_answer(net, cached):
-    prepared = prepare_network(net, CPU, "openvino-int8")
+def test_threads_decoding_at_once_each_get_their_own_answer(reference_net, cached):
+    prepared = prepare_network(reference_net, CPU, "openvino-int8")
     images = [phantom(seed)[0] for seed in (21, 22, 23)]
-    expected = [decode_twice(prepared._cpu_decoder, net, image)[0] for image in images]
+    expected = [decode_twice(prepared._cpu_decoder, reference_net, image)[0] for image in images]
     results = [None] * len(images)
 
     def work(index):
-        results[index] = decode_twice(prepared._cpu_decoder, net, images[index])[0]
+        results[index] = decode_twice(prepared._cpu_decoder, reference_net, images[index])[0]
 
     threads = [threading.Thread(target=work, args=(index,)) for index in range(len(images))]
     for thread in threads:
@@ -148,8 +140,8 @@ def test_threads_decoding_at_once_each_get_their_own_answer(net, cached):
         assert torch.equal(got, wanted)
 
 
-def test_calibration_phantoms_look_like_normalised_ct_patches(net):
-    inputs = calibration_inputs(net, count=4)
+def test_calibration_phantoms_look_like_normalised_ct_patches(reference_net):
+    inputs = calibration_inputs(reference_net, count=4)
     assert len(inputs) == 4
     image, click, mask = phantom(3)
     assert image.shape == mask.shape == (1, 1, 64, 64, 64) and image.min() >= 0 and image.max() <= 1
@@ -158,7 +150,7 @@ def test_calibration_phantoms_look_like_normalised_ct_patches(net):
     assert [array.shape for array in inputs[0]] == [(1, 128, 16, 16, 16), (1, 128, 8, 8, 8), (1, 128, 4, 4, 4),
                                                     (1, 256, 2, 2, 2), (1, 3, 64, 64, 64)]
     assert not inputs[0][4][0, 0].any() and inputs[1][4][0, 0].any(), "with and without a previous mask"
-    np.testing.assert_array_equal(calibration_inputs(net, count=1)[0][4], inputs[0][4])
+    np.testing.assert_array_equal(calibration_inputs(reference_net, count=1)[0][4], inputs[0][4])
 
 
 TELEMETRY_PROBE = """
