@@ -1,7 +1,7 @@
 """The int8 OpenVINO decoder of a network's weights, built once and kept on disk.
 
 Building it (tracing the decoder, calibrating, quantising: ``CTSAM3DLib.model.openvino_decoder``) takes
-about 10 s on a laptop CPU; reading it back takes well under one. It is kept under
+about 17 s on this project's 2-core CPU; reading it back, about 0.5 s. It is kept under
 ``cache_folder()/openvino/<key>/`` as OpenVINO's own model format (an XML graph and a binary of
 numbers: nothing in it is executed as code), where the key is a SHA-256 of the decoder's weights, the
 OpenVINO version and ``RECIPE``, so other weights, another OpenVINO or a changed recipe never read a

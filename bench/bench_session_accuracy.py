@@ -7,10 +7,11 @@ On every CT of ../shared/data: three clicks near the centre (positive, negative,
 (``--caps``); each precision's mask on the CT's grid against the float32 session's (Dice), and the patches
 each opened. Seconds are printed too, but only ``bench_inference`` times clicks.
 
-With the reference weights the mask reaches all 26 neighbours of the clicked patch with nearly equal
-contact, so a cap of 16 must choose 15 of 26 near-ties, and a few voxels that round the other way at any
-precision choose other patches: a low Dice there measures the choice, not the precision. A cap of 27 opens
-the clicked patch and all 26 neighbours, with no choice to make.
+With the reference weights the mask reaches 24 to 26 neighbours of the clicked patch, so a cap of 16
+chooses 15 of them: faces first, then edges, then corners (``propagation.touched_offsets``), so that the
+choice hangs only on whether a contact region is reached, not on how many voxels touch it. Near-equal
+heatmap peaks (the reference weights' heatmaps are flat) can still move a neighbour's clicks, and a cap
+beyond the first level chooses again in the next.
 """
 
 from __future__ import annotations

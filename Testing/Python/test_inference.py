@@ -22,13 +22,11 @@ from CTSAM3DLib.inference import (
     cuda_graphs_default,
     prepare_network,
 )
-from CTSAM3DLib.model import build_model
 from CTSAM3DLib.model.decoder import SpadeMaskDecoder
 from CTSAM3DLib.model.fast_decoder import UpscaledHead, VoxelwiseUpscale
 from CTSAM3DLib.model.int8_conv import Int8Conv3d, int8_convolution_available, quantize_activation
 from CTSAM3DLib.model.prompt import click_maps
 from CTSAM3DLib.preprocess import normalize_hu
-from CTSAM3DLib.reference_weights import deterministic_state_dict
 from CTSAM3DLib.runtime import Runtime
 
 CPU = torch.device("cpu")
@@ -39,10 +37,8 @@ MAX_PROBABILITY_DIFFERENCE = 0.1
 
 
 @pytest.fixture(scope="module")
-def net():
-    network = build_model("tiny")
-    network.load_state_dict(deterministic_state_dict(network), strict=True)
-    return network
+def net(reference_net):
+    return reference_net
 
 
 def central_patch(path):
