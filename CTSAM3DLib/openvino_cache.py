@@ -22,7 +22,13 @@ from typing import Any, Optional
 import torch
 
 from .download import cache_folder
-from .model.openvino_decoder import OpenVinoDecoder, calibration_inputs, import_openvino, quantized_decoder_model
+from .model.openvino_decoder import (
+    OpenVinoDecoder,
+    calibration_inputs,
+    import_openvino,
+    openvino_core,
+    quantized_decoder_model,
+)
 
 RECIPE = "fake-quantize-minmax-phantoms-2"
 """Changes whenever ``quantized_decoder_model`` or its calibration would give another model."""
@@ -46,14 +52,12 @@ def decoder_key(decoder: torch.nn.Module) -> str:
 def openvino_decoder(net: Any, threads: int, bfloat16: bool, folder: Optional[Path] = None) -> OpenVinoDecoder:
     """The int8 OpenVINO decoder of ``net`` (a ``CTSAM3D``), read from ``folder`` (default:
     ``cache_folder()/openvino``) or built and written there."""
-    openvino = import_openvino()
-
     folder = Path(folder) if folder is not None else cache_folder() / "openvino"
     place = folder / decoder_key(net.mask_decoder)
     model = None
     if (place / _MODEL_FILE).exists():
         try:
-            model = openvino.Core().read_model(str(place / _MODEL_FILE))
+            model = openvino_core().read_model(str(place / _MODEL_FILE))
         except RuntimeError as error:
             reason = [line.strip() for line in str(error).splitlines() if line.strip()][-1:] or ["no reason given"]
             warnings.warn(f"the cached OpenVINO decoder in {place} cannot be read ({reason[0]}); building it again",

@@ -145,11 +145,9 @@ def openvino_int8_model(model, calibration, preset: str = "default", bias_correc
 
 
 def openvino_decoder(model, precision: str) -> Decoder:
-    from CTSAM3DLib.model.openvino_decoder import import_openvino
+    from CTSAM3DLib.model.openvino_decoder import openvino_core
 
-    openvino = import_openvino()
-
-    compiled = openvino.Core().compile_model(model, "CPU", {
+    compiled = openvino_core().compile_model(model, "CPU", {
         "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
         "INFERENCE_PRECISION_HINT": precision})
     request = compiled.create_infer_request()

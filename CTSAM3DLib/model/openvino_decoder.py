@@ -39,6 +39,9 @@ _DENSITIES_HU = (-100.0, 30.0, 50.0, 60.0, 150.0, 250.0, 700.0)
 _ACTIVATION_LEVELS = 256
 _WEIGHT_LEVELS = 255
 
+_core: Any = None
+_core_lock = threading.Lock()
+
 
 def openvino_available() -> bool:
     """Whether the ``openvino`` package can be imported here (it is optional)."""
@@ -60,6 +63,21 @@ def import_openvino() -> ModuleType:
             else:
                 sys.modules["openvino_telemetry"] = hidden
     return sys.modules["openvino"]
+
+
+def openvino_core() -> Any:
+    """The process's one ``openvino.Core``, made at first use and kept until the process ends.
+
+    Every Core loads its own CPU plugin, which gives the thread that loads it a new signal stack and
+    unmaps that stack when the Core goes, putting the previous one back only if the stack is still that
+    thread's newest. Two Cores dropped in the order they were made thus left the thread on unmapped
+    memory, and the next signal that Python handles there (Ctrl+C, a DataLoader worker's exit) killed
+    the process with SIGSEGV. One Core that never goes loads the plugin once."""
+    global _core
+    with _core_lock:
+        if _core is None:
+            _core = import_openvino().Core()
+        return _core
 
 
 class _DecoderOutputs(torch.nn.Module):
@@ -155,9 +173,7 @@ class OpenVinoDecoder:
 
     def __init__(self, model: Any, threads: int, bfloat16: bool) -> None:
         """``bfloat16``: the layers left in float run in bfloat16 (where the CPU has it natively)."""
-        openvino = import_openvino()
-
-        self.compiled = openvino.Core().compile_model(model, "CPU", {
+        self.compiled = openvino_core().compile_model(model, "CPU", {
             "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
             "INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32"})
         self._local = threading.local()
@@ -213,8 +229,6 @@ def _output_key(output: Any) -> Tuple[str, int]:
 def _activation_ranges(model: Any, convolutions: List[Any], calibration: Sequence[Sequence[np.ndarray]]
                        ) -> Dict[Tuple[str, int], Tuple[float, float]]:
     """(low, high) of each convolution input over the calibration inputs, widened to contain 0."""
-    openvino = import_openvino()
-
     probe = model.clone()
     by_name = {node.get_friendly_name(): node for node in probe.get_ordered_ops()}
     sources: Dict[Tuple[str, int], str] = {}
@@ -225,7 +239,7 @@ def _activation_ranges(model: Any, convolutions: List[Any], calibration: Sequenc
             sources[key] = f"calibration_{len(sources)}"
             source.get_tensor().add_names({sources[key]})
             probe.add_outputs([source])
-    compiled = openvino.Core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    compiled = openvino_core().compile_model(probe, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     request = compiled.create_infer_request()
     ranges = {key: (0.0, 0.0) for key in sources}
     for inputs in calibration:

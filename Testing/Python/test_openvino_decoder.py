@@ -20,7 +20,7 @@ import torch
 from CTSAM3DLib import inference, openvino_cache
 from CTSAM3DLib.inference import available_precisions, choose_precision, prepare_network
 from CTSAM3DLib.model import build_model
-from CTSAM3DLib.model.openvino_decoder import calibration_inputs, import_openvino, phantom
+from CTSAM3DLib.model.openvino_decoder import calibration_inputs, import_openvino, openvino_core, phantom
 
 openvino = import_openvino()  # quietly (see test_building_and_running_the_decoder_sends_nothing_anywhere)
 CPU = torch.device("cpu")
@@ -106,7 +106,7 @@ def test_an_unreadable_cached_model_is_built_again_with_a_warning(reference_net,
     (place / "decoder.xml").write_text("<net>truncated")
     with pytest.warns(UserWarning, match="cannot be read.*building it again"):
         prepared = prepare_network(reference_net, CPU, "openvino-int8")
-    assert openvino.Core().read_model(str(place / "decoder.xml")) is not None, "the cache was repaired"
+    assert openvino_core().read_model(str(place / "decoder.xml")) is not None, "the cache was repaired"
     probability, _ = decode_twice(prepared._cpu_decoder, reference_net, phantom(13)[0])
     assert probability.shape == (1, 1, 64, 64, 64)
 
@@ -138,6 +138,30 @@ def test_threads_decoding_at_once_each_get_their_own_answer(reference_net, cache
         thread.join()
     for got, wanted in zip(results, expected):
         assert torch.equal(got, wanted)
+
+
+SIGNAL_AFTER_TWO_DECODERS = """
+import gc, signal, sys
+from CTSAM3DLib.model.openvino_decoder import OpenVinoDecoder, import_openvino
+read = lambda: import_openvino().Core().read_model(sys.argv[1])
+first, second = OpenVinoDecoder(read(), 1, False), OpenVinoDecoder(read(), 1, False)
+del first; gc.collect()
+del second; gc.collect()
+try:
+    signal.raise_signal(signal.SIGINT)
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+
+
+def test_a_signal_after_two_decoders_were_dropped_is_handled_not_a_crash(built):
+    # Two sessions closed in the order they were opened, then Ctrl+C (or a DataLoader worker's exit, which
+    # is how the full test run died): each decoder used to own a Core whose CPU plugin unmapped the main
+    # thread's signal stack when it went, and the signal killed the process with SIGSEGV.
+    model = next(built.glob("openvino/*/decoder.xml"))
+    result = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_TWO_DECODERS, str(model)],
+                            capture_output=True, text=True, timeout=300, cwd=REPO_ROOT)
+    assert (result.returncode, result.stdout.strip()) == (0, "interrupted"), result.stderr[-3000:]
 
 
 def test_calibration_phantoms_look_like_normalised_ct_patches(reference_net):
