@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Union
+from typing import List, Union
 
 import torch
 
@@ -40,13 +40,30 @@ def resolve_device(spec: Union[str, torch.device, None] = "auto") -> torch.devic
     return device
 
 
+_library_loaders: List[threading.Thread] = []
+_library_loaders_lock = threading.Lock()
+
+
 def load_cuda_libraries_in_background(device: torch.device) -> None:
     """On a CUDA device, one small convolution and one matrix product in a background thread: the first
     use of each loads cuDNN and cuBLAS, whose libraries (about a gigabyte, read from disk after a machine
     starts: 0.4 s measured on an H200) then load while the caller goes on, reading the weights. Nothing
-    else is shared with the caller; elsewhere nothing happens."""
+    else is shared with the caller; elsewhere nothing happens. ``wait_for_cuda_libraries`` joins it."""
     if device.type == "cuda":
-        threading.Thread(target=_first_kernels, args=(device,), name="ctsam3d-cuda-libraries", daemon=True).start()
+        loader = threading.Thread(target=_first_kernels, args=(device,), name="ctsam3d-cuda-libraries", daemon=True)
+        with _library_loaders_lock:
+            _library_loaders.append(loader)
+        loader.start()
+
+
+def wait_for_cuda_libraries() -> None:
+    """Returns once every loader ``load_cuda_libraries_in_background`` started has finished. A CUDA graph
+    capture must wait for them: a loader's synchronize, in any thread, during a capture invalidates it."""
+    with _library_loaders_lock:
+        loaders = list(_library_loaders)
+        _library_loaders.clear()
+    for loader in loaders:
+        loader.join()
 
 
 @torch.no_grad()

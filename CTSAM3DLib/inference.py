@@ -41,6 +41,7 @@ import torch
 
 from .constants import MAX_CLICKS, PATCH_SIZE
 from .cuda_graph import StaticCall
+from .device import wait_for_cuda_libraries
 from .interface import PromptableNetwork
 from .model import CTSAM3D
 from .model.fast_decoder import Int8SpadeDecoder
@@ -248,11 +249,12 @@ class PreparedNetwork:
 
     # ------------------------------------------------------------------ internals
     def _capture_graphs(self) -> None:
-        """Captures a single patch's encode and decode; a capture that fails leaves those calls eager,
-        with a warning."""
+        """Captures a single patch's encode and decode, once the background loading of CUDA's libraries
+        (``load_checkpoint``) is done; a capture that fails leaves those calls eager, with a warning."""
         image = torch.zeros(1, 1, PATCH_SIZE, PATCH_SIZE, PATCH_SIZE, device=self.device)
         points = torch.full((1, 1, 3), PATCH_SIZE / 2, device=self.device)
         labels = torch.ones(1, 1, dtype=torch.int64, device=self.device)
+        wait_for_cuda_libraries()
         pool = torch.cuda.graph_pool_handle()
         try:
             encode = StaticCall(self._encode_eager, [image], capture=True, pool=pool)

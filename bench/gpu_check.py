@@ -4,7 +4,8 @@
 
 On a machine with a CUDA GPU this measures, and compares with its target:
 - fresh processes (two): importing torch, loading the weights, creating a session (network prepared,
-  CUDA graphs captured, warmed up), its first click and later clicks of the same kind;
+  CUDA graphs captured, warmed up), whether the graphs were captured, its first click and later clicks
+  of the same kind;
 - a scripted session of 30 calls in a fresh process (new patches, refining, negative, undo, a box, an
   initial mask; cross-patch on with caps 4 and 16, and off): each single-patch call against the median
   of its kind, and whether anything was compiled;
@@ -78,7 +79,7 @@ def child_fresh(weights: Path, data: Path, device: str) -> Dict[str, float]:
     new_patch = [timed(lambda k=k: session.add_click(centre + (0.0, 0.0, 100.0 * (-1) ** k)), device)
                  for k in range(2)]
     return {"import_torch": import_torch, "load": load, "create": create, "first_convolution": first_convolution,
-            "prepare": prepare, "first": first,
+            "prepare": prepare, "cuda_graphs": runtime.cuda_graphs, "first": first,
             "later_new_patch": statistics.median(new_patch), "later_refining": statistics.median(refining)}
 
 
@@ -452,6 +453,9 @@ def judge(results: Dict, judged: bool) -> Targets:
         targets.check("  (import torch / load weights; of the creation: first convolution, preparing the network)",
                       f"{run['import_torch']:.2f} s / {run['load']:.2f} s; {run['first_convolution']:.2f} s, "
                       f"{run['prepare']:.2f} s", "not counted; counted", None)
+    targets.check("  CUDA graphs captured (a failed capture leaves the calls eager, with a warning)",
+                  " / ".join("yes" if run["cuda_graphs"] else "NO" for run in fresh), "every process",
+                  all(run["cuda_graphs"] for run in fresh))
     worst_extra = max(run["first"] - run["later_new_patch"] for run in fresh)
     targets.check("first click minus a later new-patch click, worst",
                   " / ".join(f"{ms(run['first'])} - {ms(run['later_new_patch'])}" for run in fresh),

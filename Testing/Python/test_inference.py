@@ -3,6 +3,7 @@ agreement of whole decodes on patches of the real CTs (Dice >= 0.99). Speed is m
 bench/bench_inference.py, never here."""
 
 import copy
+import threading
 
 import numpy as np
 import pytest
@@ -422,12 +423,30 @@ def test_patch_samples_equal_trilinear_sampling_at_the_patch_coordinates(data_di
 
 def test_cuda_libraries_load_in_the_background_only_on_cuda():
     """load_checkpoint's early loading of cuDNN and cuBLAS starts a thread on CUDA only."""
-    import threading
-
     from CTSAM3DLib.device import load_cuda_libraries_in_background
 
     for device in ("cpu", "meta"):
         load_cuda_libraries_in_background(torch.device(device))
+    assert not [thread for thread in threading.enumerate() if thread.name == "ctsam3d-cuda-libraries"]
+
+
+def test_the_graphs_are_captured_only_after_the_background_loading_has_finished(net, monkeypatch):
+    """A synchronize in the loader thread during a capture would invalidate it (the capture's default
+    "global" mode: https://docs.nvidia.com/cuda/cuda-runtime-api/group__CUDART__STREAM.html,
+    cudaStreamBeginCapture), so preparing the graphs waits for the loader. The loader is held until a
+    timer lets it go; a capture that did not wait would find it still running."""
+    from CTSAM3DLib import device as device_module
+
+    released, finished = threading.Event(), threading.Event()
+    monkeypatch.setattr(device_module, "_first_kernels", lambda device: released.wait(30) and finished.set())
+    loader_running_at_capture = []
+    monkeypatch.setattr(StaticCall, "_capture",
+                        lambda self, pool: loader_running_at_capture.append(not finished.is_set()))
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    device_module.load_cuda_libraries_in_background(torch.device("cuda"))
+    threading.Timer(0.5, released.set).start()
+    PreparedNetwork(net, CPU, "float32", cuda_graphs=True)
+    assert loader_running_at_capture == [False, False]
     assert not [thread for thread in threading.enumerate() if thread.name == "ctsam3d-cuda-libraries"]
 
 
